@@ -1,0 +1,11 @@
+"""Data layer: AnnData handling, validation, sparse mini-batching, bundled and real-data loaders."""
+
+from .anndata import GeneMismatchError, align_genes, check_labels_key, get_matrix
+from .loader import Batch, BatchLoader, batch_indices
+from .matrix import CountValidationError, RowMatrix, validate_counts
+
+__all__ = [
+    "RowMatrix", "validate_counts", "CountValidationError",
+    "get_matrix", "check_labels_key", "align_genes", "GeneMismatchError",
+    "Batch", "BatchLoader", "batch_indices",
+]

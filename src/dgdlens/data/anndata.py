@@ -1,0 +1,85 @@
+"""AnnData handling: pick the count matrix, check labels, align genes of new data to a model."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from .matrix import RowMatrix
+
+__all__ = ["get_matrix", "check_labels_key", "align_genes", "GeneMismatchError"]
+
+
+class GeneMismatchError(ValueError):
+    """New data lack genes that the model was trained on."""
+
+
+def _is_anndata(obj) -> bool:
+    return type(obj).__name__ == "AnnData" and hasattr(obj, "obs") and hasattr(obj, "var")
+
+
+def get_matrix(adata, layer: str | None = None) -> RowMatrix:
+    """The matrix to model: ``adata.layers[layer]``, ``adata.raw.X`` for ``layer="raw"``, else ``adata.X``."""
+    if not _is_anndata(adata):
+        raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}. Wrap arrays with anndata.AnnData(X).")
+    if layer is None:
+        X = adata.X
+    elif layer == "raw":
+        if adata.raw is None:
+            raise ValueError("layer='raw' was requested but adata.raw is None; pass layer=None or a layer name.")
+        X = adata.raw.X
+    else:
+        if layer not in adata.layers:
+            raise ValueError(
+                f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers.keys()) or 'none'}); "
+                "pass layer=None to use adata.X."
+            )
+        X = adata.layers[layer]
+    return RowMatrix(X)
+
+
+def var_names_for(adata, layer: str | None) -> pd.Index:
+    if layer == "raw":
+        return pd.Index(adata.raw.var_names)
+    return pd.Index(adata.var_names)
+
+
+def check_labels_key(adata, labels_key: str | None) -> pd.Categorical | None:
+    """The label column as a categorical, or None; a clear error when the column does not exist."""
+    if labels_key is None:
+        return None
+    if labels_key not in adata.obs.columns:
+        raise ValueError(
+            f"labels_key {labels_key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}). "
+            "Pass an existing column name or labels_key=None."
+        )
+    labels = pd.Categorical(adata.obs[labels_key].astype("object").where(adata.obs[labels_key].notna(), None))
+    return labels
+
+
+def align_genes(new_var_names, model_var_names) -> np.ndarray:
+    """Column indices into the new data that give the model's genes in the model's order.
+
+    Missing genes raise :class:`GeneMismatchError`; extra genes are dropped with a warning.
+    """
+    new = pd.Index(new_var_names)
+    model = pd.Index(model_var_names)
+    if new.has_duplicates:
+        dup = new[new.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"The new data have duplicated gene names (e.g. {dup}); call adata.var_names_make_unique().")
+    missing = model.difference(new, sort=False)
+    if len(missing):
+        overlap = len(model) - len(missing)
+        raise GeneMismatchError(
+            f"{len(missing)} of the model's {len(model)} genes are missing from the new data "
+            f"(e.g. {missing[:5].tolist()}); only {overlap} match. Make sure both use the same gene identifiers "
+            "(symbols vs Ensembl IDs) and, if genes were filtered, add the missing ones as zero columns."
+        )
+    if len(new) > len(model):
+        warnings.warn(
+            f"The new data have {len(new) - len(model)} genes the model does not know; they are ignored.",
+            stacklevel=3,
+        )
+    return new.get_indexer(model)

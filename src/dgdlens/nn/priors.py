@@ -1,0 +1,228 @@
+"""Priors on the latent space: a learned Gaussian mixture with hyperpriors, and a standard normal.
+
+Every prior has ``log_prob(z) -> (n,)`` (log-density per sample) and ``log_hyperprior() -> scalar``
+(log-prior of the prior's own parameters, 0 when it has none).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = [
+    "GaussianMixture",
+    "StandardNormal",
+    "NoPrior",
+    "log_ball_volume",
+    "softball_log_prob",
+    "sample_softball",
+    "make_prior",
+]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def log_ball_volume(dim: int, radius: float) -> float:
+    """log of the volume of a ``dim``-dimensional ball of radius ``radius``."""
+    return 0.5 * dim * math.log(math.pi) + dim * math.log(radius) - math.lgamma(0.5 * dim + 1.0)
+
+
+def softball_log_prob(x: torch.Tensor, radius: float, sharpness: float) -> torch.Tensor:
+    """The "soft ball": about uniform inside a ball of ``radius`` with a logistic edge of ``sharpness``.
+
+    ``log p(x) = -log Vol(ball) - log(1 + exp(sharpness * (|x| / radius - 1)))``; the normaliser is
+    the hard ball's volume, which is what the reference uses (exact only in the sharp limit).
+    """
+    dim = x.shape[-1]
+    norm = x.norm(dim=-1)
+    return -log_ball_volume(dim, radius) - nn.functional.softplus(sharpness * (norm / radius - 1.0))
+
+
+def sample_softball(n: int, dim: int, radius: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform draws in a ball: a random direction times ``radius * U^(1/dim)``."""
+    direction = torch.randn(n, dim, generator=generator)
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    r = radius * torch.rand(n, 1, generator=generator) ** (1.0 / dim)
+    return direction * r
+
+
+class NoPrior(nn.Module):
+    """No latent prior (plain decoder-only learning)."""
+
+    name = "none"
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return z.new_zeros(z.shape[0])
+
+    def log_hyperprior(self) -> torch.Tensor:
+        return torch.zeros(())
+
+    def config(self) -> dict:
+        return {"name": self.name}
+
+
+class StandardNormal(nn.Module):
+    """Isotropic standard normal N(0, I) on the latent."""
+
+    name = "normal"
+
+    def __init__(self, dim: int | None = None):
+        super().__init__()
+        self.dim = dim
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return -0.5 * (z**2).sum(-1) - 0.5 * z.shape[-1] * _LOG_2PI
+
+    def log_hyperprior(self) -> torch.Tensor:
+        return torch.zeros(())
+
+    def config(self) -> dict:
+        return {"name": self.name, "dim": self.dim}
+
+
+class GaussianMixture(nn.Module):
+    """Gaussian mixture prior with learned means, precisions and weights (MAP, as in the DGD).
+
+    Parameters
+    ----------
+    n_components, dim
+        K components in a ``dim``-dimensional latent space.
+    covariance
+        ``"diagonal"`` (one precision per component and dimension, the reference default),
+        ``"isotropic"`` (one per component) or ``"fixed"`` (not learned).
+    softball_radius, softball_sharpness
+        Prior on the means: about uniform in a ball (the reference scDGD uses 1 and 1, multiDGD 2 and 5).
+        Means are initialised by sampling from it.
+    sd_init
+        Initial standard deviation of every component, also the mean of the log-precision prior.
+        ``None`` uses the reference's ``0.2 * radius / K`` without its rounding (which reaches 0 for K >= 81).
+    sd_sd
+        Standard deviation of the Gaussian prior on the log-precisions (reference: 1).
+    dirichlet_alpha
+        Concentration of the symmetric Dirichlet prior on the weights (reference: 1, i.e. flat).
+    """
+
+    name = "gmm"
+
+    def __init__(
+        self,
+        n_components: int,
+        dim: int,
+        *,
+        covariance: str = "diagonal",
+        softball_radius: float = 2.0,
+        softball_sharpness: float = 5.0,
+        sd_init: float | None = None,
+        sd_sd: float = 1.0,
+        dirichlet_alpha: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if n_components < 1:
+            raise ValueError(f"n_components must be at least 1, got {n_components}")
+        if covariance not in {"diagonal", "isotropic", "fixed"}:
+            raise ValueError(f"covariance must be 'diagonal', 'isotropic' or 'fixed', got {covariance!r}")
+        if softball_radius <= 0 or softball_sharpness <= 0:
+            raise ValueError("softball_radius and softball_sharpness must be positive")
+        if sd_init is None:
+            sd_init = 0.2 * softball_radius / n_components
+        if sd_init <= 0:
+            raise ValueError(f"sd_init must be positive, got {sd_init}")
+        self.n_components = int(n_components)
+        self.dim = int(dim)
+        self.covariance = covariance
+        self.softball_radius = float(softball_radius)
+        self.softball_sharpness = float(softball_sharpness)
+        self.sd_init = float(sd_init)
+        self.sd_sd = float(sd_sd)
+        self.dirichlet_alpha = float(dirichlet_alpha)
+        # prior mean of the log-precision ("neglogvar" in the reference)
+        self.neglogvar_prior_mean = -2.0 * math.log(self.sd_init)
+
+        self.mean = nn.Parameter(sample_softball(self.n_components, self.dim, self.softball_radius, generator))
+        nlv_shape = (self.n_components, self.dim) if covariance == "diagonal" else (self.n_components, 1)
+        nlv = torch.full(nlv_shape, self.neglogvar_prior_mean)
+        if covariance == "fixed":
+            self.register_buffer("neglogvar", nlv)
+        else:
+            self.neglogvar = nn.Parameter(nlv)
+        self.weight_logits = nn.Parameter(torch.ones(self.n_components))
+
+    def config(self) -> dict:
+        return {
+            "name": self.name,
+            "n_components": self.n_components,
+            "dim": self.dim,
+            "covariance": self.covariance,
+            "softball_radius": self.softball_radius,
+            "softball_sharpness": self.softball_sharpness,
+            "sd_init": self.sd_init,
+            "sd_sd": self.sd_sd,
+            "dirichlet_alpha": self.dirichlet_alpha,
+        }
+
+    # ------------------------------------------------------------------ densities
+    def log_weights(self) -> torch.Tensor:
+        return torch.log_softmax(self.weight_logits, dim=0)
+
+    def component_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log(pi_k) + log N(z | mu_k, Sigma_k) for every sample and component, shape (n, K)."""
+        precision = self.neglogvar.exp()  # (K, L) or (K, 1)
+        diff = z.unsqueeze(1) - self.mean.unsqueeze(0)  # (n, K, L)
+        maha = (diff.pow(2) * precision.unsqueeze(0)).sum(-1)  # (n, K)
+        # log-determinant of the precision; an isotropic component has dim identical entries
+        logdet = self.neglogvar.sum(-1) if self.neglogvar.shape[1] == self.dim else self.dim * self.neglogvar[:, 0]
+        return -0.5 * maha + 0.5 * logdet - 0.5 * self.dim * _LOG_2PI + self.log_weights()
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) = logsumexp_k [log pi_k + log N(z | mu_k, Sigma_k)], shape (n,)."""
+        return torch.logsumexp(self.component_log_prob(z), dim=1)
+
+    def log_hyperprior(self) -> torch.Tensor:
+        """log p(means) + log p(log-precisions) + log Dirichlet(weights), a scalar."""
+        lp = softball_log_prob(self.mean, self.softball_radius, self.softball_sharpness).sum()
+        if self.covariance != "fixed":
+            d = self.neglogvar - self.neglogvar_prior_mean
+            lp = lp + (-0.5 * (d / self.sd_sd) ** 2 - math.log(self.sd_sd) - 0.5 * _LOG_2PI).sum()
+        a, k = self.dirichlet_alpha, self.n_components
+        log_norm = math.lgamma(a * k) - k * math.lgamma(a)
+        return lp + log_norm + (a - 1.0) * self.log_weights().sum()
+
+    # ------------------------------------------------------------------ clustering
+    def responsibilities(self, z: torch.Tensor) -> torch.Tensor:
+        """Posterior component probabilities, softmax of the component log-probabilities; rows sum to 1."""
+        return torch.softmax(self.component_log_prob(z), dim=1)
+
+    def assign(self, z: torch.Tensor) -> torch.Tensor:
+        """Most probable component, argmax on log-probabilities (no exp(), so no under/overflow)."""
+        return self.component_log_prob(z).argmax(dim=1)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return (-0.5 * self.neglogvar).exp().expand(self.n_components, self.dim)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``n`` latents; returns (z, component index)."""
+        with torch.no_grad():
+            comp = torch.multinomial(self.log_weights().exp().cpu(), n, replacement=True, generator=generator)
+            noise = torch.randn(n, self.dim, generator=generator)
+            z = self.mean.detach().cpu()[comp] + noise * self.std.detach().cpu()[comp]
+        return z, comp
+
+
+def make_prior(spec: str | dict | nn.Module | None, dim: int, **kwargs) -> nn.Module:
+    """Build a latent prior from ``None``/``"none"``, ``"normal"``, ``"gmm"``, a saved config, or a module."""
+    if isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, dict):
+        kwargs = {k: v for k, v in spec.items() if k not in {"name", "dim"}} | kwargs
+        spec = spec["name"]
+    if spec is None or spec == "none":
+        return NoPrior()
+    if spec in {"normal", "standard_normal"}:
+        return StandardNormal(dim)
+    if spec in {"gmm", "mixture", "gaussian_mixture"}:
+        return GaussianMixture(dim=dim, **kwargs)
+    raise ValueError(f"Unknown prior {spec!r}; use None, 'normal' or 'gmm'.")

@@ -1,0 +1,66 @@
+"""The per-sample representation table: one free latent vector per sample, learned by gradient descent.
+
+Two ways to step it, both kept because they trade differently:
+
+- ``"epoch"`` (the reference DGD): gradients of every row accumulate over the whole epoch and a dense
+  Adam takes one step at the end, i.e. one full-batch step per epoch.
+- ``"batch"``: a lazy (sparse) Adam steps only the rows of the current mini-batch, every mini-batch.
+  Rows that are not in the batch are not moved by stale momentum, which a dense Adam would do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["RepresentationTable", "make_representation_optimizer"]
+
+
+class RepresentationTable(nn.Module):
+    """An ``(n, dim)`` table of latent vectors, gathered by sample index.
+
+    ``sparse_grad=True`` makes the gradient a sparse tensor touching only the gathered rows (needed
+    for the per-batch lazy Adam and cheap for millions of rows).
+    """
+
+    def __init__(self, n: int, dim: int, *, init: str | torch.Tensor = "zeros", sparse_grad: bool = False,
+                 generator: torch.Generator | None = None, init_std: float = 1.0):
+        super().__init__()
+        if isinstance(init, torch.Tensor):
+            if tuple(init.shape) != (n, dim):
+                raise ValueError(f"initial representation has shape {tuple(init.shape)}, expected {(n, dim)}")
+            z = init.detach().clone().float()
+        elif init == "zeros":
+            z = torch.zeros(n, dim)
+        elif init == "normal":
+            z = torch.randn(n, dim, generator=generator) * init_std
+        else:
+            raise ValueError(f"init must be 'zeros', 'normal' or a tensor, got {init!r}")
+        self.z = nn.Parameter(z)
+        self.sparse_grad = bool(sparse_grad)
+
+    @property
+    def n(self) -> int:
+        return self.z.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.z.shape[1]
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return F.embedding(index, self.z, sparse=self.sparse_grad)
+
+
+def make_representation_optimizer(table: RepresentationTable, *, step: str, lr: float, betas=(0.5, 0.7),
+                                  weight_decay: float = 1e-4) -> torch.optim.Optimizer:
+    """Adam for the table: dense Adam (``step="epoch"``) or lazy ``SparseAdam`` (``step="batch"``).
+
+    SparseAdam has no weight decay; in that mode the model adds ``0.5 * weight_decay * |z|^2`` of the
+    batch rows to the loss instead (the same shrinkage, applied to the rows that are stepped).
+    """
+    if step == "epoch":
+        return torch.optim.Adam([table.z], lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    if step == "batch":
+        return torch.optim.SparseAdam([table.z], lr=lr, betas=tuple(betas))
+    raise ValueError(f"rep_step must be 'epoch' or 'batch', got {step!r}")
