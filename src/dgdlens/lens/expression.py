@@ -1,0 +1,239 @@
+"""Bring an expression matrix onto the scale the lens tests on: log1p of per-cell normalised values.
+
+``expression`` may hold raw counts, log-normalised values, or a decoder's predicted means, sparse or
+dense. ``kind="auto"`` decides which, from the values themselves:
+
+- every value an integer -> ``"counts"``;
+- non-integer with a maximum above 30 (impossible after ``log1p`` of per-10k values), or every row
+  summing to 1 (a decoder's composition output) -> ``"means"``;
+- otherwise -> ``"lognorm"`` (assumed to be natural ``log1p`` of per-cell normalised values, scanpy's
+  ``normalize_total`` + ``log1p``).
+
+Counts and means are scaled so each cell sums to ``target_sum`` (1e4) and then ``log1p``-transformed;
+log-normalised input is used as it is. Pass ``kind=`` explicitly whenever you know it.
+The input is never modified; the prepared matrix is a float32 copy (CSR unless the data are dense).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+__all__ = ["PreparedExpression", "prepare_expression", "detect_expression_kind"]
+
+_KINDS = ("auto", "counts", "lognorm", "means", "raw")
+
+
+@dataclass
+class PreparedExpression:
+    """Expression ready for group statistics.
+
+    Attributes
+    ----------
+    X
+        cells x genes, float32, CSR (or C-contiguous dense when the data are mostly non-zero).
+    kind
+        What the input was taken to be: ``"counts"``, ``"lognorm"``, ``"means"`` or ``"raw"`` (used as is).
+    scale
+        ``"log1p"`` (normalised then log1p, or given that way) or ``"linear"`` (``kind="raw"``).
+    gene_names
+        Gene identifiers (strings).
+    """
+
+    X: sp.csr_matrix | np.ndarray
+    kind: str
+    scale: str
+    gene_names: np.ndarray
+    target_sum: float | None = None
+    _X_squared: object = field(default=None, repr=False)
+
+    @property
+    def n_cells(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def n_genes(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def is_sparse(self) -> bool:
+        return sp.issparse(self.X)
+
+    def squared(self):
+        """``X**2`` (cached), for the scipy engine."""
+        if self._X_squared is None:
+            self._X_squared = self.X.multiply(self.X).tocsr() if self.is_sparse else self.X * self.X
+        return self._X_squared
+
+    def expressed_genes(self) -> np.ndarray:
+        """Boolean mask of genes with a non-zero value in at least one cell."""
+        if self.is_sparse:
+            counts = np.bincount(self.X.indices[self.X.data != 0], minlength=self.n_genes)
+            return counts > 0
+        return np.any(self.X != 0, axis=0)
+
+
+def _to_matrix(expression):
+    """numpy / scipy / torch / DataFrame -> (matrix, column names or None)."""
+    names = None
+    if isinstance(expression, pd.DataFrame):
+        names = expression.columns.astype(str).to_numpy()
+        expression = expression.to_numpy()
+    try:
+        import torch
+
+        if isinstance(expression, torch.Tensor):
+            expression = expression.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    if sp.issparse(expression):
+        return expression, names
+    if hasattr(expression, "to_memory"):  # anndata backed sparse dataset
+        return expression.to_memory(), names
+    arr = np.asarray(expression)
+    if arr.ndim != 2:
+        raise ValueError(f"expression must be a 2-D cells x genes matrix, got shape {arr.shape}.")
+    if not np.issubdtype(arr.dtype, np.number) and arr.dtype != bool:
+        raise ValueError(f"expression must be numeric, got dtype {arr.dtype}.")
+    return arr, names
+
+
+def _values(X, start: int, stop: int) -> np.ndarray:
+    block = X[start:stop]
+    return block.data if sp.issparse(block) else np.asarray(block).ravel()
+
+
+def _iter_blocks(X, chunk: int = 4096):
+    for start in range(0, X.shape[0], chunk):
+        yield start, min(start + chunk, X.shape[0])
+
+
+def _check_values(X, *, allow_negative: bool) -> dict:
+    """Finite/non-negative checks and the facts ``detect_expression_kind`` needs, one pass in row blocks."""
+    all_integer = True
+    vmax = -np.inf
+    vmin = np.inf
+    row_sums = np.empty(X.shape[0])
+    for start, stop in _iter_blocks(X):
+        vals = _values(X, start, stop)
+        if vals.size:
+            if not np.all(np.isfinite(vals)):
+                raise ValueError(
+                    f"expression contains NaN or infinite values (rows {start}-{stop}); remove or impute them first."
+                )
+            vmin = min(vmin, float(vals.min()))
+            vmax = max(vmax, float(vals.max()))
+            if all_integer:
+                all_integer = bool(np.all(vals == np.round(vals)))
+        block = X[start:stop]
+        row_sums[start:stop] = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+    if not allow_negative and vmin < 0:
+        raise ValueError(
+            f"expression contains negative values (min {vmin:g}): it looks scaled or centred (e.g. sc.pp.scale). "
+            "Pass counts, log-normalised values (normalize_total + log1p) or a decoder's means instead."
+        )
+    return {"all_integer": all_integer, "max": vmax, "min": vmin, "row_sums": row_sums}
+
+
+def detect_expression_kind(X, facts: dict | None = None) -> str:
+    """``"counts"``, ``"means"`` or ``"lognorm"`` by the rules in the module docstring."""
+    facts = facts or _check_values(X, allow_negative=True)
+    if facts["all_integer"]:
+        return "counts"
+    sums = facts["row_sums"]
+    if facts["max"] > 30 or (len(sums) and np.allclose(sums[sums > 0], 1.0, rtol=1e-3, atol=0)):
+        return "means"
+    return "lognorm"
+
+
+def prepare_expression(
+    expression,
+    gene_names=None,
+    *,
+    kind: str = "auto",
+    target_sum: float = 1e4,
+    dense_threshold: float = 0.5,
+) -> PreparedExpression:
+    """Validate ``expression`` and return it log-normalised as float32 (see the module docstring).
+
+    Parameters
+    ----------
+    expression
+        cells x genes: numpy array, scipy sparse matrix, torch tensor or DataFrame (columns = genes).
+    gene_names
+        Gene identifiers, one per column (taken from a DataFrame's columns when omitted).
+    kind
+        ``"auto"``, ``"counts"``, ``"lognorm"``, ``"means"``, or ``"raw"`` (use the values as they are,
+        on their own scale; the reference method's behaviour).
+    target_sum
+        Per-cell total after normalisation of counts or means.
+    dense_threshold
+        Dense input with at least this fraction of non-zeros stays dense; sparser input becomes CSR.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}.")
+    X, df_names = _to_matrix(expression)
+    if gene_names is None:
+        gene_names = df_names
+    if gene_names is None:
+        raise ValueError("gene_names are required (one per expression column), e.g. gene_names=adata.var_names.")
+    gene_names = np.asarray([str(g) for g in gene_names], dtype=object)
+    if len(gene_names) != X.shape[1]:
+        raise ValueError(f"{len(gene_names)} gene names for {X.shape[1]} expression columns; they must match.")
+    dup = pd.Index(gene_names)
+    if dup.has_duplicates:
+        raise ValueError(
+            f"gene_names contain duplicates (e.g. {dup[dup.duplicated()].unique()[:5].tolist()}); "
+            "make them unique first (adata.var_names_make_unique())."
+        )
+    if X.shape[0] < 2 or X.shape[1] < 1:
+        raise ValueError(f"expression needs at least 2 cells and 1 gene, got shape {X.shape}.")
+    if sp.issparse(X) and X.format != "csr":
+        X = sp.csr_matrix(X)
+    facts = _check_values(X, allow_negative=(kind == "raw"))
+    detected = detect_expression_kind(X, facts) if kind == "auto" else kind
+    if detected == "raw":
+        out = _as_float32(X, copy=True)
+        return PreparedExpression(_finalise(out, dense_threshold), "raw", "linear", gene_names, None)
+    if detected in {"counts", "means"}:
+        sums = facts["row_sums"]
+        # empty cells stay all-zero instead of dividing by zero
+        scale = np.divide(target_sum, sums, out=np.zeros_like(sums), where=sums > 0).astype(np.float64)
+        out = _scale_rows_log1p(X, scale)
+        return PreparedExpression(_finalise(out, dense_threshold), detected, "log1p", gene_names, target_sum)
+    out = _as_float32(X, copy=True)
+    return PreparedExpression(_finalise(out, dense_threshold), "lognorm", "log1p", gene_names, None)
+
+
+def _as_float32(X, copy: bool):
+    if sp.issparse(X):
+        out = X.astype(np.float32, copy=copy)
+        out.eliminate_zeros()
+        return out
+    return np.array(X, dtype=np.float32, copy=copy)
+
+
+def _scale_rows_log1p(X, scale: np.ndarray):
+    if sp.issparse(X):
+        out = X.astype(np.float32, copy=True)
+        row = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+        out.data = np.log1p(out.data.astype(np.float64) * scale[row]).astype(np.float32)
+        out.eliminate_zeros()
+        return out
+    out = np.empty(X.shape, dtype=np.float32)
+    for start, stop in _iter_blocks(X):
+        out[start:stop] = np.log1p(np.asarray(X[start:stop], dtype=np.float64) * scale[start:stop, None])
+    return out
+
+
+def _finalise(X, dense_threshold: float):
+    if sp.issparse(X):
+        X.sort_indices()
+        return X
+    density = np.count_nonzero(X) / max(X.size, 1)
+    if density >= dense_threshold:
+        return np.ascontiguousarray(X, dtype=np.float32)
+    return sp.csr_matrix(X)

@@ -1,0 +1,559 @@
+"""The Deep Generative Decoder (DGD) for single-cell RNA counts, on AnnData.
+
+The user-facing class is thin: it validates and splits the data, builds a
+:class:`~dgdlens.models._engine.DecoderOnlyModule` (MLP decoder, negative-binomial output scaled by
+library size, Gaussian-mixture prior) and hands training and held-out inference to the shared engine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from .._io import load_model_dir, save_model_dir
+from ..data.anndata import align_genes, check_labels_key, get_matrix, var_names_for
+from ..data.loader import BatchLoader
+from ..data.matrix import RowMatrix, validate_counts
+from ..nn.decoders import MLP
+from ..nn.likelihoods import NegativeBinomial
+from ..nn.priors import GaussianMixture
+from ..nn.representation import RepresentationTable
+from ._engine import DecoderOnlyModule, TrainConfig, Trainer, infer_latents, resolve_device
+
+__all__ = ["DGD", "default_n_components"]
+
+MODEL_KIND = "DGD"
+
+
+def default_n_components(n_cells: int, n_label_categories: int | None = None) -> int:
+    """Number of mixture components when the user gives none.
+
+    With a label column: one component per label category (the reference's rule). Without labels the
+    reference falls back to K=1, which makes the mixture useless for clustering; we use
+    ``round(log2(n_cells))`` clipped to [2, 30] (700 cells -> 9, 100k -> 17, 1M -> 20): slowly growing,
+    in the range of the published models (K=7 to 27).
+    """
+    if n_label_categories:
+        return int(n_label_categories)
+    return int(np.clip(round(math.log2(max(n_cells, 2))), 2, 30))
+
+
+def _library_sizes(matrix: RowMatrix, scaling: str, row_sums: np.ndarray) -> np.ndarray | None:
+    """Per-cell scale factor of the NB mean: total counts (``"sum"``), max count (``"max"``), mean, or none."""
+    if scaling == "sum":
+        return row_sums.astype(np.float32)
+    if scaling == "mean":
+        return (row_sums / matrix.n_vars).astype(np.float32)
+    if scaling == "max":
+        out = np.empty(matrix.n_obs, dtype=np.float32)
+        for start, stop, block in matrix.iter_chunks():
+            out[start:stop] = np.asarray(block.max(axis=1).todense() if sp.issparse(block) else block.max(axis=1)).ravel()
+        return out
+    if scaling == "none":
+        return None
+    raise ValueError(f"scaling must be 'sum', 'max', 'mean' or 'none', got {scaling!r}")
+
+
+class DGD:
+    """Deep Generative Decoder: MAP estimation of a decoder, one latent vector per cell and a
+    Gaussian-mixture prior, for raw single-cell RNA counts.
+
+    Parameters
+    ----------
+    adata
+        AnnData with raw integer counts (cells x genes) in ``X`` or in ``layer``. It is not modified.
+        ``None`` is allowed only through :meth:`load`.
+    layer
+        Layer holding the counts (``None``: ``adata.X``; ``"raw"``: ``adata.raw.X``).
+    n_latent
+        Latent dimension (reference: 20).
+    n_components
+        Mixture components. Default: the number of categories of ``labels_key`` if given, else
+        :func:`default_n_components`.
+    labels_key
+        Optional ``obs`` column of cell labels. Used only to choose ``n_components`` and for
+        diagnostics (never for training or model selection).
+    hidden, activation
+        Decoder MLP widths and activation (reference: 100-100-100, ReLU).
+    output_activation, scaling
+        NB mean = scale x activation(decoder output). Default ``"softmax"`` with ``scaling="sum"``:
+        a per-cell composition times the library size (multiDGD, scVI). The scDGD paper used
+        ``"sigmoid"`` with ``"max"`` and scDGD HEAD ``"softplus"`` with ``"max"``.
+    dispersion, r_init, r_min
+        NB dispersion per gene (``"gene"``) or shared; initial r and lower bound (reference r = e^x + 1).
+    covariance, softball_radius, softball_sharpness, sd_init, sd_sd, dirichlet_alpha
+        Mixture prior, see :class:`~dgdlens.nn.GaussianMixture` (defaults as multiDGD: radius 2,
+        sharpness 5, sd_init = 0.2 * radius / K without rounding).
+    validation_fraction
+        Share of cells held out as a validation split for early stopping (their latents are fitted
+        with the model frozen). 0 disables it.
+    seed
+        Seeds the split, the weights' initialisation and the mini-batch order.
+    """
+
+    def __init__(
+        self,
+        adata,
+        layer: str | None = None,
+        n_latent: int = 20,
+        n_components: int | None = None,
+        labels_key: str | None = None,
+        *,
+        hidden: Sequence[int] = (100, 100, 100),
+        activation: str = "relu",
+        output_activation: str = "softmax",
+        scaling: str = "sum",
+        dispersion: str = "gene",
+        r_init: float = 2.0,
+        r_min: float = 1.0,
+        covariance: str = "diagonal",
+        softball_radius: float = 2.0,
+        softball_sharpness: float = 5.0,
+        sd_init: float | None = None,
+        sd_sd: float = 1.0,
+        dirichlet_alpha: float = 1.0,
+        validation_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        if n_latent < 1:
+            raise ValueError(f"n_latent must be a positive integer, got {n_latent}")
+        if not 0 <= validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
+        if scaling not in {"sum", "max", "mean", "none"}:
+            raise ValueError(f"scaling must be 'sum', 'max', 'mean' or 'none', got {scaling!r}")
+        self.adata = adata
+        self.layer = layer
+        self.labels_key = labels_key
+        self.history: pd.DataFrame = pd.DataFrame()
+        self.is_trained = False
+        self.device = torch.device("cpu")
+        self.train_config: dict | None = None
+        if adata is None:
+            raise ValueError("adata is None; pass an AnnData with raw counts, or use DGD.load(path).")
+
+        matrix = get_matrix(adata, layer)
+        stats = validate_counts(matrix, what=f"adata.{'X' if layer is None else f'layers[{layer!r}]'}",
+                                allow_empty_cells=False, allow_empty_genes=False)
+        labels = check_labels_key(adata, labels_key)
+        n_cats = None if labels is None else len(labels.categories)
+        if n_components is None:
+            n_components = default_n_components(matrix.n_obs, n_cats)
+        if n_components < 1:
+            raise ValueError(f"n_components must be a positive integer, got {n_components}")
+
+        self.var_names = var_names_for(adata, layer)
+        if self.var_names.has_duplicates:
+            raise ValueError("adata has duplicated gene names; call adata.var_names_make_unique() first.")
+        self.obs_names = pd.Index(adata.obs_names)
+        self.library_size = _library_sizes(matrix, scaling, stats["row_sums"])
+        self.params = {
+            "n_latent": int(n_latent), "n_components": int(n_components), "hidden": [int(h) for h in hidden],
+            "activation": activation, "output_activation": output_activation, "scaling": scaling,
+            "dispersion": dispersion, "r_init": float(r_init), "r_min": float(r_min), "covariance": covariance,
+            "softball_radius": float(softball_radius), "softball_sharpness": float(softball_sharpness),
+            "sd_init": sd_init, "sd_sd": float(sd_sd), "dirichlet_alpha": float(dirichlet_alpha),
+            "validation_fraction": float(validation_fraction), "seed": int(seed),
+        }
+        self.labels = labels
+        self.train_idx, self.val_idx = self._split(matrix.n_obs, validation_fraction, seed)
+        self._matrix = matrix
+        self._build(len(self.var_names))
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        n_val = int(round(n * fraction))
+        if fraction > 0 and n_val < 2:
+            n_val = 0  # too few cells for a useful validation split
+        order = np.random.default_rng(seed).permutation(n)
+        return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+    def _build(self, n_genes: int) -> None:
+        p = self.params
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(p["seed"])
+            gen = torch.Generator().manual_seed(p["seed"])
+            decoder = MLP(p["n_latent"], n_genes, p["hidden"], p["activation"])
+            likelihood = NegativeBinomial(n_genes, activation=p["output_activation"], dispersion=p["dispersion"],
+                                          r_init=p["r_init"], r_min=p["r_min"])
+            prior = GaussianMixture(p["n_components"], p["n_latent"], covariance=p["covariance"],
+                                    softball_radius=p["softball_radius"], softball_sharpness=p["softball_sharpness"],
+                                    sd_init=p["sd_init"], sd_sd=p["sd_sd"], dirichlet_alpha=p["dirichlet_alpha"],
+                                    generator=gen)
+        self.module = DecoderOnlyModule(decoder, likelihood, prior)
+        # Reference: representations start at zero (the mixture pulls them apart).
+        self.train_rep = RepresentationTable(len(self.train_idx), p["n_latent"], init="zeros")
+        self.val_rep = RepresentationTable(len(self.val_idx), p["n_latent"], init="zeros") if len(self.val_idx) else None
+
+    @property
+    def n_latent(self) -> int:
+        return self.params["n_latent"]
+
+    @property
+    def n_components(self) -> int:
+        return self.params["n_components"]
+
+    @property
+    def gmm(self) -> GaussianMixture:
+        return self.module.prior
+
+    def __repr__(self) -> str:
+        status = "trained" if self.is_trained else "not trained"
+        return (f"DGD({len(self.obs_names)} cells x {len(self.var_names)} genes, n_latent={self.n_latent}, "
+                f"n_components={self.n_components}, {status})")
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        max_epochs: int = 500,
+        batch_size: int = 256,
+        early_stopping: bool = True,
+        *,
+        device: str | torch.device = "auto",
+        resume_from: str | None = None,
+        checkpoint_path: str | None = None,
+        progress: bool = True,
+        **train_kwargs,
+    ) -> DGD:
+        """Fit decoder, mixture and per-cell latents by MAP; see :class:`~dgdlens.models._engine.TrainConfig`
+        for every option (learning rates, ``rep_step``, ``hyperprior``, ``patience``, ...).
+
+        ``checkpoint_path`` writes a resumable checkpoint every ``checkpoint_every`` epochs;
+        ``resume_from`` continues a run from such a file (pass the same ``max_epochs``).
+        """
+        self._require_data("train")
+        train_kwargs.setdefault("seed", self.params["seed"])
+        cfg = TrainConfig.from_kwargs(max_epochs=max_epochs, batch_size=batch_size, early_stopping=early_stopping,
+                                      checkpoint_path=checkpoint_path, progress=progress, **train_kwargs)
+        if cfg.early_stopping and self.val_rep is None:
+            warnings.warn("No validation split (validation_fraction=0 or too few cells): early stopping "
+                          "monitors the training loss instead.", stacklevel=2)
+        dev = resolve_device(device)
+        self._to(dev)
+        trainer = self._make_trainer(cfg, dev)
+        trainer.fit(resume_from=resume_from)
+        self._after_training(trainer, cfg)
+        return self
+
+    def _make_trainer(self, cfg: TrainConfig, dev: torch.device, **kwargs) -> Trainer:
+        lib = self.library_size
+        train_loader = BatchLoader(self._matrix, self.train_idx, None if lib is None else lib[self.train_idx],
+                                   batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, device=dev)
+        val_loader = None
+        if self.val_rep is not None:
+            val_loader = BatchLoader(self._matrix, self.val_idx, None if lib is None else lib[self.val_idx],
+                                     batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed + 1, device=dev)
+        return Trainer(self.module, train_loader, val_loader, self.train_rep, self.val_rep, cfg, dev, **kwargs)
+
+    def _after_training(self, trainer: Trainer, cfg: TrainConfig) -> None:
+        self.history = pd.DataFrame(trainer.history)
+        self.train_config = cfg.to_dict()
+        self.train_summary = {"best_epoch": int(trainer.best["epoch"]), "stopped_early": trainer.stopped_early,
+                              "epochs_run": len(trainer.history), "fit_time_s": float(getattr(trainer, "fit_time", 0.0))}
+        self.is_trained = True
+
+    def _to(self, dev: torch.device) -> None:
+        self.module.to(dev)
+        self.train_rep.to(dev)
+        if self.val_rep is not None:
+            self.val_rep.to(dev)
+        self.device = dev
+
+    # ------------------------------------------------------------------ data access
+    def _require_data(self, what: str) -> None:
+        if self.adata is None:
+            raise ValueError(f"This model was loaded without its training data, so {what}() needs an AnnData; "
+                             "pass adata=... (new cells) or DGD.load(path, adata=training_adata).")
+
+    def _training_latent(self) -> np.ndarray:
+        z = np.empty((len(self.obs_names), self.n_latent), dtype=np.float32)
+        z[self.train_idx] = self.train_rep.z.detach().cpu().numpy()
+        if self.val_rep is not None:
+            z[self.val_idx] = self.val_rep.z.detach().cpu().numpy()
+        return z
+
+    def _new_data(self, adata, layer: str | None) -> tuple[RowMatrix, np.ndarray | None]:
+        """Counts of new cells restricted to the model's genes, and their library sizes."""
+        layer = self.layer if layer is None else layer
+        matrix = get_matrix(adata, layer)
+        names = var_names_for(adata, layer)
+        if not names.equals(self.var_names):
+            matrix = matrix.subset_columns(align_genes(names, self.var_names))
+        stats = validate_counts(matrix, what="the new cells' counts", allow_empty_cells=False, allow_empty_genes=True)
+        return matrix, _library_sizes(matrix, self.params["scaling"], stats["row_sums"])
+
+    def _is_training_data(self, adata) -> bool:
+        return adata is None or adata is self.adata
+
+    def _latent_for(self, adata, layer, z, **infer_kwargs) -> np.ndarray:
+        if z is not None:
+            z = np.asarray(z, dtype=np.float32)
+            if z.ndim != 2 or z.shape[1] != self.n_latent:
+                raise ValueError(f"z must have shape (n_cells, {self.n_latent}), got {z.shape}")
+            return z
+        return self.get_latent_representation(adata, layer=layer, **infer_kwargs)
+
+    def _check_trained(self) -> None:
+        if not self.is_trained:
+            warnings.warn("The model has not been trained yet; results come from its initial weights.", stacklevel=3)
+
+    # ------------------------------------------------------------------ outputs
+    def get_latent_representation(self, adata=None, *, layer: str | None = None, n_steps: int = 200,
+                                  batch_size: int = 1024, lr: float = 1e-2, select_by: str = "recon+prior",
+                                  candidate_steps: int = 0, device: str | torch.device | None = None,
+                                  progress: bool = True) -> np.ndarray:
+        """Latent vectors (n_cells, n_latent).
+
+        Without ``adata`` (or with the training AnnData): the learned representations of the training
+        and validation cells, in the AnnData's order. With new cells: held-out inference with the
+        decoder and mixture frozen (genes aligned by ``var_names``): each cell starts at the best
+        mixture mean (by reconstruction + prior), then Adam refines it for up to ``n_steps`` steps.
+        """
+        self._check_trained()
+        if self._is_training_data(adata):
+            if getattr(self, "train_rep", None) is None:
+                raise ValueError("This model was saved without its training latents (save_representations=False); "
+                                 "pass adata=... to embed cells.")
+            return self._training_latent()
+        matrix, lib = self._new_data(adata, layer)
+        dev = self.device if device is None else resolve_device(device)
+        self._to(dev)
+        loader = BatchLoader(matrix, None, lib, batch_size=batch_size, shuffle=False, device=dev)
+        z, loss = infer_latents(self.module, loader, self.n_latent, n_steps=n_steps, lr=lr, select_by=select_by,
+                                candidate_steps=candidate_steps, progress=progress, device=dev)
+        self._last_inference_loss = loss
+        return z
+
+    def _prior_scores(self, z: np.ndarray, fn) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(z), 8192):
+                zt = torch.from_numpy(z[i:i + 8192]).to(self.device)
+                out.append(fn(zt).cpu().numpy())
+        return np.concatenate(out) if out else np.empty((0,))
+
+    def get_cluster_assignments(self, adata=None, *, z=None, layer: str | None = None, **infer_kwargs) -> np.ndarray:
+        """Most probable mixture component of each cell (argmax on log-probabilities), int array."""
+        z = self._latent_for(adata, layer, z, **infer_kwargs)
+        return self._prior_scores(z, self.gmm.assign).astype(np.int64)
+
+    def get_responsibilities(self, adata=None, *, z=None, layer: str | None = None, **infer_kwargs) -> np.ndarray:
+        """Posterior probability of each mixture component per cell, (n_cells, K); rows sum to 1."""
+        z = self._latent_for(adata, layer, z, **infer_kwargs)
+        return self._prior_scores(z, self.gmm.responsibilities)
+
+    def decode_latent(self, z, library_size=None, *, batch_size: int = 2048) -> np.ndarray:
+        """Decode latents to NB means (cells x genes). With ``library_size=None``: the per-cell
+        composition (rows sum to 1), i.e. the normalised expression."""
+        z = np.asarray(z, dtype=np.float32)
+        if z.ndim != 2 or z.shape[1] != self.n_latent:
+            raise ValueError(f"z must have shape (n_cells, {self.n_latent}), got {z.shape}")
+        if library_size is not None:
+            library_size = np.broadcast_to(np.asarray(library_size, dtype=np.float32).reshape(-1), (len(z),))
+        out = np.empty((len(z), len(self.var_names)), dtype=np.float32)
+        self.module.eval()
+        with torch.no_grad():
+            for i in range(0, len(z), batch_size):
+                raw = self.module.decode(torch.from_numpy(z[i:i + batch_size]).to(self.device))
+                mean = self.module.likelihood.mean(raw, None)
+                if library_size is None:
+                    mean = mean / mean.sum(1, keepdim=True)
+                else:
+                    if self.params["output_activation"] == "softmax":
+                        mean = mean * torch.from_numpy(np.ascontiguousarray(library_size[i:i + batch_size])).to(self.device)[:, None]
+                    else:
+                        mean = self.module.likelihood.mean(
+                            raw, torch.from_numpy(np.ascontiguousarray(library_size[i:i + batch_size])).to(self.device))
+                out[i:i + batch_size] = mean.cpu().numpy()
+        return out
+
+    def get_normalized_expression(self, adata=None, *, z=None, layer: str | None = None,
+                                  gene_list: Sequence[str] | None = None, **infer_kwargs) -> np.ndarray:
+        """Per-cell expression composition (rows sum to 1 over all model genes), (n_cells, n_genes)."""
+        z = self._latent_for(adata, layer, z, **infer_kwargs)
+        out = self.decode_latent(z)
+        if gene_list is not None:
+            idx = self.var_names.get_indexer(pd.Index(gene_list))
+            if np.any(idx < 0):
+                missing = list(pd.Index(gene_list)[idx < 0][:5])
+                raise ValueError(f"gene_list contains genes the model does not know, e.g. {missing}.")
+            out = out[:, idx]
+        return out
+
+    def _library_for(self, adata, layer) -> np.ndarray | None:
+        if self._is_training_data(adata):
+            return self.library_size
+        return self._new_data(adata, layer)[1]
+
+    def sample_counts(self, adata=None, *, z=None, layer: str | None = None, library_size=None, seed: int = 0,
+                      batch_size: int = 2048, **infer_kwargs) -> sp.csr_matrix:
+        """Draw counts from the model's NB for each cell (mean = library x composition, variance
+        mean + mean^2 / r). Returned as a sparse CSR matrix (cells x genes), built batch by batch."""
+        z = self._latent_for(adata, layer, z, **infer_kwargs)
+        lib = self._library_for(adata, layer) if library_size is None else np.asarray(library_size, dtype=np.float32)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        blocks = []
+        self.module.eval()
+        with torch.no_grad():
+            for i in range(0, len(z), batch_size):
+                raw = self.module.decode(torch.from_numpy(z[i:i + batch_size]).to(self.device))
+                scale = None if lib is None else torch.from_numpy(np.ascontiguousarray(lib[i:i + batch_size])).to(self.device)
+                draws = _nb_sample(self.module.likelihood, raw, scale, gen)
+                blocks.append(sp.csr_matrix(draws.cpu().numpy()))
+        return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(self.var_names)))
+
+    def get_reconstruction_error(self, adata=None, *, z=None, layer: str | None = None, batch_size: int = 1024,
+                                 per_cell: bool = False, **infer_kwargs):
+        """Mean over cells of the NB negative log-likelihood summed over genes (nats per cell).
+
+        For new cells their latents are inferred first (decoder frozen). ``per_cell=True`` returns
+        the per-cell values instead of the mean.
+        """
+        if self._is_training_data(adata):
+            self._require_data("get_reconstruction_error")
+            matrix, lib = self._matrix, self.library_size
+        else:
+            matrix, lib = self._new_data(adata, layer)
+        z = self._latent_for(adata, layer, z, **infer_kwargs)
+        loader = BatchLoader(matrix, None, lib, batch_size=batch_size, shuffle=False, device=self.device)
+        nll = np.empty(matrix.n_obs, dtype=np.float64)
+        self.module.eval()
+        with torch.no_grad():
+            for batch in loader:
+                pos = batch.index.cpu().numpy()
+                zt = torch.from_numpy(z[pos]).to(self.device)
+                nll[pos] = self.module.recon_nll(batch.x, zt, batch.scale).double().cpu().numpy()
+        return nll if per_cell else float(nll.mean())
+
+    def add_to_adata(self, adata=None, *, latent_key: str = "X_dgd", cluster_key: str = "dgd_cluster",
+                     responsibilities_key: str | None = "dgd_responsibilities", uns_key: str = "dgd",
+                     layer: str | None = None, **infer_kwargs):
+        """Write latents to ``obsm[latent_key]``, mixture clusters to ``obs[cluster_key]`` (categorical),
+        responsibilities to ``obsm[responsibilities_key]`` and the model summary to ``uns[uns_key]``.
+
+        Without ``adata`` this writes into the training AnnData (you asked for it); returns the AnnData.
+        """
+        target = self.adata if adata is None else adata
+        if target is None:
+            raise ValueError("No AnnData to write to: pass adata=...")
+        z = self.get_latent_representation(adata, layer=layer, **infer_kwargs)
+        target.obsm[latent_key] = z
+        clusters = self.get_cluster_assignments(z=z)
+        target.obs[cluster_key] = pd.Categorical(clusters.astype(str), categories=[str(k) for k in range(self.n_components)])
+        if responsibilities_key:
+            target.obsm[responsibilities_key] = self.get_responsibilities(z=z)
+        target.uns[uns_key] = {"params": {k: v for k, v in self.params.items() if v is not None},
+                               "latent_key": latent_key, "cluster_key": cluster_key}
+        return target
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path, overwrite: bool = False, *, save_representations: bool = True) -> None:
+        """Save to a directory: ``weights.safetensors`` (decoder, likelihood, mixture, latents, library
+        sizes, split) + ``config.json`` (format version, parameters, gene names, cell names, history).
+        Loading needs no training data."""
+        tensors = {f"module.{k}": v for k, v in self.module.state_dict().items()}
+        if save_representations:
+            tensors["representation.train"] = self.train_rep.z.detach()
+            if self.val_rep is not None:
+                tensors["representation.val"] = self.val_rep.z.detach()
+            tensors["split.train"] = torch.from_numpy(self.train_idx.astype(np.int64))
+            tensors["split.val"] = torch.from_numpy(self.val_idx.astype(np.int64))
+            if self.library_size is not None:
+                tensors["library_size"] = torch.from_numpy(self.library_size)
+        config = {
+            "params": self.params,
+            "layer": self.layer,
+            "labels_key": self.labels_key,
+            "label_categories": None if self.labels is None else list(map(str, self.labels.categories)),
+            "var_names": list(map(str, self.var_names)),
+            "obs_names": list(map(str, self.obs_names)) if save_representations else None,
+            "is_trained": self.is_trained,
+            "train_config": self.train_config,
+            "train_summary": getattr(self, "train_summary", None),
+            "history": self.history.to_dict(orient="list"),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        save_model_dir(path, tensors, config, kind=MODEL_KIND, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path, adata=None, *, layer: str | None = None, device: str | torch.device = "cpu") -> DGD:
+        """Load a model saved with :meth:`save`. ``adata`` (optional) re-attaches the training data
+        (needed only for :meth:`train` and training-set reconstruction error); it must have the
+        same cells and genes."""
+        tensors, config = load_model_dir(path, kind=MODEL_KIND)
+        obj = cls.__new__(cls)
+        try:
+            p = config["params"]
+            obj.params = p
+            obj.layer = config.get("layer") if layer is None else layer
+            obj.labels_key = config.get("labels_key")
+            cats = config.get("label_categories")
+            obj.labels = None
+            obj.var_names = pd.Index(config["var_names"])
+            obj.obs_names = pd.Index(config["obs_names"] or [])
+            has_reps = "representation.train" in tensors
+            obj.train_idx = tensors["split.train"].numpy() if has_reps else np.arange(0)
+            obj.val_idx = tensors["split.val"].numpy() if has_reps else np.arange(0)
+            obj.library_size = tensors["library_size"].numpy() if "library_size" in tensors else None
+            obj._build(len(obj.var_names))
+            state = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
+            obj.module.load_state_dict(state, strict=True)
+            if has_reps:
+                with torch.no_grad():
+                    obj.train_rep.z.copy_(tensors["representation.train"])
+                    if obj.val_rep is not None:
+                        obj.val_rep.z.copy_(tensors["representation.val"])
+            else:
+                obj.train_rep = None
+        except (KeyError, RuntimeError, TypeError) as err:
+            from .._io import ModelFormatError
+
+            raise ModelFormatError(f"{path} does not hold a complete DGD ({err}); save the model again.") from err
+        obj.is_trained = bool(config.get("is_trained"))
+        obj.train_config = config.get("train_config")
+        obj.train_summary = config.get("train_summary")
+        obj.history = pd.DataFrame(config.get("history") or {})
+        obj.device = torch.device("cpu")
+        obj._label_categories = cats
+        obj.adata = None
+        obj._matrix = None
+        if adata is not None:
+            obj._attach(adata)
+        obj._to(resolve_device(device))
+        return obj
+
+    def _attach(self, adata) -> None:
+        names = var_names_for(adata, self.layer)
+        if not names.equals(self.var_names):
+            raise ValueError("The AnnData's genes differ from the model's; re-attach the training data, "
+                             "or embed it as new cells with get_latent_representation(adata).")
+        if len(self.obs_names) and not pd.Index(adata.obs_names).equals(self.obs_names):
+            raise ValueError("The AnnData's cells differ from the model's training cells; pass the training "
+                             "AnnData, or embed these cells with get_latent_representation(adata).")
+        self.adata = adata
+        self._matrix = get_matrix(adata, self.layer)
+        self.labels = check_labels_key(adata, self.labels_key) if self.labels_key in adata.obs else None
+
+
+def _nb_sample(likelihood: NegativeBinomial, raw: torch.Tensor, scale, gen: torch.Generator) -> torch.Tensor:
+    """Gamma-Poisson draws with an explicit generator (mean m, variance m + m^2 / r)."""
+    mean = likelihood.mean(raw, scale)
+    r = likelihood.r.expand_as(mean)
+    lam = torch._standard_gamma(r) if gen is None else _gamma(r, gen)
+    return torch.poisson(lam * (mean / r), generator=gen)
+
+
+def _gamma(shape: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    # torch's gamma sampler takes no generator; a seeded Gamma via Marsaglia-Tsang would be long, so
+    # fork the global RNG and seed it from the generator instead (reproducible, global state untouched)
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
+    with torch.random.fork_rng(devices=[] if shape.device.type == "cpu" else [shape.device]):
+        torch.manual_seed(seed)
+        return torch._standard_gamma(shape)

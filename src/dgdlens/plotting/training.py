@@ -1,0 +1,162 @@
+"""Training curves: train / validation loss per epoch from a history table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+__all__ = ["training_curves", "history_metrics", "find_best_epoch"]
+
+_SPLITS = {"train": ("train_", "#1f77b4", "training"), "val": ("val_", "#d62728", "validation")}
+
+
+def _as_history(history) -> pd.DataFrame:
+    if isinstance(history, pd.DataFrame):
+        df = history
+    elif isinstance(history, Mapping):
+        df = pd.DataFrame(dict(history))
+    else:
+        raise ValueError(
+            f"history must be a pandas DataFrame (or a dict of columns), got {type(history).__name__}."
+        )
+    if len(df) == 0:
+        raise ValueError("history is empty: there are no epochs to plot.")
+    return df
+
+
+def history_metrics(history) -> dict[str, dict[str, str]]:
+    """Group history columns by metric: ``{"loss": {"train": "train_loss", "val": "val_loss"}, ...}``.
+
+    Columns named ``train_<m>`` / ``val_<m>`` are paired by ``<m>``; a bare ``loss`` column counts as
+    the training loss. ``"loss"`` comes first, other metrics follow in column order.
+    """
+    df = _as_history(history)
+    metrics: dict[str, dict[str, str]] = {}
+    for col in df.columns:
+        name = str(col)
+        for split, (prefix, _, _) in _SPLITS.items():
+            if name.startswith(prefix) and len(name) > len(prefix):
+                metrics.setdefault(name[len(prefix):], {})[split] = col
+    if "loss" in df.columns and "train" not in metrics.get("loss", {}):
+        metrics.setdefault("loss", {})["train"] = "loss"
+    if not metrics:
+        raise ValueError(
+            "history has no loss columns: expected columns such as 'train_loss' and 'val_loss' "
+            f"(got {list(map(str, df.columns))})."
+        )
+    for metric, cols in metrics.items():
+        for col in cols.values():
+            if not pd.api.types.is_numeric_dtype(df[col]):
+                raise ValueError(f"history column {col!r} must be numeric, got dtype {df[col].dtype}.")
+    ordered = sorted(metrics, key=lambda m: (m != "loss", list(metrics).index(m)))
+    return {m: metrics[m] for m in ordered}
+
+
+def _epochs(df: pd.DataFrame) -> np.ndarray:
+    if "epoch" in df.columns:
+        epochs = df["epoch"].to_numpy()
+        if not pd.api.types.is_numeric_dtype(df["epoch"]) or pd.isna(epochs).any():
+            raise ValueError("history['epoch'] must hold numbers without missing values.")
+        return epochs
+    return np.arange(1, len(df) + 1)
+
+
+def find_best_epoch(history, *, column: str = "val_loss"):
+    """Epoch with the lowest value of ``column`` (ignoring NaN); ``None`` if the column is absent or all NaN."""
+    df = _as_history(history)
+    if column not in df.columns:
+        return None
+    values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
+    if not np.isfinite(values).any():
+        return None
+    idx = int(np.nanargmin(np.where(np.isfinite(values), values, np.nan)))
+    epoch = _epochs(df)[idx]
+    return epoch.item() if hasattr(epoch, "item") else epoch
+
+
+def _use_log(values: Sequence[np.ndarray]) -> bool:
+    """Log scale helps when all values are positive and span more than a factor of 10."""
+    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.empty(0)
+    return finite.size > 1 and bool((finite > 0).all()) and finite.max() / finite.min() >= 10.0
+
+
+def training_curves(
+    history,
+    *,
+    metrics: Sequence[str] | None = None,
+    best_epoch="auto",
+    log_scale: bool | str = "auto",
+    ax: Axes | None = None,
+    figsize: tuple[float, float] | None = None,
+) -> Figure:
+    """Plot training and validation curves per epoch.
+
+    Parameters
+    ----------
+    history
+        DataFrame (or dict of columns) with one row per epoch: an optional ``epoch`` column and
+        ``train_<metric>`` / ``val_<metric>`` columns (e.g. ``train_loss, val_loss, train_recon,
+        val_recon``). NaN entries (epochs without validation) are skipped.
+    metrics
+        Metrics to draw, one panel each (default: all, ``loss`` first). With ``ax`` only the first
+        metric is drawn.
+    best_epoch
+        Epoch to mark with a dashed line (e.g. the one early stopping kept). ``"auto"``: the epoch
+        with the lowest ``val_loss`` when that column exists; ``None``: no mark.
+    log_scale
+        ``True``, ``False`` or ``"auto"`` (log when values are positive and span a factor >= 10).
+    ax
+        Draw on this axes instead of creating a figure.
+
+    Returns
+    -------
+    The figure drawn on (``ax.figure`` when ``ax`` is given).
+    """
+    df = _as_history(history)
+    groups = history_metrics(df)
+    if metrics is not None:
+        missing = [m for m in metrics if m not in groups]
+        if missing:
+            raise ValueError(f"metrics {missing} not in history; available: {list(groups)}.")
+        groups = {m: groups[m] for m in metrics}
+    if ax is not None:
+        groups = dict(list(groups.items())[:1])
+    if best_epoch == "auto":
+        best_epoch = find_best_epoch(df)
+    if log_scale not in (True, False, "auto"):
+        raise ValueError(f"log_scale must be True, False or 'auto', got {log_scale!r}.")
+    epochs = _epochs(df)
+
+    if ax is None:
+        n = len(groups)
+        fig = Figure(figsize=figsize or (4.6 * n, 3.4), layout="constrained")
+        axes = list(np.atleast_1d(fig.subplots(1, n, squeeze=False)).ravel())
+    else:
+        fig, axes = ax.figure, [ax]
+
+    for axis, (metric, cols) in zip(axes, groups.items()):
+        drawn = []
+        for split, col in cols.items():
+            _, color, label = _SPLITS[split]
+            y = df[col].to_numpy(dtype=np.float64)
+            keep = np.isfinite(y)
+            if not keep.any():
+                continue
+            axis.plot(epochs[keep], y[keep], color=color, lw=1.6, label=label,
+                      marker="o" if keep.sum() <= 30 else None, ms=3)
+            drawn.append(y[keep])
+        if (log_scale == "auto" and _use_log(drawn)) or log_scale is True:
+            axis.set_yscale("log")
+        if best_epoch is not None:
+            axis.axvline(best_epoch, color="0.3", ls="--", lw=1.0, label=f"best epoch ({best_epoch})")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(metric.replace("_", " "))
+        axis.set_title(metric.replace("_", " "))
+        axis.grid(alpha=0.3, which="both", lw=0.5)
+        if drawn:
+            axis.legend(frameon=False, fontsize="small")
+    return fig

@@ -1,0 +1,470 @@
+"""Sparse autoencoder variants over one base class: ReLU + L1, TopK, BatchTopK and JumpReLU.
+
+Every variant computes, for an input ``x`` (cells x ``d_in``)::
+
+    x_n  = (x - x_mean) / x_scale                     # training-time normalisation (identity once folded)
+    pre  = W_enc (x_n - b_dec) + b_enc                # bias="tied"   (b_dec subtracted before encoding)
+    pre  = W_enc x_n + b_enc                          # bias="untied" (the reference)
+    f    = activation(pre)                            # variant-specific, >= 0
+    x̂_n = W_dec^T f + b_dec
+
+with ``W_enc`` and ``W_dec`` both stored as ``(n_latents, d_in)``.
+
+**Units.** ``train_sae`` folds the normalisation (and, for unconstrained decoders, the decoder row
+norms) into the weights when it finishes, so a trained or loaded SAE has ``x_mean = 0``, ``x_scale = 1``
+and unit-norm rows of ``W_dec`` *in the original input space*: ``decode(f) = f @ W_dec + b_dec``
+exactly, and moving latent ``i`` by ``delta`` moves the reconstruction by ``delta * W_dec[i]`` in input
+units. The fold is exact because the normalisation is one mean vector and one scalar, and every
+activation here is positively homogeneous (thresholds are scaled along).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._io import ModelFormatError, load_model_dir, save_model_dir
+from .config import SAEConfig, canonical_kind
+from .io import as_rows
+
+__all__ = ["SAE", "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "make_sae", "VARIANTS"]
+
+MODEL_KIND = "sae"
+
+
+class SAE(nn.Module):
+    """Base class of all SAE variants (use :func:`dgdlens.sae.train_sae` to make one).
+
+    Public attributes: ``config`` (:class:`SAEConfig`), ``n_latents``, ``d_in``, ``W_enc``, ``b_enc``,
+    ``W_dec`` (``n_latents x d_in``, unit-norm rows in input units once trained), ``b_dec``,
+    ``history`` (one dict per training epoch) and ``training_info``.
+    """
+
+    kind: ClassVar[str] = "base"
+
+    def __init__(self, config: SAEConfig) -> None:
+        super().__init__()
+        config = SAEConfig.from_dict(config.to_dict()).validate()
+        if config.kind != self.kind:
+            raise ValueError(f"{type(self).__name__} needs kind={self.kind!r}, got config.kind={config.kind!r}.")
+        self.config = config
+        d, m = config.d_in, config.n_latents
+        self.W_enc = nn.Parameter(torch.empty(m, d))
+        self.b_enc = nn.Parameter(torch.zeros(m))
+        self.W_dec = nn.Parameter(torch.empty(m, d))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.register_buffer("x_mean", torch.zeros(d))
+        self.register_buffer("x_scale", torch.ones(()))
+        self.history: list[dict] = []
+        self.training_info: dict = {}
+        self.reset_parameters(seed=0)
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def n_latents(self) -> int:
+        return self.config.n_latents
+
+    @property
+    def d_in(self) -> int:
+        return self.config.d_in
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    @property
+    def folded(self) -> bool:
+        """True when the input normalisation is folded into the weights (always, after training)."""
+        return bool(torch.all(self.x_mean == 0)) and float(self.x_scale) == 1.0
+
+    def extra_repr(self) -> str:
+        c = self.config
+        sparsity = f"k={c.k}" if c.k is not None else f"l1_coef={c.l1_coef:g}"
+        return f"d_in={c.d_in}, n_latents={c.n_latents}, {sparsity}, bias={c.bias}, decoder_norm={c.decoder_norm}"
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Initialise the weights from ``seed`` (see ``SAEConfig.init``)."""
+        gen = torch.Generator().manual_seed(int(seed))
+        d, m = self.d_in, self.n_latents
+        if self.config.init == "pytorch":
+            # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+            enc_bound, dec_bound = 1.0 / math.sqrt(d), 1.0 / math.sqrt(m)
+            W_enc = (torch.rand(m, d, generator=gen) * 2 - 1) * enc_bound
+            b_enc = (torch.rand(m, generator=gen) * 2 - 1) * enc_bound
+            W_dec = (torch.rand(m, d, generator=gen) * 2 - 1) * dec_bound
+            b_dec = (torch.rand(d, generator=gen) * 2 - 1) * dec_bound
+        else:
+            W_dec = torch.randn(m, d, generator=gen)
+            W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            W_enc = W_dec.clone()  # encoder = decoder transpose: every latent starts as a matched filter
+            b_enc = torch.zeros(m)
+            b_dec = torch.zeros(d)
+        for param, value in ((self.W_enc, W_enc), (self.b_enc, b_enc), (self.W_dec, W_dec), (self.b_dec, b_dec)):
+            param.copy_(value.to(param.device, param.dtype))
+        self._reset_variant_parameters()
+
+    def _reset_variant_parameters(self) -> None:
+        """Variant-specific parameters (thresholds)."""
+
+    # ------------------------------------------------------------------ core maths (normalised units)
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.x_mean) / self.x_scale
+
+    def pre_activations(self, x_n: torch.Tensor) -> torch.Tensor:
+        if self.config.bias == "tied":
+            x_n = x_n - self.b_dec
+        return x_n @ self.W_enc.T + self.b_enc
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        """Inference activation (per sample; BatchTopK uses its threshold)."""
+        raise NotImplementedError
+
+    def activate_train(self, pre: torch.Tensor) -> torch.Tensor:
+        """Training activation (BatchTopK selects over the whole batch); defaults to :meth:`activate`."""
+        return self.activate(pre)
+
+    def decode_normalised(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def sparsity_loss(self, f: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+        """Sparsity penalty before its coefficient (zero for TopK variants)."""
+        return f.new_zeros(())
+
+    # ------------------------------------------------------------------ tensors in input units
+    def encode_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense activations (in input units) of a torch batch ``x`` on the SAE's device; differentiable."""
+        return self.activate(self.pre_activations(self.normalise(x))) * self.x_scale
+
+    def decode_tensor(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``f @ W_dec + b_dec`` in input units (torch); differentiable."""
+        return f @ self.W_dec + self.b_dec * self.x_scale + self.x_mean
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(reconstruction, activations)`` of a torch batch, both in input units."""
+        f = self.encode_tensor(x)
+        return self.decode_tensor(f), f
+
+    # ------------------------------------------------------------------ public numpy / scipy API
+    @torch.no_grad()
+    def encode(self, X, *, obsm_key: str | None = None, batch_size: int = 2048, progress: bool = False
+               ) -> sp.csr_matrix:
+        """Sparse activations (cells x latents, CSR, float32) of ``X``, computed batch by batch.
+
+        ``X``: numpy array, torch tensor, scipy sparse matrix or AnnData (with ``obsm_key``). Only one
+        batch of activations is ever dense, so 100k cells x 10k latents fit in memory whenever the
+        non-zeros do.
+        """
+        rows = self._input_rows(X, obsm_key)
+        indptr = [np.zeros(1, dtype=np.int64)]
+        indices, values = [], []
+        offset = 0
+        iterator = rows.iter_slices(_check_batch_size(batch_size), self.device)
+        for start, stop, x in tqdm(iterator, total=-(-rows.n_obs // batch_size), disable=not progress,
+                                   desc="encode", leave=False):
+            f = self.encode_tensor(x)
+            r, c = torch.nonzero(f, as_tuple=True)  # row-major order = CSR order
+            counts = torch.bincount(r, minlength=stop - start)
+            indptr.append(offset + np.cumsum(counts.cpu().numpy(), dtype=np.int64))
+            indices.append(c.cpu().numpy().astype(np.int32, copy=False))
+            values.append(f[r, c].cpu().numpy())
+            offset += int(r.numel())
+        ptr = np.concatenate(indptr)
+        idx_dtype = np.int32 if offset < 2**31 - 1 else np.int64
+        return sp.csr_matrix(
+            (np.concatenate(values) if values else np.zeros(0, np.float32),
+             np.concatenate(indices).astype(idx_dtype, copy=False) if indices else np.zeros(0, idx_dtype),
+             ptr.astype(idx_dtype, copy=False)),
+            shape=(rows.n_obs, self.n_latents),
+        )
+
+    @torch.no_grad()
+    def decode(self, F, *, batch_size: int = 65_536) -> np.ndarray:
+        """Reconstruction (cells x ``d_in``, float32 numpy) from activations ``F`` in input units.
+
+        ``F``: scipy sparse matrix (as returned by :meth:`encode`), numpy array or torch tensor with
+        ``n_latents`` columns.
+        """
+        if isinstance(F, torch.Tensor):
+            F = F.detach().cpu().numpy()
+        if not (sp.issparse(F) or isinstance(F, np.ndarray)):
+            raise ValueError(f"decode expects a scipy sparse matrix, numpy array or tensor, got {type(F).__name__}.")
+        if F.ndim != 2 or F.shape[1] != self.n_latents:
+            raise ValueError(
+                f"decode expects activations of shape (cells, {self.n_latents}), got {F.shape}; pass the output of "
+                "sae.encode (same SAE)."
+            )
+        W, bias = self._decoder_in_input_units()
+        F = sp.csr_matrix(F) if sp.issparse(F) else F
+        out = np.empty((F.shape[0], self.d_in), dtype=np.float32)
+        for start in range(0, F.shape[0], _check_batch_size(batch_size)):
+            block = F[start:start + batch_size]
+            dense_out = block @ W if sp.issparse(block) else np.asarray(block, dtype=np.float64) @ W
+            out[start:start + batch_size] = np.asarray(dense_out) + bias
+        return out
+
+    @torch.no_grad()
+    def reconstruct(self, X, *, obsm_key: str | None = None, batch_size: int = 2048) -> np.ndarray:
+        """``decode(encode(X))`` without building the sparse matrix (cells x ``d_in`` numpy)."""
+        rows = self._input_rows(X, obsm_key)
+        out = np.empty((rows.n_obs, self.d_in), dtype=np.float32)
+        for start, stop, x in rows.iter_slices(_check_batch_size(batch_size), self.device):
+            out[start:stop] = self.forward(x)[0].cpu().numpy()
+        return out
+
+    def reconstruction_error(self, X, *, obsm_key: str | None = None, batch_size: int = 2048) -> np.ndarray:
+        """The SAE error term ``X - reconstruct(X)`` (keep it when steering so only the edit changes)."""
+        rows = self._input_rows(X, obsm_key)
+        out = self.reconstruct(rows, batch_size=batch_size)
+        for start, stop, x in rows.iter_slices(65_536, "cpu"):
+            out[start:stop] = x.numpy() - out[start:stop]
+        return out
+
+    def _input_rows(self, X, obsm_key):
+        rows = as_rows(X, obsm_key)
+        rows.check_dim(self.d_in)
+        return rows
+
+    def _decoder_in_input_units(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(W, bias)`` with ``x̂ = f @ W + bias`` for activations ``f`` in input units (float64)."""
+        W = self.W_dec.detach().double().cpu().numpy()
+        bias = (self.b_dec.detach().double() * self.x_scale.double() + self.x_mean.double()).cpu().numpy()
+        return W, bias
+
+    # ------------------------------------------------------------------ folding and saving
+    @torch.no_grad()
+    def folded_state(self) -> dict[str, torch.Tensor]:
+        """The state dict with the normalisation (and free decoder norms) folded into the weights.
+
+        With ``c = x_scale`` and ``mu = x_mean``: activations become ``c * n_i * f_i`` (``n_i`` the norm of
+        decoder row i, only for unconstrained decoders), decoder rows ``W_dec[i] / n_i``, and the biases
+        absorb ``mu`` and ``c``; reconstructions are unchanged.
+        """
+        c = self.x_scale.double()
+        mu = self.x_mean.double()
+        W_enc, b_enc = self.W_enc.double(), self.b_enc.double()
+        W_dec, b_dec = self.W_dec.double(), self.b_dec.double()
+        if self.config.bias == "tied":
+            b_dec_new = mu + c * b_dec
+            b_enc_new = c * b_enc
+        else:
+            b_enc_new = c * b_enc - W_enc @ mu
+            b_dec_new = c * b_dec + mu
+        scale = torch.full((self.n_latents,), float(c), dtype=torch.float64, device=self.device)
+        W_enc_new, W_dec_new = W_enc.clone(), W_dec.clone()
+        if self.config.decoder_norm != "unit":
+            norms = W_dec.norm(dim=1)
+            ok = norms > 1e-12  # a zero row stays zero: the latent contributes nothing either way
+            n = torch.where(ok, norms, torch.ones_like(norms))
+            W_enc_new = W_enc_new * n[:, None]
+            b_enc_new = b_enc_new * n
+            W_dec_new = W_dec_new / n[:, None]
+            scale = scale * n
+        state = {
+            "W_enc": W_enc_new, "b_enc": b_enc_new, "W_dec": W_dec_new, "b_dec": b_dec_new,
+            "x_mean": torch.zeros_like(mu), "x_scale": torch.ones_like(c),
+        }
+        state.update(self._fold_variant_state(scale))
+        dtype = self.W_enc.dtype
+        return {k: v.to(dtype) for k, v in state.items()}
+
+    def _fold_variant_state(self, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Variant parameters rescaled by the per-latent activation scale (float64)."""
+        return {}
+
+    @torch.no_grad()
+    def fold_(self) -> SAE:
+        """Fold the normalisation into the weights in place (idempotent); returns ``self``."""
+        self.load_state_dict(self.folded_state())
+        return self
+
+    def save(self, path, *, overwrite: bool = False) -> Path:
+        """Save to the directory ``path`` (``weights.safetensors`` + ``config.json``), weights folded."""
+        config = {
+            "sae": self.config.to_dict(),
+            "history": self.history,
+            "training": self.training_info,
+        }
+        return save_model_dir(path, self.folded_state(), config, kind=MODEL_KIND, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path, *, device: str | torch.device = "cpu") -> SAE:
+        """Load an SAE saved with :meth:`save`; returns the right variant, in eval mode, on ``device``."""
+        tensors, meta = load_model_dir(path, kind=MODEL_KIND)
+        try:
+            config = SAEConfig.from_dict(meta["sae"]).validate()
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelFormatError(f"{path} has an invalid SAE config ({err}); save the model again.") from err
+        variant = VARIANTS[config.kind]
+        if cls is not SAE and cls is not variant:
+            raise ModelFormatError(f"{path} holds a {config.kind!r} SAE; load it with SAE.load or {variant.__name__}.load.")
+        model = variant(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        if expected != found:
+            raise ModelFormatError(
+                f"{path}: stored tensors {found} do not match a {config.kind!r} SAE with d_in={config.d_in}, "
+                f"n_latents={config.n_latents} (expected {expected}); the directory mixes files from different models."
+            )
+        model.load_state_dict(tensors)
+        model.history = list(meta.get("history") or [])
+        model.training_info = dict(meta.get("training") or {})
+        return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------- variants
+class ReLUSAE(SAE):
+    """ReLU + L1 (Bricken et al. 2023; the reference's SAE with ``SAEConfig.bias="untied"``)."""
+
+    kind = "relu"
+
+    def activate(self, pre):
+        return torch.relu(pre)
+
+    def sparsity_loss(self, f, pre):
+        weighted = f.abs()
+        if self.config.decoder_norm == "scale_l1":
+            weighted = weighted * self.W_dec.norm(dim=1)
+        if self.config.mse_convention == "mean":
+            return weighted.mean()
+        return weighted.sum(dim=1).mean()
+
+
+def _topk_per_sample(pre: torch.Tensor, k: int) -> torch.Tensor:
+    values, index = pre.topk(k, dim=1, sorted=False)
+    return torch.zeros_like(pre).scatter(1, index, torch.relu(values))
+
+
+class TopKSAE(SAE):
+    """TopK (Gao et al. 2024): the ``k`` largest pre-activations per sample, ReLU'd; no sparsity penalty."""
+
+    kind = "topk"
+
+    def activate(self, pre):
+        return _topk_per_sample(pre, self.config.k)
+
+
+class BatchTopKSAE(SAE):
+    """BatchTopK (Bussmann et al. 2024): during training the ``k * batch`` largest activations of the whole
+    batch are kept, so L0 varies per sample with mean ``k``; at inference each latent fires above a
+    threshold calibrated on the training data (``threshold``, per latent, in normalised units)."""
+
+    kind = "batchtopk"
+
+    def __init__(self, config: SAEConfig) -> None:
+        super().__init__(config)
+        self.register_buffer("threshold", torch.zeros(config.n_latents))
+
+    def _reset_variant_parameters(self) -> None:
+        if hasattr(self, "threshold"):
+            self.threshold.zero_()
+
+    def activate(self, pre):
+        return torch.relu(pre) * (pre > self.threshold)
+
+    def activate_train(self, pre):
+        return batch_topk(pre, self.config.k)
+
+    def _fold_variant_state(self, scale):
+        return {"threshold": self.threshold.double() * scale}
+
+
+def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k * batch`` largest ReLU'd pre-activations of the whole batch, zero the rest."""
+    flat = torch.relu(pre).flatten()
+    n_keep = min(k * pre.shape[0], flat.numel())
+    values, index = flat.topk(n_keep, sorted=False)
+    return torch.zeros_like(flat).scatter(0, index, values).view_as(pre)
+
+
+class _JumpReLUFunction(torch.autograd.Function):
+    """``pre * 1[pre > theta]`` with the straight-through threshold gradient of Rajamanoharan et al. (2024):
+    d/dtheta = -(theta / eps) * K((pre - theta) / eps), K the unit rectangle kernel."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        kernel = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
+        grad_pre = grad * (pre > threshold)
+        grad_threshold = (grad * -(threshold / eps) * kernel).sum(dim=0)
+        return grad_pre, grad_threshold, None
+
+
+class _StepFunction(torch.autograd.Function):
+    """``1[pre > theta]`` with d/dtheta = -(1 / eps) * K((pre - theta) / eps) and no gradient to ``pre``."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        kernel = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
+        return None, (grad * -(1.0 / eps) * kernel).sum(dim=0), None
+
+
+class JumpReLUSAE(SAE):
+    """JumpReLU (Rajamanoharan et al. 2024): a learned threshold per latent and an L0 penalty trained with
+    straight-through estimators. With ``k`` set, the penalty is ``(L0 / k - 1)^2`` (a target L0, as in
+    dictionary_learning); otherwise it is the L0 itself."""
+
+    kind = "jumprelu"
+
+    def __init__(self, config: SAEConfig) -> None:
+        super().__init__(config)
+        self.log_threshold = nn.Parameter(torch.full((config.n_latents,), math.log(config.jumprelu_threshold_init)))
+
+    def _reset_variant_parameters(self) -> None:
+        if hasattr(self, "log_threshold"):
+            self.log_threshold.data.fill_(math.log(self.config.jumprelu_threshold_init))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def activate(self, pre):
+        return _JumpReLUFunction.apply(pre, self.threshold, self.config.jumprelu_bandwidth)
+
+    def sparsity_loss(self, f, pre):
+        l0 = _StepFunction.apply(pre, self.threshold, self.config.jumprelu_bandwidth).sum(dim=1).mean()
+        if self.config.k is not None:
+            return (l0 / self.config.k - 1.0) ** 2
+        if self.config.mse_convention == "mean":
+            return l0 / self.n_latents
+        return l0
+
+    def _fold_variant_state(self, scale):
+        return {"log_threshold": self.log_threshold.double() + scale.log()}
+
+
+VARIANTS: dict[str, type[SAE]] = {cls.kind: cls for cls in (ReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE)}
+
+
+def make_sae(config: SAEConfig) -> SAE:
+    """A freshly initialised SAE of ``config.kind``."""
+    return VARIANTS[canonical_kind(config.kind)](config)
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    return int(batch_size)
