@@ -1,5 +1,6 @@
 """Data layer: AnnData handling, validation, sparse mini-batching, bundled and real-data loaders."""
 
+from .datasets import pbmc68k_counts
 from .anndata import GeneMismatchError, align_genes, check_labels_key, get_matrix
 from .loader import Batch, BatchLoader, batch_indices
 from .matrix import CountValidationError, RowMatrix, validate_counts
@@ -8,4 +9,5 @@ __all__ = [
     "RowMatrix", "validate_counts", "CountValidationError",
     "get_matrix", "check_labels_key", "align_genes", "GeneMismatchError",
     "Batch", "BatchLoader", "batch_indices",
+    "pbmc68k_counts",
 ]

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["RowMatrix", "validate_counts", "CountValidationError"]
+__all__ = ["RowMatrix", "validate_counts", "CountValidationError", "write_h5ad_in_chunks", "write_h5ad_out_of_core",
+           "read_zarr_backed"]
 
 
 class CountValidationError(ValueError):
@@ -101,21 +102,38 @@ class RowMatrix:
     def rows(self, index, dtype=np.float32) -> np.ndarray:
         """Dense rows for ``index`` (any order); the only place where data become dense."""
         index = np.asarray(index, dtype=np.int64)
-        if self.kind in {"sparse", "dense"}:
-            block = self.X[index]
-            return (block.toarray() if sp.issparse(block) else np.asarray(block)).astype(dtype, copy=False)
-        # On disk, read in increasing order (h5py needs it, and it is faster), then restore the order.
+        block = self.read_rows(index)
+        return (block.toarray() if sp.issparse(block) else np.asarray(block)).astype(dtype, copy=False)
+
+    def read_rows(self, index, *, max_gap: int = 64):
+        """Rows ``index`` (any order) as CSR (sparse kinds) or ndarray (dense kinds), not densified.
+
+        On disk, rows are read in increasing order (h5py needs it) as contiguous slices: rows less
+        than ``max_gap`` apart share one slice and the rows in between are dropped after reading,
+        which is much faster than row-by-row access. The requested order is restored at the end.
+        """
+        index = np.asarray(index, dtype=np.int64)
+        if not self.backed:
+            return self.X[index]
+        if len(index) == 0:
+            return self._slice(0, 0)
         order = np.argsort(index, kind="stable")
-        sorted_idx = index[order]
-        uniq, inverse = np.unique(sorted_idx, return_inverse=True)
-        if len(uniq) and uniq[-1] - uniq[0] + 1 == len(uniq):
-            block = self._slice(int(uniq[0]), int(uniq[-1]) + 1)  # one contiguous read
+        uniq, inverse = np.unique(index[order], return_inverse=True)
+        parts = []
+        for run in np.split(uniq, np.flatnonzero(np.diff(uniq) > max_gap) + 1):
+            block = self._slice(int(run[0]), int(run[-1]) + 1)
+            if len(run) != run[-1] - run[0] + 1:
+                block = block[run - run[0]]
+            parts.append(block)
+        if len(parts) == 1:
+            block = parts[0]
         else:
-            block = self.X[uniq]
-        block = block.toarray() if sp.issparse(block) else np.asarray(block)
-        out = np.empty((len(index), self.n_vars), dtype=dtype)
-        out[order] = block[inverse]
-        return out
+            block = sp.vstack(parts, format="csr") if sp.issparse(parts[0]) else np.concatenate(parts)
+        position = np.empty(len(index), dtype=np.int64)
+        position[order] = inverse
+        if len(uniq) == len(index) and np.all(position == np.arange(len(index))):
+            return block  # already sorted and unique: no reordering copy
+        return block[position]
 
     def iter_chunks(self, chunk_size: int = 10_000) -> Iterator[tuple[int, int, object]]:
         """Yield ``(start, stop, block)`` over contiguous row blocks; block is CSR or ndarray."""
@@ -158,6 +176,9 @@ class _ColumnSubset(RowMatrix):
     def rows(self, index, dtype=np.float32):
         full = RowMatrix.rows(self.parent, index, dtype)
         return full[:, self.columns]
+
+    def read_rows(self, index, *, max_gap: int = 64):
+        return self.parent.read_rows(index, max_gap=max_gap)[:, self.columns]
 
 
 def _block_values(block) -> np.ndarray:
@@ -215,3 +236,81 @@ def validate_counts(
             "e.g. sc.pp.filter_genes(adata, min_counts=1)."
         )
     return {"row_sums": row_sums, "col_sums": col_sums}
+
+
+def write_h5ad_in_chunks(path, chunks, var_names, obs_names=None) -> int:
+    """Write an ``.h5ad`` whose ``X`` (CSR) is appended chunk by chunk, never held whole in memory.
+
+    ``chunks`` yields scipy sparse row blocks (cells x genes) in order; ``obs_names`` defaults to
+    ``cell0, cell1, ...``. The file opens with ``anndata.read_h5ad(path, backed="r")``. Returns the
+    number of cells written.
+    """
+    import anndata
+    import h5py
+    import pandas as pd
+    from anndata.io import sparse_dataset, write_elem
+
+    var = pd.DataFrame(index=pd.Index(list(map(str, var_names))))
+    n_obs = 0
+    with h5py.File(path, "w") as f:
+        for chunk in chunks:
+            chunk = sp.csr_matrix(chunk)
+            if chunk.shape[1] != len(var):
+                raise ValueError(f"a chunk has {chunk.shape[1]} columns but there are {len(var)} var_names")
+            if n_obs == 0:
+                write_elem(f, "X", chunk)
+            else:
+                sparse_dataset(f["X"]).append(chunk)
+            n_obs += chunk.shape[0]
+        if n_obs == 0:
+            raise ValueError("no chunks to write")
+        names = [f"cell{i}" for i in range(n_obs)] if obs_names is None else list(map(str, obs_names))
+        if len(names) != n_obs:
+            raise ValueError(f"{len(names)} obs_names for {n_obs} cells")
+        skeleton = anndata.AnnData(obs=pd.DataFrame(index=pd.Index(names)), var=var)
+        for key in ("obs", "var"):
+            write_elem(f, key, getattr(skeleton, key))
+        for key in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+            write_elem(f, key, {})
+    return n_obs
+
+
+def write_h5ad_out_of_core(adata, path) -> None:
+    """Write ``adata`` to a new ``path``. For a backed AnnData the file is copied on disk and only the
+    in-memory parts (``obs``, ``var``, ``obsm``, ``uns``) are rewritten, so ``X`` is never loaded
+    (``AnnData.write_h5ad`` reads a backed ``X`` whole)."""
+    import shutil
+    from pathlib import Path
+
+    import h5py
+    from anndata.io import write_elem
+
+    if not getattr(adata, "isbacked", False):
+        adata.write_h5ad(path)
+        return
+    src, dst = Path(adata.filename).resolve(), Path(path).resolve()
+    if src == dst:
+        raise ValueError(f"{path} is the backed input file itself; write the results to a new file.")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    with h5py.File(dst, "a") as f:
+        for key in ("obs", "var", "obsm", "uns"):
+            if key in f:
+                del f[key]
+            value = getattr(adata, key)
+            write_elem(f, key, value if key in ("obs", "var") else dict(value))
+
+
+def read_zarr_backed(path, layer: str | None = None):
+    """An AnnData from a ``.zarr`` store whose count matrix stays on disk (the zarr counterpart of
+    ``anndata.read_h5ad(path, backed="r")``): ``X`` (or ``layers[layer]``, which then becomes ``X``)
+    is a lazily read CSR dataset; ``obs`` and ``var`` are loaded."""
+    import anndata
+    import zarr
+    from anndata.io import read_elem, sparse_dataset
+
+    group = zarr.open(str(path), mode="r")
+    key = "X" if layer is None else f"layers/{layer}"
+    if key not in group:
+        raise ValueError(f"{path} has no {key}; available layers: {list(group['layers'].keys()) if 'layers' in group else []}")
+    return anndata.AnnData(X=sparse_dataset(group[key]), obs=read_elem(group["obs"]), var=read_elem(group["var"]))

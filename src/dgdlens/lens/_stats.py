@@ -226,7 +226,8 @@ def welch_t(mean1, var1, n1, mean2, var2, n2):
         df = se2 * se2 / den
     zero = se2 <= 0
     if np.any(zero):
-        t = np.where(zero, np.where(diff == 0, 0.0, np.sign(diff) * np.inf), t)
+        with np.errstate(invalid="ignore"):
+            t = np.where(zero, np.where(diff == 0, 0.0, np.sign(diff) * np.inf), t)
         df = np.where(zero | (den <= 0), np.broadcast_to(n1 + n2 - 2.0, np.shape(df)), df)
     return t, df
 

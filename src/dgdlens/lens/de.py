@@ -108,8 +108,20 @@ class DEChunk:
     var_low: np.ndarray
     n_high: np.ndarray
     n_low: np.ndarray
-    log2fc: np.ndarray
+    scale: str                # "log1p" or "linear": how log2 fold changes are formed from the means
+    pseudocount: float
     pvals: np.ndarray | None = None  # full p-value matrix (only when requested)
+
+    @property
+    def log2fc(self) -> np.ndarray:
+        """log2 fold change of every (row, gene); computed on demand (transcendentals are costly)."""
+        return self.log2fc_at(slice(None), slice(None))
+
+    def log2fc_at(self, r, g) -> np.ndarray:
+        """log2 fold changes at the given (row, gene) positions only."""
+        if self.scale == "log1p":
+            return log2_fold_change(self.mean_high[r, g], self.mean_low[r, g], self.pseudocount)
+        return np.log2((self.mean_high[r, g] + self.pseudocount) / (self.mean_low[r, g] + self.pseudocount))
 
     def candidate_pvalues(self, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(row, gene, p) for every tested gene whose p-value can be <= alpha."""
@@ -216,8 +228,6 @@ def iter_de_chunks(
         rows = order[start:start + chunk]
         n_h, mean_h, var_h, n_l, mean_l, var_l = _group_stats(prep, groups, rows, prefix, engine)
         tested = (var_h > 0) | (var_l > 0) | (mean_h != mean_l)
-        lfc = log2_fold_change(mean_h, mean_l, pseudocount) if prep.scale == "log1p" else \
-            np.log2((mean_h + pseudocount) / (mean_l + pseudocount))
         if test == "t-test":
             stat, df = _welch_guarded(n_h, mean_h, var_h, n_l, mean_l, var_l, variance_guard)
             pvals = t_pvalues(stat, df) if full_pvalues else None
@@ -228,7 +238,7 @@ def iter_de_chunks(
             pvals = _wilcoxon_p(stat) if full_pvalues else None
         if pvals is not None:
             pvals = np.where(tested, pvals, 1.0)
-        yield DEChunk(rows, stat, df, tested, mean_h, mean_l, var_h, var_l, n_h, n_l, lfc, pvals)
+        yield DEChunk(rows, stat, df, tested, mean_h, mean_l, var_h, var_l, n_h, n_l, prep.scale, pseudocount, pvals)
 
 
 def select_genes(
@@ -244,7 +254,7 @@ def select_genes(
     r, g, p = chunk.candidate_pvalues(de_alpha)
     padj = bh_adjust_grouped(p, r, np.maximum(n_tested, 1))
     stat = chunk.statistic[r, g]
-    lfc = chunk.log2fc[r, g]
+    lfc = chunk.log2fc_at(r, g)
     sig = padj < de_alpha
     out = []
     for sign, lfc_ok in ((1, lfc >= min_log2fc), (-1, lfc <= -min_log2fc)):
@@ -383,6 +393,7 @@ def differential_expression(
     frames = []
     for chunk in iter_de_chunks(prep, groups, test=test, variance_guard=variance_guard, pseudocount=pseudocount,
                                 engine=engine, full_pvalues=True):
+        log2fc = chunk.log2fc
         for i, row in enumerate(chunk.rows):
             p = chunk.pvals[i]
             tested = chunk.tested[i]
@@ -391,11 +402,11 @@ def differential_expression(
                 padj[tested] = bh_adjust(p[tested])
             direction = np.full(len(p), "", dtype=object)
             sig = tested & (padj < de_alpha)
-            direction[sig & (chunk.statistic[i] > 0) & (chunk.log2fc[i] >= min_log2fc)] = "up"
-            direction[sig & (chunk.statistic[i] < 0) & (chunk.log2fc[i] <= -min_log2fc)] = "down"
+            direction[sig & (chunk.statistic[i] > 0) & (log2fc[i] >= min_log2fc)] = "up"
+            direction[sig & (chunk.statistic[i] < 0) & (log2fc[i] <= -min_log2fc)] = "down"
             frames.append(pd.DataFrame({
                 "feature": groups.features[row], "gene": prep.gene_names,
-                "mean_high": chunk.mean_high[i], "mean_low": chunk.mean_low[i], "log2fc": chunk.log2fc[i],
+                "mean_high": chunk.mean_high[i], "mean_low": chunk.mean_low[i], "log2fc": log2fc[i],
                 "statistic": chunk.statistic[i], "df": chunk.df[i] if chunk.df is not None else np.nan,
                 "pval": p, "padj": padj, "tested": tested, "direction": direction,
                 "n_high": chunk.n_high[i], "n_low": chunk.n_low[i],

@@ -268,7 +268,7 @@ def _canonical_name(name: str) -> str:
 
 
 def _read_package_bytes(filename: str) -> bytes:
-    return resources.files(_DATA_PACKAGE).joinpath("data", filename).read_bytes()
+    return resources.files(_DATA_PACKAGE).joinpath("data").joinpath(filename).read_bytes()
 
 
 @functools.lru_cache(maxsize=8)

@@ -117,6 +117,10 @@ class TrainConfig:
         (NLL + prior).
     seed
         Seeds the mini-batch order (model initialisation is seeded by the model class).
+    shuffle_block_size
+        Rows per contiguous block for block shuffling (see :mod:`dgdlens.data.loader`). ``None``:
+        blocks of 1024 rows for backed (on-disk) data, a full shuffle in memory; ``0``: always a
+        full shuffle. The same value gives the same batches in memory and on disk.
     checkpoint_path, checkpoint_every
         Write a resumable checkpoint every ``checkpoint_every`` epochs (and at the end).
     """
@@ -146,6 +150,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_path: str | None = None
     checkpoint_every: int = 50
+    shuffle_block_size: int | None = None
     progress: bool = True
     extra: dict = field(default_factory=dict)
 

@@ -27,7 +27,8 @@ from .._io import ModelFormatError, load_model_dir, save_model_dir
 from ..data.loader import BatchLoader
 from ..data.matrix import RowMatrix
 from ..nn.likelihoods import Likelihood, make_likelihood
-from ._engine import resolve_device
+from ._engine import _optimise as optimise_latents
+from ._engine import frozen, resolve_device
 from .decoder_only import (
     as_row_matrix,
     check_values,
@@ -260,19 +261,50 @@ class Autoencoder:
                 out[batch.index.cpu().numpy()] = self.module.encode(batch.x).cpu().numpy()
         return out
 
-    def transform(self, X, *, batch_size: int = 1024) -> np.ndarray:
-        """Latents of (new) samples from the encoder, ``(n_samples, n_latent)`` float32."""
-        self._check_fitted()
-        matrix, _ = self._data(X, "X")
-        return self._encode(matrix, batch_size)
+    def transform(self, X, *, refine_steps: int = 0, lr: float = 0.05, batch_size: int = 1024) -> np.ndarray:
+        """Latents of (new) samples from the encoder, ``(n_samples, n_latent)`` float32.
 
-    def reconstruction_error(self, X, *, z: np.ndarray | None = None, per_sample: bool = False,
-                             batch_size: int = 1024) -> float | np.ndarray:
-        """Mean reconstruction loss per entry (NLL per feature, e.g. BCE per pixel) on ``X``, with the
-        latents from the encoder (or ``z``); same unit as :meth:`DecoderOnly.reconstruction_error`."""
+        ``refine_steps > 0`` then optimises each latent that many Adam steps (learning rate ``lr``) on
+        its reconstruction NLL with the decoder frozen, the decoder-only model's test-time inference
+        started from the encoder's guess. Comparing both tells how much of an autoencoder's test error
+        is the encoder's (the amortisation gap) and how much the decoder's.
+        """
         self._check_fitted()
         matrix, scale = self._data(X, "X")
-        z = self._encode(matrix, batch_size) if z is None else np.asarray(z, dtype=np.float32)
+        z = self._encode(matrix, batch_size)
+        return self._refine(matrix, scale, z, int(refine_steps), float(lr), batch_size) if refine_steps else z
+
+    def _refine(self, matrix: RowMatrix, scale: np.ndarray | None, z: np.ndarray, n_steps: int, lr: float,
+                batch_size: int) -> np.ndarray:
+        if n_steps < 0:
+            raise ValueError(f"refine_steps must be a non-negative integer, got {n_steps}")
+        loader = BatchLoader(matrix, None, scale, batch_size=batch_size, shuffle=False, device=self.device)
+        out = z.copy()
+        self.module.eval()
+
+        def objective(x, zb, s):
+            return self.likelihood.nll(x, self.decoder(zb), s)
+
+        with frozen(self.module):
+            for batch in loader:
+                pos = batch.index.cpu().numpy()
+                z0 = torch.from_numpy(np.ascontiguousarray(z[pos])).to(self.device)
+                out[pos] = optimise_latents(objective, batch.x, batch.scale, z0, n_steps, lr,
+                                            (0.5, 0.7), 0.0).cpu().numpy()
+        return out
+
+    def reconstruction_error(self, X, *, z: np.ndarray | None = None, per_sample: bool = False,
+                             refine_steps: int = 0, lr: float = 0.05, batch_size: int = 1024) -> float | np.ndarray:
+        """Mean reconstruction loss per entry (NLL per feature, e.g. BCE per pixel) on ``X``, with the
+        latents from the encoder (refined by ``refine_steps``, see :meth:`transform`) or ``z``; same
+        unit as :meth:`DecoderOnly.reconstruction_error`."""
+        self._check_fitted()
+        matrix, scale = self._data(X, "X")
+        if z is None:
+            z = self._encode(matrix, batch_size)
+            if refine_steps:
+                z = self._refine(matrix, scale, z, int(refine_steps), float(lr), batch_size)
+        z = np.asarray(z, dtype=np.float32)
         if z.shape != (matrix.n_obs, self.n_latent):
             raise ValueError(f"z must have shape ({matrix.n_obs}, {self.n_latent}), got {z.shape}")
         per_entry = per_sample_nll(self.decoder, self.likelihood, matrix, scale, z, self.device, batch_size) / self.n_features

@@ -166,7 +166,8 @@ def decode_mean(decoder: nn.Module, likelihood: Likelihood, z, device: torch.dev
     if z.ndim != 2 or z.shape[1] != n_latent:
         raise ValueError(f"z must have shape (n_samples, {n_latent}), got {z.shape}")
     if scale is not None:
-        scale = np.broadcast_to(np.asarray(scale, dtype=np.float32).reshape(-1), (len(z),))
+        # a writable copy: torch warns on (and must not share) numpy's read-only broadcast views
+        scale = np.broadcast_to(np.asarray(scale, dtype=np.float32).reshape(-1), (len(z),)).copy()
     chunks = []
     decoder.eval()
     with torch.no_grad():

@@ -17,6 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .. import distributed
 from .._io import load_model_dir, save_model_dir
 from ..data.anndata import align_genes, check_labels_key, get_matrix, var_names_for
 from ..data.loader import BatchLoader
@@ -25,7 +26,7 @@ from ..nn.decoders import MLP
 from ..nn.likelihoods import NegativeBinomial
 from ..nn.priors import GaussianMixture
 from ..nn.representation import RepresentationTable
-from ._engine import DecoderOnlyModule, TrainConfig, Trainer, infer_latents, resolve_device
+from ._engine import DecoderOnlyModule, TrainConfig, Trainer, resolve_device
 
 __all__ = ["DGD", "default_n_components"]
 
@@ -89,8 +90,9 @@ class DGD:
     dispersion, r_init, r_min
         NB dispersion per gene (``"gene"``) or shared; initial r and lower bound (reference r = e^x + 1).
     covariance, softball_radius, softball_sharpness, sd_init, sd_sd, dirichlet_alpha
-        Mixture prior, see :class:`~dgdlens.nn.GaussianMixture` (defaults as multiDGD: radius 2,
-        sharpness 5, sd_init = 0.2 * radius / K without rounding).
+        Mixture prior, see :class:`~dgdlens.nn.GaussianMixture`: radius 2 and sharpness 5 as multiDGD;
+        ``sd_init=None`` gives radius / 6 (the reference's ``0.2 * radius / K``, ``sd_init="reference"``,
+        collapses the mixture to one cluster on pbmc68k; see :func:`~dgdlens.nn.priors.default_sd_init`).
     validation_fraction
         Share of cells held out as a validation split for early stopping (their latents are fitted
         with the model frozen). 0 disables it.
@@ -116,7 +118,7 @@ class DGD:
         covariance: str = "diagonal",
         softball_radius: float = 2.0,
         softball_sharpness: float = 5.0,
-        sd_init: float | None = None,
+        sd_init: float | str | None = None,
         sd_sd: float = 1.0,
         dirichlet_alpha: float = 1.0,
         validation_fraction: float = 0.1,
@@ -235,21 +237,26 @@ class DGD:
         if cfg.early_stopping and self.val_rep is None:
             warnings.warn("No validation split (validation_fraction=0 or too few cells): early stopping "
                           "monitors the training loss instead.", stacklevel=2)
-        dev = resolve_device(device)
-        self._to(dev)
-        trainer = self._make_trainer(cfg, dev)
-        trainer.fit(resume_from=resume_from)
+        if distributed.is_distributed():  # under torchrun: cells sharded over processes, see dgdlens.distributed
+            trainer = distributed.train_distributed(self, cfg, device, resume_from)
+        else:
+            dev = resolve_device(device)
+            self._to(dev)
+            trainer = self._make_trainer(cfg, dev)
+            trainer.fit(resume_from=resume_from)
         self._after_training(trainer, cfg)
         return self
 
     def _make_trainer(self, cfg: TrainConfig, dev: torch.device, **kwargs) -> Trainer:
         lib = self.library_size
         train_loader = BatchLoader(self._matrix, self.train_idx, None if lib is None else lib[self.train_idx],
-                                   batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, device=dev)
+                                   batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, device=dev,
+                                   block_size=cfg.shuffle_block_size)
         val_loader = None
         if self.val_rep is not None:
             val_loader = BatchLoader(self._matrix, self.val_idx, None if lib is None else lib[self.val_idx],
-                                     batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed + 1, device=dev)
+                                     batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed + 1, device=dev,
+                                     block_size=cfg.shuffle_block_size)
         return Trainer(self.module, train_loader, val_loader, self.train_rep, self.val_rep, cfg, dev, **kwargs)
 
     def _after_training(self, trainer: Trainer, cfg: TrainConfig) -> None:
@@ -325,9 +332,9 @@ class DGD:
         matrix, lib = self._new_data(adata, layer)
         dev = self.device if device is None else resolve_device(device)
         self._to(dev)
-        loader = BatchLoader(matrix, None, lib, batch_size=batch_size, shuffle=False, device=dev)
-        z, loss = infer_latents(self.module, loader, self.n_latent, n_steps=n_steps, lr=lr, select_by=select_by,
-                                candidate_steps=candidate_steps, progress=progress, device=dev)
+        z, loss = distributed.infer_latents_sharded(self.module, matrix, lib, self.n_latent, batch_size=batch_size,
+                                                    n_steps=n_steps, lr=lr, select_by=select_by,
+                                                    candidate_steps=candidate_steps, progress=progress, device=dev)
         self._last_inference_loss = loss
         return z
 
@@ -480,7 +487,7 @@ class DGD:
             "history": self.history.to_dict(orient="list"),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        save_model_dir(path, tensors, config, kind=MODEL_KIND, overwrite=overwrite)
+        distributed.run_on_main(save_model_dir, path, tensors, config, kind=MODEL_KIND, overwrite=overwrite)
 
     @classmethod
     def load(cls, path, adata=None, *, layer: str | None = None, device: str | torch.device = "cpu") -> DGD:

@@ -142,7 +142,9 @@ class NegativeBinomial(Likelihood):
     def mean(self, out, scale=None):
         return self.log_mean(out, scale).exp()
 
+    @torch.no_grad()
     def sample(self, out, scale=None, generator=None):
+        # draws are integers: no gradient flows through them (and none should leak into callers)
         mean = self.mean(out, scale)
         r = self.r.expand_as(mean)
         # Gamma-Poisson mixture: lambda ~ Gamma(shape=r, rate=r/m), x ~ Poisson(lambda).

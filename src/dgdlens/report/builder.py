@@ -330,6 +330,17 @@ def rank_features(features: pd.DataFrame) -> pd.DataFrame:
     return best.sort_values(kind="stable").rename("best").reset_index()
 
 
+def _term_label(row) -> str:
+    """A term's readable name: ``"description (ID)"`` when the table has descriptions (GO IDs alone
+    mean nothing to a reader), else the term as given."""
+    term = str(row["term"])
+    description = row.get("description") if hasattr(row, "get") else None
+    if description is None or (isinstance(description, float) and np.isnan(description)):
+        return term
+    description = str(description).strip()
+    return term if not description or description == term else f"{description} ({term})"
+
+
 def _gene_text(genes, limit: int = 12) -> str:
     if genes is None or (isinstance(genes, float) and np.isnan(genes)):
         return ""
@@ -357,7 +368,7 @@ def _features_section(features, alpha, n_top_features, terms_per_feature):
     for feat in top:
         block = df[df["feature"] == feat].sort_values(sort_cols, kind="stable").head(terms_per_feature)
         for i, (_, r) in enumerate(block.iterrows()):
-            row = {"feature": r["feature"], "term": r["term"]}
+            row = {"feature": r["feature"], "term": _term_label(r)}
             if "direction" in df.columns:
                 row["direction"] = r["direction"]
             if "overlap" in df.columns:
@@ -421,7 +432,8 @@ def _feature_umap_section(coords, activations, features, top_ids, feature_names,
             rows = features[features["feature"] == fid]
             best = rows.iloc[int(np.argmin(pd.to_numeric(rows[score], errors="coerce").fillna(np.inf)))]
             direction = f" ({best['direction']})" if "direction" in features.columns else ""
-            best_terms[fid] = _short(best["term"], 42) + direction
+            name = best["description"] if "description" in features.columns and pd.notna(best["description"]) else best["term"]
+            best_terms[fid] = _short(name, 42) + direction
         titles = [f"feature {fid}: {best_terms[fid]}" for fid, _ in chosen]
         caption = "The best-annotated features, each titled with its top term."
     else:
@@ -447,18 +459,22 @@ def _steering_section(steering, features, alpha, n_genes, n_terms, dpi) -> Secti
     if steering is None:
         return section.add_note("Skipped: no steering result was given (steering=).")
     lfc = _get(steering, "lfc")
+    if lfc is None:  # a dgdlens.steer.SteerResult: per-gene table with 'gene' and 'log2fc' columns
+        lfc = _get(steering, "genes")
     if lfc is None:
         raise ValueError("steering needs 'lfc': per-gene log fold changes (a pandas Series indexed by gene).")
     lfc = pl.as_lfc_series(lfc)
     feature, mode, value = _get(steering, "feature"), _get(steering, "mode"), _get(steering, "value")
     n_cells = _get(steering, "n_cells")
+    if n_cells is None and _get(steering, "cells") is not None:
+        n_cells = len(_get(steering, "cells"))
     what = f"Feature {feature}" if feature is not None else "The feature"
     if features is not None and feature is not None and "feature" in features.columns:
         rows = features[features["feature"].astype(str) == str(feature)]
         if len(rows):
             score = "padj" if "padj" in rows.columns else "pval"
             best = rows.iloc[int(np.argmin(pd.to_numeric(rows[score], errors="coerce").fillna(np.inf)))]
-            what += f" (top term: {best['term']})"
+            what += f" (top term: {_term_label(best)})"
     verb = _MODE_VERBS.get(str(mode), f"changed ({mode} {value})" if mode else "changed")
     sentence = f"{what} was {verb.format(value=format_value(_scalar(value)))}"
     sentence += f" in {int(n_cells):,} cells." if n_cells is not None else "."
@@ -484,6 +500,8 @@ def _steering_section(steering, features, alpha, n_genes, n_terms, dpi) -> Secti
         keep = [c for c in ("term", "direction", "overlap", "set_size", "odds_ratio", "pval", "padj", "genes")
                 if c in table.columns] or list(table.columns)
         shown = table[keep].copy()
+        if "description" in table.columns and "term" in shown.columns:
+            shown["term"] = [_term_label(r) for _, r in table.iterrows()]
         if "genes" in shown.columns:
             shown["genes"] = [_gene_text(g) for g in shown["genes"]]
         classes = None
@@ -581,7 +599,8 @@ def build_report(
         A mapping (or result object with these attributes): ``lfc`` (per-gene log2 fold changes,
         a Series indexed by gene, or a DataFrame with an ``lfc`` column), and optionally
         ``feature, mode ("clamp" | "add" | "scale" | "ablate"), value, n_cells, description,
-        enrichment`` (a DataFrame like ``features``).
+        enrichment`` (a DataFrame like ``features``). A :class:`dgdlens.steer.SteerResult` works
+        as it is (fold changes from its ``genes`` table, cell count from ``cells``).
     attribution
         Footer text, e.g. gene-set licences and sources (one string or several lines).
     notes

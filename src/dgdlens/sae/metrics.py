@@ -300,11 +300,14 @@ def categorical_auroc(activations, labels, *, chunk_size: int = 512, return_matr
 
 # ---------------------------------------------------------------------- structure identification
 def structure_identification(activations, expression, programs, *, percentile: float = 90.0, alpha: float = 0.05,
-                             scope: str = "global", chunk_size: int = 1024, max_sample: int = 20_000_000,
+                             scope: str = "global", score: str = "pearson", chunk_size: int = 1024, max_sample: int = 20_000_000,
                              seed: int = 0) -> tuple[pd.DataFrame, dict]:
     """Do SAE features link to the genes of the true programs? (the reference's structure test, corrected)
 
-    1. Link score of feature j and gene g: cosine similarity of their vectors over cells.
+    1. Link score of feature j and gene g over cells: Pearson r (``score="pearson"``, default) or the
+       reference's uncentred cosine similarity (``score="cosine"``). Cosine between non-negative vectors
+       mostly measures how constant a gene is, so even random features "link" to the always-on genes and
+       look significant for the programs those genes belong to; centring removes that.
     2. Links: scores above the ``percentile``-th percentile, taken over all live features x genes
        (``scope="global"``, the reference) or per feature (``scope="feature"``). The global percentile is
        exact up to ``max_sample`` scores and estimated from a seeded random subset of features beyond.
@@ -331,6 +334,8 @@ def structure_identification(activations, expression, programs, *, percentile: f
     """
     if scope not in ("global", "feature"):
         raise ValueError(f"scope must be 'global' or 'feature', got {scope!r}.")
+    if score not in ("pearson", "cosine"):
+        raise ValueError(f"score must be 'pearson' or 'cosine', got {score!r}.")
     if not 0 < percentile < 100:
         raise ValueError(f"percentile must lie in (0, 100), got {percentile!r}.")
     A = _as_feature_matrix(activations)
@@ -349,14 +354,19 @@ def structure_identification(activations, expression, programs, *, percentile: f
     n_genes = Y.shape[1]
     live = live_features(A)
     A = A[:, live]
-    a_norm = np.sqrt(np.asarray(A.multiply(A).sum(0)).ravel() if sp.issparse(A) else (A**2).sum(0))
-    y_norm = np.sqrt(np.asarray(Y.multiply(Y).sum(0)).ravel() if sp.issparse(Y) else (Y**2).sum(0))
-    y_norm = np.where(y_norm > 0, y_norm, np.inf)  # an all-zero gene links to nothing
+    a_mean, a_sd = _column_moments(A)
+    y_mean, y_sd = _column_moments(Y)
+    if score == "cosine":  # uncentred: norms instead of standard deviations, no mean product
+        a_mean, y_mean = np.zeros_like(a_mean), np.zeros_like(y_mean)
+        a_sd = np.sqrt(np.asarray(A.multiply(A).sum(0)).ravel() if sp.issparse(A) else (A**2).sum(0)) / np.sqrt(n)
+        y_sd = np.sqrt(np.asarray(Y.multiply(Y).sum(0)).ravel() if sp.issparse(Y) else (Y**2).sum(0)) / np.sqrt(n)
+    y_sd = np.where(y_sd > 0, y_sd, np.inf)  # a constant gene links to nothing
 
     def scores(start: int, stop: int) -> np.ndarray:
-        dot = A[:, start:stop].T @ Y  # (features, genes); sparse x dense gives dense
+        dot = A[:, start:stop].T @ Y  # (features, genes); sparse x dense gives dense, nothing is centred
         dot = dot.toarray() if sp.issparse(dot) else np.asarray(dot)
-        return dot / a_norm[start:stop, None] / y_norm[None, :]
+        cov = dot / n - a_mean[start:stop, None] * y_mean[None, :]
+        return cov / a_sd[start:stop, None] / y_sd[None, :]
 
     threshold = None
     if scope == "global" and len(live):
@@ -407,6 +417,7 @@ def structure_identification(activations, expression, programs, *, percentile: f
         "n_live_features": int(len(live)),
         "percentile": percentile,
         "scope": scope,
+        "score": score,
         "threshold": None if threshold is None else float(threshold),
     }
     return table, summary

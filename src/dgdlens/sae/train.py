@@ -352,7 +352,8 @@ class _Trainer:
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             x = self.data.rows(idx, self.device)
-            out = self._losses(x, self._sparsity_coef(), train=True)
+            coef, lr = self._sparsity_coef(), self.optimizer.param_groups[0]["lr"]  # used by this step
+            out = self._losses(x, coef, train=True)
             self.optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             if cfg.decoder_norm == "unit":
@@ -388,8 +389,8 @@ class _Trainer:
             "l0": totals["active"] / n,
             "dead_fraction": float((fires == 0).float().mean()),
             "dense_fraction": float((rate > cfg.dense_threshold).float().mean()),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "sparsity_coef": self._sparsity_coef(),
+            "lr": lr,  # of the epoch's last step
+            "sparsity_coef": coef,
         }
 
     @torch.no_grad()

@@ -17,6 +17,10 @@ order, so a seed gives the reference's cells. Every level of the ground truth is
 The reference's multi-seed script saved every seed under the same name (the global seed instead of the
 loop index); :func:`simulate_superposition_runs` writes one file per seed.
 
+:func:`embed_superposition` is the reference's embedding step (an MLP autoencoder on the genes, MSE);
+SAEs are then trained on its latents and scored against the ground truth on held-out cells
+(:meth:`SuperpositionData.split`, :func:`dgdlens.sae.recovery_report`).
+
 :func:`planted_sparse_codes` is a small generator for unit tests: samples that are sparse non-negative
 combinations of more unit-norm atoms than dimensions.
 """
@@ -32,6 +36,7 @@ import torch
 
 __all__ = [
     "SuperpositionData", "simulate_superposition", "simulate_superposition_runs", "load_superposition",
+    "SuperpositionEmbedding", "embed_superposition", "reference_hidden_sizes",
     "PlantedSparseCodes", "planted_sparse_codes",
 ]
 
@@ -99,6 +104,17 @@ class SuperpositionData:
             programs=self.programs, cell_type_programs=self.cell_type_programs, rates=self.rates,
             counts=pick(self.counts), params=dict(self.params),
         )
+
+    def split(self, test_fraction: float = 0.2, *, seed: int = 0) -> tuple[SuperpositionData, SuperpositionData]:
+        """A seeded ``(train, test)`` split of the cells: fit embeddings and SAEs on ``train``, score recovery
+        on ``test`` (the reference scored on the SAE's own training cells)."""
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}.")
+        n_test = int(round(self.n_cells * test_fraction))
+        if not 0 < n_test < self.n_cells:
+            raise ValueError(f"test_fraction={test_fraction} of {self.n_cells} cells leaves an empty train or test set.")
+        order = np.random.default_rng(seed).permutation(self.n_cells)
+        return self.subset(np.sort(order[n_test:])), self.subset(np.sort(order[:n_test]))
 
     def to_anndata(self, *, use_counts: bool | None = None):
         """An AnnData: ``X`` = counts (if simulated and ``use_counts`` is not False) or ``Y``; the other
@@ -297,6 +313,102 @@ def simulate_superposition_runs(seeds=range(10), *, out_dir=None, prefix: str = 
         else:
             out.append(data.save(Path(out_dir) / f"{prefix}_seed{s}.npz", overwrite=overwrite))
     return out
+
+
+# ---------------------------------------------------------------------- embedding with an autoencoder
+def reference_hidden_sizes(n_genes: int, n_latent: int, depth: int = 2, width: str = "narrow") -> list[int]:
+    """Hidden layer sizes of the reference's simulation autoencoder, input side first.
+
+    ``depth`` counts the encoder's linear layers. ``"narrow"``: one layer of ``max(1000, 2 n_latent)`` then
+    ``max(150, 2 n_latent)`` units (only the latter at depth 2); ``"wide"``: sizes evenly spaced from
+    ``n_genes / 2`` down to the latent size (10,000 units for 20,000 genes: slow on a CPU).
+    """
+    _check_positive_int(n_genes=n_genes, n_latent=n_latent, depth=depth)
+    if width not in ("narrow", "wide"):
+        raise ValueError(f"width must be 'narrow' or 'wide', got {width!r}.")
+    if depth == 1:
+        return []
+    if width == "narrow":
+        rest = [max(150, 2 * n_latent)] * (depth - 2)
+        return [max(1000, 2 * n_latent), *rest] if depth > 2 else [max(150, 2 * n_latent)]
+    steps = np.linspace(n_latent, int(0.5 * n_genes), num=depth + 1)[::-1]
+    return [int(s) for s in steps[1:-1]]
+
+
+@dataclass
+class SuperpositionEmbedding:
+    """An autoencoder fitted to simulated genes, and the latents of the cells it was fitted on.
+
+    ``latent`` is cells x ``n_latent``; :meth:`transform` embeds other cells (e.g. held-out ones) with the
+    same gene centring and scaling.
+    """
+
+    latent: np.ndarray
+    model: object  # dgdlens.models.autoencoder.Autoencoder
+    gene_mean: np.ndarray
+    scale: float
+
+    def standardise(self, Y) -> np.ndarray:
+        Y = np.asarray(Y, dtype=np.float32)
+        if Y.ndim != 2 or Y.shape[1] != self.gene_mean.shape[0]:
+            raise ValueError(f"Y must be cells x {self.gene_mean.shape[0]} genes, got shape {Y.shape}.")
+        return (Y - self.gene_mean) / self.scale
+
+    def transform(self, Y_or_data, *, batch_size: int = 1024) -> np.ndarray:
+        """Latents (cells x ``n_latent``, float32) of a genes matrix or a :class:`SuperpositionData`."""
+        Y = Y_or_data.Y if isinstance(Y_or_data, SuperpositionData) else Y_or_data
+        return self.model.transform(self.standardise(Y), batch_size=batch_size)
+
+
+def embed_superposition(data, *, n_latent: int = 150, depth: int = 2, width: str = "narrow", hidden=None,
+                        epochs: int = 100, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0,
+                        validation_fraction: float = 0.1, patience: int = 20, device="cpu", seed: int = 0,
+                        progress: bool = False) -> SuperpositionEmbedding:
+    """Fit the reference's embedding step: an MLP autoencoder with a squared-error loss on the genes.
+
+    The genes are centred and divided by one scalar (their overall standard deviation) first, which keeps
+    the relative gene scales the programs produce while giving the optimiser unit-scale inputs. Training
+    uses :class:`dgdlens.models.autoencoder.Autoencoder` (Gaussian likelihood with unit variance = MSE), with
+    a seeded validation split and early stopping (the reference swapped its train/validation slices and
+    trained on 10%; here training uses ``1 - validation_fraction`` of the cells).
+
+    Parameters
+    ----------
+    data
+        A :class:`SuperpositionData` (its ``Y``) or a cells x genes array.
+    n_latent, depth, width, hidden
+        Latent size and encoder layout (:func:`reference_hidden_sizes`), or explicit ``hidden`` sizes,
+        input side first; the decoder mirrors the encoder.
+    epochs, batch_size, lr, weight_decay, validation_fraction, patience, device, seed, progress
+        Training options of :meth:`Autoencoder.fit`.
+    """
+    from ..models.autoencoder import Autoencoder
+    from ..nn.decoders import mlp_decoder, mlp_encoder
+
+    Y = data.Y if isinstance(data, SuperpositionData) else data
+    Y = np.asarray(Y, dtype=np.float32)
+    if Y.ndim != 2 or Y.shape[0] < 2:
+        raise ValueError(f"data must be a SuperpositionData or a cells x genes array with >= 2 cells, got shape {Y.shape}.")
+    if not np.isfinite(Y).all():
+        raise ValueError("The genes matrix contains NaN or infinite values.")
+    n_genes = Y.shape[1]
+    hidden = reference_hidden_sizes(n_genes, n_latent, depth, width) if hidden is None else [int(h) for h in hidden]
+    gene_mean = Y.mean(0)
+    scale = float(np.sqrt(((Y - gene_mean) ** 2).mean()))
+    if not scale > 0:
+        raise ValueError("The genes matrix is constant across cells; there is nothing to embed.")
+    decoder_side = hidden[::-1]  # mlp_encoder mirrors a decoder's hidden list
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        ae = Autoencoder(mlp_encoder(n_genes, n_latent, decoder_side), mlp_decoder(n_latent, n_genes, decoder_side),
+                         likelihood="gaussian", seed=seed)
+    embedding = SuperpositionEmbedding(latent=np.zeros((0, n_latent), np.float32), model=ae, gene_mean=gene_mean,
+                                       scale=scale)
+    ae.fit(embedding.standardise(Y), epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+           validation_fraction=validation_fraction, early_stopping=validation_fraction > 0, patience=patience,
+           seed=seed, device=device, progress=progress)
+    embedding.latent = ae.latent_
+    return embedding
 
 
 # ---------------------------------------------------------------------- planted sparse codes

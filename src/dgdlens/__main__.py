@@ -1,0 +1,8 @@
+"""``python -m dgdlens ...``: the command line, also under launchers such as ``torchrun -m dgdlens train ...``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,780 @@
+"""The ``dgdlens`` command line.
+
+::
+
+    dgdlens demo [--out dgdlens-demo]                        # the whole pipeline on bundled data
+    dgdlens train DATA.h5ad --out MODEL/                     # fit a DGD to raw counts
+    dgdlens embed MODEL/ NEW.h5ad --out OUT.h5ad             # latents + mixture clusters of new cells
+    dgdlens sae EMBEDDINGS --out SAE/                        # sparse autoencoder on latents
+    dgdlens annotate --activations A --expression DATA.h5ad --out features.csv
+    dgdlens steer MODEL/ SAE/ DATA.h5ad --feature 3 --value 5 --out steer/
+
+Every option can also come from a TOML file (``--config run.toml``): keys at the top level apply to
+every command that has that option, keys in a ``[train]``, ``[embed]``, ... table to that command
+only; options given on the command line win. Mistakes a person makes (a missing file, a wrong key,
+genes that do not match, a directory that is not a model) end with one line on stderr and exit
+status 1 (2 for a malformed command line), never a traceback; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import tomllib
+import warnings
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "CLIError"]
+
+PROG = "dgdlens"
+DEVICE_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'"
+SPEC_HELP = (".npy, .npz[:KEY], .csv/.tsv (first column: cell names), .pt[:KEY], or FILE.h5ad:OBSM_KEY "
+             "(e.g. out.h5ad:X_dgd)")
+
+
+class CLIError(Exception):
+    """A mistake in what the user asked for; shown as one line, exit status 1."""
+
+
+# ----------------------------------------------------------------------------------------------- parser
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default after its help, unless the default says nothing (None / False)."""
+
+    def __init__(self, prog, **kwargs):
+        kwargs.setdefault("max_help_position", 32)
+        super().__init__(prog, **kwargs)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or not action.option_strings or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("general")
+    group.add_argument("--config", metavar="FILE.toml",
+                       help="TOML file with any of this command's options (the command line wins)")
+    group.add_argument("--debug", action="store_true",
+                       help="on an error, show the full Python traceback instead of one line")
+    return common
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show progress bars")
+
+
+def _add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--device", default=default, metavar="DEVICE", help=f"where to compute: {DEVICE_HELP}")
+
+
+def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"replace {what} if it already exists")
+
+
+def _train_parser(sub, common) -> None:
+    p = sub.add_parser(
+        "train", parents=[common], formatter_class=_HelpFormatter,
+        help="fit a Deep Generative Decoder (DGD) to raw counts",
+        description="Fit a Deep Generative Decoder to the raw counts of an .h5ad file and save the model "
+                    "to a directory (weights.safetensors + config.json). Under torchrun, training is "
+                    "spread over the processes (python -m dgdlens train ...).")
+    p.add_argument("data", nargs="?", metavar="DATA.h5ad",
+                   help="cells x genes with raw integer counts (in X, or in --layer)")
+    p.add_argument("-o", "--out", metavar="MODEL_DIR", help="directory to save the trained model to (required)")
+    p.add_argument("--layer", metavar="LAYER", help="layer holding the raw counts ('raw' for adata.raw.X; default: X)")
+    p.add_argument("--labels", metavar="OBS_KEY",
+                   help="obs column of cell labels; sets the number of mixture components when "
+                        "--n-components is not given (never used in training)")
+    p.add_argument("--n-latent", type=int, metavar="N", default=20, help="latent dimensions")
+    p.add_argument("--n-components", type=int, metavar="K",
+                   help="mixture components (default: one per label category, else about log2(cells))")
+    p.add_argument("--hidden", type=int, nargs="+", default=[100, 100, 100], metavar="WIDTH",
+                   help="widths of the decoder's hidden layers")
+    p.add_argument("--epochs", type=int, default=500, metavar="N", help="maximum number of epochs")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="cells per mini-batch")
+    p.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=True,
+                   help="stop when the validation loss stops improving and keep the best epoch")
+    p.add_argument("--patience", type=int, metavar="N", help="epochs without improvement before stopping (default: 20)")
+    p.add_argument("--validation-fraction", type=float, default=0.1, metavar="F",
+                   help="share of cells held out to monitor training")
+    _add_device(p)
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (split, initialisation, batch order)")
+    p.add_argument("--backed", action="store_true",
+                   help="read DATA.h5ad from disk batch by batch (backed='r') instead of loading it into memory")
+    p.add_argument("--checkpoint", metavar="FILE", help="write a resumable checkpoint to FILE during training")
+    p.add_argument("--resume", metavar="FILE", help="continue training from a checkpoint written by --checkpoint")
+    p.add_argument("--latents", metavar="FILE",
+                   help="also write the training cells' latents: .h5ad (DATA plus obsm X_dgd and obs "
+                        "dgd_cluster), .npy or .csv")
+    _add_overwrite(p, "MODEL_DIR (and --latents)")
+    _add_progress(p)
+    p.set_defaults(handler=_cmd_train, required=("data", "out"))
+
+
+def _embed_parser(sub, common) -> None:
+    p = sub.add_parser(
+        "embed", parents=[common], formatter_class=_HelpFormatter,
+        help="latent representation and mixture cluster of new cells",
+        description="Embed new cells with a trained DGD (decoder and mixture frozen, one latent vector "
+                    "fitted per cell; genes matched by name) and write them with obsm['X_dgd'] and "
+                    "obs['dgd_cluster'].")
+    p.add_argument("model", nargs="?", metavar="MODEL_DIR", help="directory written by 'dgdlens train'")
+    p.add_argument("data", nargs="?", metavar="NEW.h5ad", help="cells x genes, raw integer counts")
+    p.add_argument("-o", "--out", metavar="OUT",
+                   help="output: .h5ad (the input plus latents and clusters), .npy or .csv (latents only) (required)")
+    p.add_argument("--layer", metavar="LAYER", help="layer holding the raw counts (default: the one the model was trained on)")
+    p.add_argument("--n-steps", type=int, default=200, metavar="N", help="optimisation steps per cell")
+    p.add_argument("--batch-size", type=int, default=1024, metavar="N", help="cells embedded together")
+    p.add_argument("--latent-key", default="X_dgd", metavar="KEY", help="obsm key for the latents")
+    p.add_argument("--cluster-key", default="dgd_cluster", metavar="KEY", help="obs key for the mixture clusters")
+    _add_device(p)
+    p.add_argument("--backed", action="store_true", help="read NEW.h5ad from disk batch by batch (backed='r')")
+    _add_overwrite(p, "OUT")
+    _add_progress(p)
+    p.set_defaults(handler=_cmd_embed, required=("model", "data", "out"))
+
+
+def _sae_parser(sub, common) -> None:
+    p = sub.add_parser(
+        "sae", parents=[common], formatter_class=_HelpFormatter,
+        help="train a sparse autoencoder on cell embeddings",
+        description="Train a sparse autoencoder (SAE) on a cells x dimensions embedding, e.g. the DGD "
+                    "latents, and save it to a directory. Prints its quality (FVU, L0, dead features).")
+    p.add_argument("embeddings", nargs="?", metavar="EMBEDDINGS", help=f"the embedding: {SPEC_HELP}")
+    p.add_argument("-o", "--out", metavar="SAE_DIR", help="directory to save the SAE to (required)")
+    p.add_argument("--kind", default="topk", choices=["topk", "batchtopk", "jumprelu", "relu"],
+                   help="SAE variant")
+    p.add_argument("--n-latents", type=int, metavar="N", help="number of SAE features (default: 16 x input dimensions)")
+    p.add_argument("--k", type=int, metavar="K", help="active features per cell (topk, batchtopk); target L0 for jumprelu")
+    p.add_argument("--epochs", type=int, metavar="N", help="training epochs (default: the variant's)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="cells per mini-batch (default: the variant's)")
+    p.add_argument("--lr", type=float, metavar="LR", help="learning rate (default: the variant's)")
+    p.add_argument("--l1-coef", type=float, metavar="C", help="sparsity penalty of the relu variant")
+    p.add_argument("--preset", choices=["paper"], help="start from the reference paper's settings")
+    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F", help="share of cells held out for validation")
+    p.add_argument("--patience", type=int, metavar="N", help="stop after this many epochs without validation improvement")
+    _add_device(p)
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed")
+    p.add_argument("--activations", metavar="FILE",
+                   help="also write the activations of all cells: .npz (sparse), .npy or .csv")
+    _add_overwrite(p, "SAE_DIR (and --activations)")
+    _add_progress(p)
+    p.set_defaults(handler=_cmd_sae, required=("embeddings", "out"))
+
+
+def _annotate_parser(sub, common) -> None:
+    p = sub.add_parser(
+        "annotate", parents=[common], formatter_class=_HelpFormatter,
+        help="annotate SAE features with gene sets (GO, Hallmark, ...)",
+        description="For every SAE feature, compare the cells where it is most active with cells where it "
+                    "is silent, and test the changed genes for gene-set over-representation. Writes one "
+                    "row per (feature, gene set, direction) that passes --max-padj.")
+    p.add_argument("-a", "--activations", metavar="ACTIVATIONS", help=f"cells x features: {SPEC_HELP} (required)")
+    p.add_argument("-e", "--expression", metavar="DATA.h5ad",
+                   help="the same cells' expression (raw counts or log-normalised) (required)")
+    p.add_argument("-o", "--out", metavar="FEATURES.csv", help="annotation table to write (required)")
+    p.add_argument("--layer", metavar="LAYER", help="layer of DATA.h5ad to use ('raw' for adata.raw.X; default: X)")
+    p.add_argument("--gene-symbols", metavar="VAR_KEY", help="var column with gene symbols (default: var_names)")
+    p.add_argument("--gene-sets", default="go_bp", metavar="NAME|FILE",
+                   help="go_bp, go_mf, go_cc, hallmark, reactome_wp_pid, or a .gmt file")
+    p.add_argument("--percentile", type=float, default=99.0, metavar="Q",
+                   help="a feature's active group: cells above this percentile of its activations")
+    p.add_argument("--min-active-cells", type=int, default=20, metavar="N", help="skip features active in fewer cells")
+    p.add_argument("--test", default="t-test", choices=["t-test", "wilcoxon"], help="differential expression test")
+    p.add_argument("--min-set-size", type=int, default=10, metavar="N", help="smallest gene set tested (genes measured)")
+    p.add_argument("--max-set-size", type=int, default=500, metavar="N", help="largest gene set tested (genes measured)")
+    p.add_argument("--max-padj", type=float, default=0.05, metavar="P", help="report rows with adjusted p-value up to this")
+    p.add_argument("--compat", choices=["paper"], help="use the reference paper's statistics instead")
+    p.add_argument("--features-summary", metavar="FILE.csv",
+                   help="also write one row per feature (group sizes, genes changed, top term)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (subsampling of silent cells)")
+    _add_overwrite(p, "the output files")
+    _add_progress(p)
+    p.set_defaults(handler=_cmd_annotate, required=("activations", "expression", "out"))
+
+
+def _steer_parser(sub, common) -> None:
+    p = sub.add_parser(
+        "steer", parents=[common], formatter_class=_HelpFormatter,
+        help="change one SAE feature and see which genes the DGD predicts to change",
+        description="Set, add to, scale or switch off one SAE feature in every cell, move the cells' "
+                    "latents along the feature's direction, decode them with the DGD, and compare the "
+                    "predicted expression with the original: per-gene log2 fold changes with a paired "
+                    "t statistic, and gene-set enrichment of the changed genes.")
+    p.add_argument("model", nargs="?", metavar="MODEL_DIR", help="directory written by 'dgdlens train'")
+    p.add_argument("sae", nargs="?", metavar="SAE_DIR", help="directory written by 'dgdlens sae'")
+    p.add_argument("data", nargs="?", metavar="DATA.h5ad",
+                   help="the cells to steer (latents from obsm --latent-key, else embedded now)")
+    p.add_argument("-o", "--out", metavar="OUT_DIR",
+                   help="directory for genes.csv, enrichment.csv and summary.json (required)")
+    p.add_argument("--feature", type=int, metavar="INDEX", help="index of the SAE feature to steer (required)")
+    p.add_argument("--mode", default="clamp", choices=["clamp", "add", "scale", "ablate"],
+                   help="clamp: set to VALUE; add: add VALUE; scale: multiply by VALUE; ablate: set to 0")
+    p.add_argument("--value", type=float, metavar="X", help="the activation, amount or factor (not for ablate)")
+    p.add_argument("--cells", metavar="OBS_KEY=VALUE", help="steer only cells whose obs column has this value")
+    p.add_argument("--latent-key", metavar="KEY", help="obsm key with the cells' latents (default: X_dgd if present)")
+    p.add_argument("--layer", metavar="LAYER", help="layer with raw counts (for library sizes and embedding)")
+    p.add_argument("--gene-sets", default="go_bp", metavar="NAME|FILE",
+                   help="collection for the enrichment of changed genes, a .gmt file, or 'none'")
+    p.add_argument("--random-control", action="store_true",
+                   help="also steer along a random direction of the same length, for comparison")
+    _add_device(p)
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (random control)")
+    _add_overwrite(p, "files in OUT_DIR")
+    p.set_defaults(handler=_cmd_steer, required=("model", "sae", "data", "out", "feature"))
+
+
+def _demo_parser(sub, common) -> None:
+    p = sub.add_parser(
+        "demo", parents=[common], formatter_class=_HelpFormatter,
+        help="run the whole pipeline on bundled PBMC data and write a report",
+        description="On the bundled pbmc68k_reduced counts (700 cells, no download): train a DGD, embed "
+                    "held-out cells, train an SAE on the latents, annotate its features with GO "
+                    "biological processes, steer one feature, and write adata.h5ad, the models, "
+                    "features.csv and report.html to --out. A few minutes on 2 CPU cores.")
+    p.add_argument("-o", "--out", default="dgdlens-demo", metavar="DIR", help="output directory")
+    p.add_argument("--quick", action="store_true", help="a fast, rough run (few epochs) to check that everything works")
+    p.add_argument("--epochs", type=int, metavar="N", help="maximum DGD epochs (default: 500 with early stopping; 15 with --quick)")
+    _add_device(p)
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed")
+    _add_progress(p)
+    p.set_defaults(handler=_cmd_demo, required=())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dgdlens`` command (subcommands in ``parser.subcommands``)."""
+    from . import __version__
+
+    common = _common_options()
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=_HelpFormatter,
+        description="Deep Generative Decoder models of single-cell counts and sparse-autoencoder lenses on "
+                    "their latent spaces. Every option can also come from a TOML file (--config).",
+        epilog="Run 'dgdlens COMMAND --help' for the options of a command. Start with 'dgdlens demo'.")
+    parser.add_argument("--version", action="version", version=f"dgdlens {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for add in (_demo_parser, _train_parser, _embed_parser, _sae_parser, _annotate_parser, _steer_parser):
+        add(sub, common)
+    parser.subcommands = dict(sub.choices)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+_NOT_CONFIGURABLE = {"help", "config", "handler", "required", "command", "version"}
+
+
+def _config_keys(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Config-file keys of a subcommand: each option's name with dashes or underscores."""
+    keys = {}
+    for action in parser._actions:
+        if action.dest in _NOT_CONFIGURABLE:
+            continue
+        names = {action.dest, action.dest.replace("_", "-")}
+        names |= {s.lstrip("-") for s in action.option_strings if s.startswith("--")}
+        for name in names:
+            keys[name] = action
+    return keys
+
+
+def _coerce(action: argparse.Action, value, where: str):
+    """A TOML value checked and converted the way the command line would convert it."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise CLIError(f"{where} must be true or false, got {value!r}.")
+        return value
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        return [_coerce_one(action, v, where) for v in items]
+    if isinstance(value, (list, dict)):
+        raise CLIError(f"{where} must be a single value, got {value!r}.")
+    return _coerce_one(action, value, where)
+
+
+def _coerce_one(action: argparse.Action, value, where: str):
+    if isinstance(value, bool) or isinstance(value, (list, dict)):
+        raise CLIError(f"{where} = {value!r} is not a valid value.")
+    convert = action.type or str
+    if convert is int and isinstance(value, float) and not value.is_integer():
+        raise CLIError(f"{where} must be a whole number, got {value!r}.")
+    try:
+        out = convert(int(value) if convert is int and isinstance(value, float) else value)
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"{where} = {value!r} is not a valid value ({err}).") from None
+    if action.choices is not None and out not in action.choices:
+        raise CLIError(f"{where} = {value!r} is not one of {', '.join(map(str, action.choices))}.")
+    return out
+
+
+def read_config(path, command: str, subcommands: dict[str, argparse.ArgumentParser]) -> dict:
+    """Option values for ``command`` from a TOML file: top-level keys, then the ``[command]`` table."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"config file {path} does not exist." if not path.exists() else f"config file {path} is not a file.")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise CLIError(f"config file {path} is not valid TOML: {err}.") from None
+    keys = _config_keys(subcommands[command])
+    every_key = set().union(*(_config_keys(p) for p in subcommands.values()))
+    values = {}
+    shared = {k: v for k, v in data.items() if not (k in subcommands and isinstance(v, dict))}
+    for key, value in shared.items():
+        if key not in every_key:
+            raise CLIError(f"config file {path}: unknown option {key!r} (no command has it).")
+        if key in keys:  # top-level keys apply only to the commands that have that option
+            values[keys[key].dest] = _coerce(keys[key], value, f"{key!r} in {path}")
+    table = data.get(command, {})
+    for key, value in table.items() if isinstance(table, dict) else ():
+        if key not in keys:
+            valid = sorted({a.dest.replace("_", "-") for a in keys.values()})
+            raise CLIError(f"config file {path}: [{command}] has unknown option {key!r}; valid: {', '.join(valid)}.")
+        values[keys[key].dest] = _coerce(keys[key], value, f"{key!r} in [{command}] of {path}")
+    return values
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse the command line, fill in options from ``--config``, check required values."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        parser.exit(2, f"\n{PROG}: error: no command given; try 'dgdlens demo'.\n")
+    sub = parser.subcommands[args.command]
+    if args.config:
+        try:
+            sub.set_defaults(**read_config(args.config, args.command, parser.subcommands))
+        except CLIError as err:
+            sub.error(str(err))
+        args = parser.parse_args(argv)  # command-line values override the file's
+    missing = [name for name in args.required if getattr(args, name, None) is None]
+    if missing:
+        shown = {a.dest: (a.option_strings[-1] if a.option_strings else a.metavar) for a in sub._actions}
+        listing = ", ".join(shown.get(m, m) for m in missing)
+        sub.error(f"missing {listing}: give {'it' if len(missing) == 1 else 'them'} on the command line "
+                  "or in the --config file.")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- input / output
+
+def _echo(text: str = "") -> None:
+    """Messages for the user, from one process only when running under torchrun."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text, flush=True)
+
+
+def _existing_file(path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CLIError(f"{what} {path} does not exist.")
+    if path.is_dir():
+        raise CLIError(f"{what} {path} is a directory, not a file.")
+    return path
+
+
+def _model_dir(path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CLIError(f"{what} {path} does not exist.")
+    if not path.is_dir():
+        raise CLIError(f"{what} {path} is a file; pass the directory the model was saved to.")
+    return path
+
+
+def _output_path(path, overwrite: bool, *, is_dir: bool = False, suffixes: tuple[str, ...] = ()) -> Path:
+    """Check an output location before any work is done (no surprise after an hour of training)."""
+    path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise CLIError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; use one of {', '.join(suffixes)}.")
+    if path.exists():
+        if is_dir and path.is_file():
+            raise CLIError(f"{path} is a file; the output must be a directory.")
+        if not is_dir and path.is_dir():
+            raise CLIError(f"{path} is a directory; the output must be a file.")
+        if not overwrite and (not is_dir or any(path.iterdir())):
+            raise CLIError(f"{path} already exists; pass --overwrite to replace it, or choose another path.")
+    return path
+
+
+def read_h5ad(path, *, backed: bool = False):
+    """An AnnData from ``path`` with a clear error for a missing or unreadable file."""
+    import anndata
+
+    path = _existing_file(path, "data file")
+    try:
+        return anndata.read_h5ad(path, backed="r" if backed else None)
+    except Exception as err:  # h5py and anndata raise many types for a file that is not an .h5ad
+        raise CLIError(f"could not read {path} as an .h5ad file ({type(err).__name__}: {err}).") from None
+
+
+_SPEC = re.compile(r"^(?P<path>.+\.(?:h5ad|npz|pt|pth)):(?P<key>[^/\\:]+)$", re.IGNORECASE)
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``"out.h5ad:X_dgd"`` -> ``("out.h5ad", "X_dgd")``; plain paths get key ``None``."""
+    match = _SPEC.match(str(spec))
+    if match and not Path(spec).exists():
+        return match["path"], match["key"]
+    return str(spec), None
+
+
+def read_matrix(spec: str, what: str):
+    """A cells x columns matrix from a file spec (see ``SPEC_HELP``): ``(matrix, cell_names_or_None)``.
+
+    Sparse stays sparse (``.npz`` written by scipy, sparse ``obsm`` entries); an ``.h5ad`` is opened
+    backed, so its count matrix is never loaded.
+    """
+    import numpy as np
+    import scipy.sparse as sp
+
+    from .sae.io import load_embedding
+
+    path, key = split_spec(spec)
+    path = _existing_file(path, f"{what} file")
+    suffix = path.suffix.lower()
+    if suffix == ".h5ad":
+        if key is None:
+            raise CLIError(f"{what}: say which obsm entry of {path} to use, e.g. {path}:X_dgd.")
+        adata = read_h5ad(path, backed=True)
+        try:
+            if key not in adata.obsm:
+                raise CLIError(f"{path} has no obsm[{key!r}]; available: {', '.join(adata.obsm.keys()) or 'none'}.")
+            value = adata.obsm[key]
+            matrix = value if sp.issparse(value) else np.asarray(value)
+            return matrix, adata.obs_names.copy()
+        finally:
+            adata.file.close()
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            is_sparse = {"format", "indptr", "indices", "data", "shape"} <= set(archive.files)
+        if is_sparse:
+            return sp.load_npz(path).tocsr(), None
+    try:
+        matrix, cells = load_embedding(path, key=key)
+    except (KeyError, OSError, RuntimeError, EOFError) as err:
+        raise CLIError(f"could not read {what} from {path} ({type(err).__name__}: {err}).") from None
+    return matrix, cells
+
+
+def write_matrix(path: Path, matrix, cells=None) -> None:
+    """``.npz`` (sparse), ``.npy`` or ``.csv`` (cell names in the first column)."""
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    suffix = path.suffix.lower()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".npz":
+        sp.save_npz(path, sp.csr_matrix(matrix))
+        return
+    dense = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
+    if suffix == ".npy":
+        np.save(path, dense)
+    else:
+        pd.DataFrame(dense, index=None if cells is None else pd.Index(cells, name="cell")).to_csv(path)
+
+
+def _gene_sets_arg(value: str):
+    if value is None or value.lower() == "none":
+        return None
+    if value.lower().endswith(".gmt") or value.lower().endswith(".gmt.gz"):
+        return str(_existing_file(value, "gene set file"))
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+def _cmd_train(args) -> None:
+    from . import distributed
+    from .models import DGD
+
+    distributed.init(device=args.device)  # under torchrun: join the group first, so "cuda" is this process's GPU
+    out = _output_path(args.out, args.overwrite, is_dir=True)
+    if args.latents:
+        _output_path(args.latents, args.overwrite, suffixes=(".h5ad", ".npy", ".csv"))
+    if args.resume:  # under torchrun every process resumes from its own shard of the checkpoint
+        _existing_file(distributed.checkpoint_shard_path(args.resume) if distributed.is_distributed() else args.resume,
+                       "checkpoint")
+    adata = read_h5ad(args.data, backed=args.backed)
+    _echo(f"Read {args.data}: {adata.n_obs:,} cells x {adata.n_vars:,} genes{' (backed)' if args.backed else ''}.")
+    model = DGD(adata, layer=args.layer, n_latent=args.n_latent, n_components=args.n_components,
+                labels_key=args.labels, hidden=args.hidden, validation_fraction=args.validation_fraction,
+                seed=args.seed)
+    _echo(f"Training {model}.")
+    extra = {} if args.patience is None else {"patience": args.patience}
+    model.train(max_epochs=args.epochs, batch_size=args.batch_size, early_stopping=args.early_stopping,
+                device=args.device, checkpoint_path=args.checkpoint, resume_from=args.resume,
+                progress=args.progress, **extra)
+    model.save(out, overwrite=args.overwrite)
+    if args.latents:
+        distributed.run_on_main(_write_latents, Path(args.latents), model, adata, args.overwrite)
+    s = model.train_summary
+    last = model.history.iloc[-1]
+    losses = ", ".join(f"{k.replace('_', ' ')} {last[k]:.4g}" for k in ("train_recon", "val_recon") if k in last)
+    _echo(f"Done: {s['epochs_run']} epochs in {s['fit_time_s']:.0f} s (best epoch {s['best_epoch']}"
+          f"{', stopped early' if s['stopped_early'] else ''}); last epoch: {losses} (nats per cell).")
+    _echo(f"Saved the model to {out}/" + (f"; latents to {args.latents}." if args.latents else "."))
+
+
+def _write_latents(path: Path, model, adata, overwrite: bool) -> None:
+    if path.suffix.lower() == ".h5ad":
+        from .data.matrix import write_h5ad_out_of_core
+
+        model.add_to_adata(adata)
+        write_h5ad_out_of_core(adata, path)  # a backed X is copied on disk, not loaded
+    else:
+        write_matrix(path, model.get_latent_representation(), adata.obs_names)
+
+
+def _cmd_embed(args) -> None:
+    from . import distributed
+    from .data.matrix import write_h5ad_out_of_core
+    from .models import DGD
+
+    distributed.init(device=args.device)  # under torchrun: join the group first, so "cuda" is this process's GPU
+    out = _output_path(args.out, args.overwrite, suffixes=(".h5ad", ".npy", ".csv"))
+    if out.resolve() == Path(args.data).resolve():
+        raise CLIError(f"--out {out} is the input file; write to a new file.")
+    model = DGD.load(_model_dir(args.model, "model directory"), device=args.device)
+    adata = read_h5ad(args.data, backed=args.backed)
+    _echo(f"Embedding {adata.n_obs:,} cells of {args.data} with {model}.")
+    model.add_to_adata(adata, latent_key=args.latent_key, cluster_key=args.cluster_key, layer=args.layer,
+                       n_steps=args.n_steps, batch_size=args.batch_size, progress=args.progress)
+    if out.suffix.lower() == ".h5ad":  # one process writes (under torchrun all hold the gathered latents)
+        distributed.run_on_main(write_h5ad_out_of_core, adata, out)
+    else:
+        distributed.run_on_main(write_matrix, out, adata.obsm[args.latent_key], adata.obs_names)
+    sizes = adata.obs[args.cluster_key].value_counts()
+    _echo(f"Wrote {out}: obsm[{args.latent_key!r}] ({adata.n_obs:,} x {model.n_latent}) and obs[{args.cluster_key!r}] "
+          f"({int((sizes > 0).sum())} of {model.n_components} components used).")
+
+
+def _cmd_sae(args) -> None:
+    from .models._engine import resolve_device
+    from .sae import metrics, train_sae
+
+    out = _output_path(args.out, args.overwrite, is_dir=True)
+    if args.activations:
+        _output_path(args.activations, args.overwrite, suffixes=(".npz", ".npy", ".csv"))
+    X, cells = read_matrix(args.embeddings, "embeddings")
+    _echo(f"Read {args.embeddings}: {X.shape[0]:,} cells x {X.shape[1]:,} dimensions.")
+    options = {k: getattr(args, k) for k in ("n_latents", "k", "epochs", "batch_size", "lr", "l1_coef",
+                                             "preset", "patience") if getattr(args, k) is not None}
+    device = resolve_device(args.device)
+    sae = train_sae(X, kind=args.kind, device=device, seed=args.seed, val_fraction=args.val_fraction,
+                    progress=args.progress, **options)
+    sae.save(out, overwrite=args.overwrite)
+    quality = metrics(sae, X)
+    _echo(f"Saved a {args.kind} SAE with {sae.n_latents:,} features to {out}/.")
+    _echo(f"Quality on all {quality['n_cells']:,} cells: FVU {quality['fvu']:.3g} (fraction of variance not "
+          f"reconstructed), L0 {quality['l0']:.3g} active features per cell, "
+          f"{quality['dead_fraction']:.1%} dead features, cosine {quality['cosine']:.3f}.")
+    if args.activations:
+        write_matrix(Path(args.activations), sae.encode(X), cells)
+        _echo(f"Wrote the activations to {args.activations}.")
+
+
+def _aligned_activations(A, cells, adata, spec: str):
+    """Activation rows in the expression's cell order (by name when the activations have names)."""
+    import pandas as pd
+
+    if cells is None:
+        if A.shape[0] != adata.n_obs:
+            raise CLIError(f"{spec} has {A.shape[0]:,} rows but the expression has {adata.n_obs:,} cells; "
+                           "they must be the same cells in the same order.")
+        return A
+    indexer = pd.Index(cells).get_indexer(adata.obs_names)
+    if (indexer < 0).any():
+        missing = adata.obs_names[indexer < 0]
+        raise CLIError(f"{len(missing):,} of the expression's {adata.n_obs:,} cells have no activations in {spec} "
+                       f"(e.g. {', '.join(missing[:3])}); use activations computed for these cells.")
+    return A[indexer]
+
+
+def _cmd_annotate(args) -> None:
+    import numpy as np
+
+    from .lens import annotate
+
+    out = _output_path(args.out, args.overwrite, suffixes=(".csv", ".tsv"))
+    if args.features_summary:
+        _output_path(args.features_summary, args.overwrite, suffixes=(".csv", ".tsv"))
+    A, cells = read_matrix(args.activations, "activations")
+    adata = read_h5ad(args.expression)
+    A = _aligned_activations(A, cells, adata, args.activations)
+    expression, names = _expression_of(adata, args.layer, args.gene_symbols)
+    _echo(f"Annotating {A.shape[1]:,} features over {adata.n_obs:,} cells x {len(names):,} genes "
+          f"with {args.gene_sets}.")
+    results, features = annotate(
+        A, expression, np.asarray(names), _gene_sets_arg(args.gene_sets), compat=args.compat,
+        percentile=args.percentile, min_active_cells=args.min_active_cells, test=args.test,
+        min_set_size=args.min_set_size, max_set_size=args.max_set_size, max_padj=args.max_padj, seed=args.seed,
+        progress=args.progress, return_features=True)
+    _write_table(results, out)
+    if args.features_summary:
+        _write_table(features, Path(args.features_summary))
+    n_tested = int((features["status"] == "tested").sum()) if "status" in features else len(features)
+    _echo(f"Wrote {len(results):,} rows to {out}: {results['feature'].nunique():,} of {n_tested:,} tested "
+          f"features have a gene set with padj <= {args.max_padj:g}.")
+    for line in _top_terms(results, 5):
+        _echo("  " + line)
+
+
+def _expression_of(adata, layer, gene_symbols):
+    if layer == "raw":
+        if adata.raw is None:
+            raise CLIError("--layer raw was given but the .h5ad has no raw; pass a layer name or leave it out.")
+        return adata.raw.X, adata.raw.var_names
+    if layer is not None and layer not in adata.layers:
+        raise CLIError(f"layer {layer!r} is not in the .h5ad (layers: {', '.join(adata.layers.keys()) or 'none'}).")
+    names = adata.var_names
+    if gene_symbols is not None:
+        if gene_symbols not in adata.var.columns:
+            raise CLIError(f"var has no column {gene_symbols!r} (columns: {', '.join(adata.var.columns) or 'none'}).")
+        names = adata.var[gene_symbols].astype(str)
+    return (adata.X if layer is None else adata.layers[layer]), names
+
+
+def _top_terms(results, n: int) -> list[str]:
+    if len(results) == 0:
+        return []
+    best = results.sort_values("padj", kind="stable").drop_duplicates("feature").head(n)
+    return [f"feature {r.feature}: {r.term} ({r.direction}, padj {r.padj:.2g})" for r in best.itertuples()]
+
+
+def _write_table(df, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", index=False)
+
+
+def _cell_mask(adata, spec: str | None):
+    if spec is None:
+        return None
+    key, sep, value = spec.partition("=")
+    if not sep:
+        raise CLIError(f"--cells must look like OBS_KEY=VALUE (e.g. cell_type=B cell), got {spec!r}.")
+    if key not in adata.obs.columns:
+        raise CLIError(f"--cells: obs has no column {key!r} (columns: {', '.join(adata.obs.columns)}).")
+    mask = (adata.obs[key].astype(str) == value).to_numpy()
+    if not mask.any():
+        shown = ", ".join(map(str, adata.obs[key].astype(str).unique()[:10]))
+        raise CLIError(f"--cells: no cell has {key} == {value!r} (values include: {shown}).")
+    return mask
+
+
+def _cmd_steer(args) -> None:
+    from .models import DGD
+    from .sae import SAE
+    from .steer import steer
+
+    out = _output_path(args.out, args.overwrite, is_dir=True)
+    model = DGD.load(_model_dir(args.model, "model directory"), device=args.device)
+    sae = SAE.load(_model_dir(args.sae, "SAE directory"), device=model.device)
+    adata = read_h5ad(args.data)
+    latent_key = args.latent_key or ("X_dgd" if "X_dgd" in adata.obsm else None)
+    cells = _cell_mask(adata, args.cells)
+    _echo(f"Steering feature {args.feature} ({args.mode}{'' if args.value is None else f' {args.value:g}'}) in "
+          f"{adata.n_obs if cells is None else int(cells.sum()):,} cells"
+          f"{f' (latents from obsm[{latent_key!r}])' if latent_key else ' (embedding them first)'}.")
+    result = steer(model, sae, adata, feature=args.feature, mode=args.mode, value=args.value, cells=cells,
+                   latent_key=latent_key, layer=args.layer, gene_sets=_gene_sets_arg(args.gene_sets),
+                   random_control=args.random_control, seed=args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_table(result.genes, out / "genes.csv")
+    _write_table(result.enrichment, out / "enrichment.csv")
+    if result.control is not None:
+        _write_table(result.control.genes, out / "control_genes.csv")
+    summary = steering_summary(result)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _echo(f"{summary['genes_up']} genes up, {summary['genes_down']} down (padj < 0.05, |log2FC| >= 0.25); "
+          f"cells moved {summary['mean_shift']:.3g} in latent space on average. Wrote {out}/.")
+    for line in _steered_genes(result.genes, 5):
+        _echo("  " + line)
+
+
+def steering_summary(result) -> dict:
+    """Numbers that describe a steering result (also used by the demo)."""
+    genes = result.genes
+    summary = {"feature": int(result.feature), "mode": result.mode, "value": result.value,
+               "n_cells": int(len(result.cells)), "mean_shift": float(result.shift.mean()),
+               "genes_up": int((genes["direction"] == "up").sum()),
+               "genes_down": int((genes["direction"] == "down").sum()),
+               "enriched_terms": int(len(result.enrichment))}
+    if result.control is not None:
+        control = result.control.genes
+        summary["control_genes_changed"] = int(control["direction"].isin(["up", "down"]).sum())
+    return summary
+
+
+def _steered_genes(genes, n: int) -> list[str]:
+    order = genes.reindex(genes["log2fc"].abs().sort_values(ascending=False).index).head(n)
+    return [f"{r.gene}: log2FC {r.log2fc:+.2f} (padj {r.padj:.2g})" for r in order.itertuples()]
+
+
+def _cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, epochs=args.epochs, device=args.device, seed=args.seed,
+             progress=args.progress, echo=_echo)
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _error_text(err: BaseException) -> str:
+    if isinstance(err, KeyError) and err.args:
+        return _one_line(err.args[0])
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)) and err.filename:
+        return _one_line(f"{err.strerror or err}: {err.filename}")
+    return _one_line(str(err)) or type(err).__name__
+
+
+def _quiet_warnings() -> None:
+    """Library deprecation chatter is not for the user; our own warnings are shown on one line."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = show
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``dgdlens`` command; returns the exit status (0: success, 1: error, 2: bad command line)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)  # argparse itself prints usage + one error line and exits with status 2
+    _quiet_warnings()
+    start = time.perf_counter()
+    try:
+        args.handler(args)
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the whole point: one line instead of a traceback
+        if args.debug:
+            raise
+        expected = isinstance(err, (CLIError, ValueError, TypeError, KeyError, OSError))
+        hint = "" if expected else " (an unexpected error; rerun with --debug and report the traceback)"
+        print(f"{PROG} {args.command}: error: {_error_text(err)}{hint}", file=sys.stderr, flush=True)
+        return 1
+    if args.command != "demo":
+        _echo(f"({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

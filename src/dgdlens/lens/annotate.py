@@ -1,0 +1,282 @@
+"""Annotate every SAE feature with gene sets: groups -> differential expression -> enrichment.
+
+For each feature (all at once, in chunks of features):
+
+1. **groups** (:mod:`.groups`): high = active cells above the feature's ``percentile`` (99); low = cells
+   where it is silent, a seeded random subsample of ``max_low_cells``; features with fewer than
+   ``min_active_cells`` active cells are skipped (and listed with the reason);
+2. **DE** (:mod:`.de`): Welch t on log-normalised expression (small-group variance guard on by
+   default) or Wilcoxon; log2 fold change with a pseudocount; BH across genes; up and down genes are
+   kept apart (``padj < de_alpha``, ``|log2fc| >= min_log2fc``, at most ``max_genes`` each);
+3. **enrichment** (:mod:`.enrichment`): one-sided hypergeometric ORA of the up genes and of the down
+   genes against every set, BH within each feature (``padj``) and over everything (``padj_global``).
+
+``compat="paper"`` swaps steps 2-3 for the reference scFeatureLens statistics (:mod:`.paper`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+
+from .de import iter_de_chunks, select_genes
+from .enrichment import RESULT_COLUMNS, ORAAccumulator, index_gene_sets
+from .expression import prepare_expression
+from .groups import make_feature_groups
+from .paper import PAPER_SETTINGS, PaperAccumulator
+
+__all__ = ["annotate", "annotate_adata"]
+
+_COMPAT = (None, "paper")
+
+
+def annotate(
+    activations,
+    expression,
+    gene_names=None,
+    gene_sets="go_bp",
+    *,
+    features=None,
+    compat: str | None = None,
+    expression_kind: str = "auto",
+    target_sum: float = 1e4,
+    percentile: float = 99.0,
+    low: str = "silent",
+    max_low_cells: int | None = 2000,
+    min_active_cells: int = 20,
+    min_group_cells: int = 3,
+    test: str = "t-test",
+    variance_guard: str | None = "floor",
+    pseudocount: float = 1.0,
+    de_alpha: float = 0.05,
+    min_log2fc: float = 0.25,
+    max_genes: int | None = 500,
+    min_set_size: int = 10,
+    max_set_size: int | None = 500,
+    max_padj: float | None = 0.05,
+    use_aliases: bool = True,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    engine: str = "auto",
+    progress: bool = False,
+    return_features: bool = False,
+    timings: dict | None = None,
+):
+    """Gene-set annotation of SAE features (see the module docstring for the method).
+
+    Parameters
+    ----------
+    activations
+        cells x features, dense or scipy sparse (``sae.encode(Z)``), or a torch tensor.
+    expression
+        cells x genes, same cells in the same order: raw counts, log-normalised values or a decoder's
+        predicted means (detected from the values; set ``expression_kind`` to be explicit).
+    gene_names
+        One identifier per expression column (human symbols or Ensembl IDs for the bundled sets).
+    gene_sets
+        ``"go_bp"``, ``"go_mf"``, ``"go_cc"``, ``"hallmark"``, ``"reactome_wp_pid"``, a GMT path or a dict.
+    features
+        Feature (column) indices or boolean mask to analyse; default all.
+    compat
+        ``None`` (the defaults above) or ``"paper"``: the reference's groups, Welch test on raw values,
+        DEG thresholds with fallbacks, two-sided binomial + Mann-Whitney (:mod:`dgdlens.lens.paper`);
+        it overrides ``expression_kind, variance_guard, low, max_low_cells, min/max_set_size, test``.
+    percentile, low, max_low_cells, min_active_cells, min_group_cells, seed
+        Grouping, see :func:`dgdlens.lens.groups.make_feature_groups`.
+    test, variance_guard, pseudocount, de_alpha, min_log2fc, max_genes
+        DE and gene selection, see :mod:`dgdlens.lens.de`.
+    min_set_size, max_set_size
+        Sets are kept when this many of their genes are in the universe.
+    max_padj
+        Report rows with per-feature ``padj`` at or below this; ``None`` reports every (feature, set,
+        direction) whose overlap is at least 1 (can be millions of rows).
+    chunk_size, engine, progress
+        Features per chunk (default: bounded memory), group-sum engine, progress bar.
+    return_features
+        Also return the per-feature summary (status, group sizes, DEG counts, top term).
+    timings
+        A dict to receive seconds per stage (``prepare``, ``groups``, ``gene_sets``, ``de``,
+        ``enrichment``, ``table``).
+
+    Returns
+    -------
+    DataFrame, one row per reported (feature, gene set, direction) with the columns
+    ``feature, term, description, direction, overlap, set_size, n_selected, universe_size, expected,
+    fold_enrichment, odds_ratio, pval, padj, padj_global, genes`` (plus the reference's columns with
+    ``compat="paper"``); ``.attrs`` holds the gene-set provenance and the settings. With
+    ``return_features=True``: ``(results, features)``.
+    """
+    if compat not in _COMPAT:
+        raise ValueError(f"compat must be None or 'paper', got {compat!r}.")
+    settings = dict(expression_kind=expression_kind, variance_guard=variance_guard, low=low,
+                    max_low_cells=max_low_cells, min_set_size=min_set_size, max_set_size=max_set_size, test=test)
+    if compat == "paper":
+        settings.update(PAPER_SETTINGS)
+    if max_padj is not None and not 0 < max_padj <= 1:
+        raise ValueError(f"max_padj must be in (0, 1] or None, got {max_padj}.")
+    if not 0 < de_alpha < 1:
+        raise ValueError(f"de_alpha must be in (0, 1), got {de_alpha}.")
+    if max_genes is not None and max_genes < 1:
+        raise ValueError(f"max_genes must be a positive integer or None, got {max_genes}.")
+    clock = _Clock(timings)
+
+    prep = expression if hasattr(expression, "kind") and hasattr(expression, "scale") else prepare_expression(
+        expression, gene_names, kind=settings["expression_kind"], target_sum=target_sum)
+    clock.lap("prepare")
+    groups = make_feature_groups(
+        activations, features=features, percentile=percentile, low=settings["low"],
+        max_low_cells=settings["max_low_cells"], min_active_cells=min_active_cells,
+        min_group_cells=min_group_cells, seed=seed)
+    if groups.n_cells != prep.n_cells:
+        raise ValueError(f"activations have {groups.n_cells} cells (rows) but expression has {prep.n_cells}; "
+                         "they must describe the same cells in the same order.")
+    clock.lap("groups")
+    index = index_gene_sets(prep.gene_names, gene_sets, tested=prep.expressed_genes(),
+                            min_size=settings["min_set_size"], max_size=settings["max_set_size"],
+                            use_aliases=use_aliases)
+    if compat == "paper":
+        acc = PaperAccumulator(index, keep_all=max_padj is None)
+    else:
+        acc = ORAAccumulator(index, store_pvalue=1.0 if max_padj is None else max(max_padj, 0.05))
+    clock.lap("gene_sets")
+
+    counts = []
+    chunks = iter_de_chunks(prep, groups, test=settings["test"], variance_guard=settings["variance_guard"],
+                            pseudocount=pseudocount, chunk_size=chunk_size, engine=engine, progress=progress,
+                            desc="features")
+    while True:
+        chunk = next(chunks, None)
+        clock.lap("de")
+        if chunk is None:
+            break
+        feats = groups.features[chunk.rows]
+        if compat == "paper":
+            k = acc.add_paper(chunk, feats)
+            counts.append(pd.DataFrame({"feature": feats, "n_genes_tested": chunk.tested.sum(axis=1),
+                                        "n_selected": k}))
+        else:
+            up, down, c = select_genes(chunk, de_alpha=de_alpha, min_log2fc=min_log2fc, max_genes=max_genes)
+            c["feature"] = feats
+            c["n_up_in_universe"] = acc.add(up, feats, "up")
+            c["n_down_in_universe"] = acc.add(down, feats, "down")
+            counts.append(c)
+        clock.lap("enrichment")
+
+    results = acc.table(max_padj=max_padj)
+    results = results[[c for c in RESULT_COLUMNS if c in results] + [c for c in results if c not in RESULT_COLUMNS]]
+    results.attrs["gene_sets"] = dict(index.provenance)
+    results.attrs["settings"] = _jsonable_settings(dict(
+        compat=compat, percentile=percentile, min_active_cells=min_active_cells, min_group_cells=min_group_cells,
+        pseudocount=pseudocount, de_alpha=de_alpha, min_log2fc=min_log2fc, max_genes=max_genes,
+        max_padj=max_padj, seed=seed, expression_kind_detected=prep.kind, universe_size=index.universe_size,
+        n_sets=index.n_sets, n_tests=acc.n_tests_total, **settings))
+    clock.lap("table")
+    if not return_features:
+        return results
+    return results, _feature_summary(groups.summary, counts, results)
+
+
+def _feature_summary(summary: pd.DataFrame, counts: list[pd.DataFrame], results: pd.DataFrame) -> pd.DataFrame:
+    out = summary.copy()
+    if counts:
+        out = out.merge(pd.concat(counts, ignore_index=True), on="feature", how="left")
+        # skipped features were never tested: zero counts (integers, so the table stays h5ad-writable)
+        for col in out.columns.drop(summary.columns):
+            out[col] = out[col].fillna(0).astype(np.int64)
+    best = results.sort_values(["feature", "pval"], kind="stable").drop_duplicates("feature").set_index("feature")
+    n_terms = results.groupby("feature").size()
+    out["n_terms"] = out["feature"].map(n_terms).fillna(0).astype(np.int64)
+    for col, src in (("top_term", "term"), ("top_description", "description"), ("top_direction", "direction")):
+        out[col] = out["feature"].map(best[src]).fillna("").astype(object) if len(best) else ""
+    out["top_padj"] = out["feature"].map(best["padj"]).astype(np.float64) if len(best) else np.nan
+    return out
+
+
+def _jsonable_settings(settings: dict) -> dict:
+    # AnnData cannot store None in uns, and the settings end up there
+    return {k: ("None" if v is None else v) for k, v in settings.items()}
+
+
+class _Clock:
+    def __init__(self, sink: dict | None):
+        self.sink = sink
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        if self.sink is not None:
+            self.sink[name] = self.sink.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+def _expression_from_adata(adata, layer, use_raw):
+    if use_raw:
+        if adata.raw is None:
+            raise ValueError("use_raw=True but adata.raw is None.")
+        if layer is not None:
+            raise ValueError("Pass either layer or use_raw, not both.")
+        return adata.raw.X, adata.raw.var_names
+    if layer is not None:
+        if layer not in adata.layers:
+            raise ValueError(f"Layer {layer!r} not found; available layers: {list(adata.layers)}.")
+        return adata.layers[layer], adata.var_names
+    return adata.X, adata.var_names
+
+
+def annotate_adata(
+    adata,
+    activations="X_sae",
+    *,
+    layer: str | None = None,
+    use_raw: bool = False,
+    gene_symbols: str | None = None,
+    gene_sets="go_bp",
+    key_added: str = "dgdlens_lens",
+    **kwargs,
+) -> pd.DataFrame:
+    """Run :func:`annotate` on an AnnData and store the results in ``adata.uns[key_added]``.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes. Expression comes from ``X``, ``layers[layer]`` or ``raw`` (``use_raw``).
+    activations
+        Key of ``adata.obsm`` holding the SAE activations (e.g. ``adata.obsm["X_sae"] = sae.encode(Z)``),
+        or the activation matrix itself.
+    gene_symbols
+        Column of ``var`` with gene symbols, when ``var_names`` are other identifiers.
+    key_added
+        ``adata.uns[key_added]`` receives ``{"results": DataFrame, "features": DataFrame,
+        "settings": dict, "gene_sets": dict}`` (all writable to ``.h5ad``).
+    **kwargs
+        Passed to :func:`annotate`.
+
+    Returns
+    -------
+    The results DataFrame (as :func:`annotate`).
+    """
+    if isinstance(activations, str):
+        if activations not in adata.obsm:
+            raise ValueError(
+                f"adata.obsm has no {activations!r}; available keys: {list(adata.obsm)}. Store the SAE activations "
+                "first, e.g. adata.obsm['X_sae'] = sae.encode(adata.obsm['X_dgd'])."
+            )
+        activations = adata.obsm[activations]
+    expression, var_names = _expression_from_adata(adata, layer, use_raw)
+    if gene_symbols is not None:
+        if gene_symbols not in adata.var:
+            raise ValueError(f"adata.var has no column {gene_symbols!r}.")
+        if use_raw:
+            raise ValueError("gene_symbols with use_raw=True is not supported; use raw.var_names.")
+        var_names = adata.var[gene_symbols].astype(str).to_numpy()
+    kwargs["return_features"] = True
+    results, features = annotate(activations, expression, np.asarray(var_names), gene_sets, **kwargs)
+    adata.uns[key_added] = {
+        "results": results.copy(),
+        "features": features.copy(),
+        "settings": dict(results.attrs.get("settings", {})),
+        "gene_sets": dict(results.attrs.get("gene_sets", {})),
+    }
+    return results
