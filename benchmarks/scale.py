@@ -37,6 +37,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
 
 
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM), so the training phase is measured apart
+    from loading the data (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 def generate(path: Path, n_cells: int, n_genes: int, seed: int, mean_library: float) -> dict:
     from dgdlens.data.matrix import write_h5ad_in_chunks
     from dgdlens.sim.counts import simulate_count_chunks
@@ -77,22 +96,20 @@ def worker(args) -> None:
     from dgdlens.models.dgd import DGD
 
     t0 = time.perf_counter()
-    if args.mode == "memory":
-        from dgdlens.sim.counts import simulate_count_chunks
-
-        X = sp.vstack([c for c, _ in simulate_count_chunks(args.n_cells, args.n_genes, seed=args.seed,
-                                                           mean_library=args.mean_library)], format="csr")
-        adata = ad.AnnData(X)
-        adata.obs_names = [f"cell{i}" for i in range(X.shape[0])]
-        adata.var_names = [f"gene{j}" for j in range(X.shape[1])]
+    if args.mode == "memory":  # the first n cells of the same file, loaded into memory
+        adata = ad.read_h5ad(args.data, backed="r")[: args.n_cells].to_memory()
+        assert sp.issparse(adata.X)
     else:
         adata = ad.read_h5ad(args.data, backed="r")
     load_s = time.perf_counter() - t0
     rss_after_load = peak_rss_mb()
+    has_reset = reset_peak_rss()
 
     t0 = time.perf_counter()
     model = DGD(adata, n_latent=20, validation_fraction=0.0, seed=args.seed)
     init_s = time.perf_counter() - t0  # includes one validation pass over every count (library sizes)
+    if args.mode == "backed":
+        drop_from_page_cache(Path(args.data))  # that pass cached the file; make the epoch read from disk
 
     cfg = TrainConfig(max_epochs=1, batch_size=args.batch_size, early_stopping=False, progress=False,
                       seed=args.seed, lr_decay_epoch=None, restore_best=False)
@@ -115,6 +132,7 @@ def worker(args) -> None:
         "cells_trained": stats.n_rows,
         "train_loss": trainer.history[-1]["train_loss"], "peak_rss_mb": peak_rss_mb(),
         "rss_after_load_mb": rss_after_load,
+        "peak_rss_after_load_mb": peak_rss_since_reset_mb() if has_reset else float("nan"),
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with open(Path(args.out) / f"{args.mode}-{out['world_size']}-rank{out['rank']}.json", "w") as fh:
@@ -131,9 +149,8 @@ def launch(args, mode: str, procs: int) -> list[dict]:
               "--threads", str(args.threads), "--n-genes", str(args.n_genes), "--mean-library", str(args.mean_library)]
     if mode == "memory":
         common += ["--n-cells", str(args.mem_cells)]
-    else:
-        common += ["--data", str(args.data)]
-        drop_from_page_cache(Path(args.data))
+    common += ["--data", str(args.data)]
+    drop_from_page_cache(Path(args.data))
     if procs == 1:
         cmd = [sys.executable, str(HERE), "worker", *common]
     else:
@@ -160,41 +177,44 @@ def summarise(rows: list[dict]) -> dict:
         "run": f"{rows[0]['mode']} x{len(rows)}", "cells": n, "cells_trained": trained, "measured_s": measured,
         "cells_per_s": trained / measured, "epoch_s": n * measured / trained,
         "peak_rss_mb": max(r["peak_rss_mb"] for r in rows), "init_s": max(r["init_s"] for r in rows),
+        "train_peak_rss_mb": max(r.get("peak_rss_after_load_mb", float("nan")) for r in rows),
         "read_s": np.mean([r["read_s"] + r["densify_s"] for r in rows]),
         "wait_s": np.mean([r["wait_s"] for r in rows]), "comm_s": np.mean([r["comm_s"] for r in rows]),
         "compute_s": np.mean([r["epoch_s"] - r["wait_s"] - r["comm_s"] for r in rows]),
-        "train_loss": rows[0]["train_loss"],
+        # the history's loss is summed over the trained cells and divided by all training cells
+        "loss_per_cell": rows[0]["train_loss"] * n / trained,
     }
 
 
 def print_table(summaries: list[dict]) -> None:
     head = (f"{'run':<12}{'cells':>10}{'trained':>10}{'measured s':>11}{'epoch s':>10}{'cells/s':>10}"
-            f"{'peak RSS MB':>13}{'init s':>9}{'read s*':>9}{'wait s':>9}{'allred s':>10}{'compute s':>11}"
+            f"{'peak RSS MB':>13}{'after load':>11}{'init s':>9}{'read s*':>9}{'wait s':>9}{'allred s':>10}{'compute s':>11}"
             f"{'loss/cell':>11}")
     print(head)
     print("-" * len(head))
     for s in summaries:
         print(f"{s['run']:<12}{s['cells']:>10,}{s['cells_trained']:>10,}{s['measured_s']:>11.1f}{s['epoch_s']:>10.1f}"
-              f"{s['cells_per_s']:>10.0f}{s['peak_rss_mb']:>13.0f}"
+              f"{s['cells_per_s']:>10.0f}{s['peak_rss_mb']:>13.0f}{s['train_peak_rss_mb']:>11.0f}"
               f"{s['init_s']:>9.1f}{s['read_s']:>9.1f}{s['wait_s']:>9.1f}{s['comm_s']:>10.1f}{s['compute_s']:>11.1f}"
-              f"{s['train_loss']:>11.1f}")
+              f"{s['loss_per_cell']:>11.1f}")
     print("epoch s = cells / cells per s: the full epoch, extrapolated when --max-batches cut it short "
           "(measured s covers the trained cells plus the end-of-epoch representation step).")
     print("* read s: time the prefetch thread spent reading + densifying (overlaps compute); wait s: time the "
           "training loop was blocked on data; compute s = epoch - wait - all-reduce. Per-process means; "
-          "peak RSS is the largest process; init s is DGD() construction incl. one validation pass over the file.")
+          "peak RSS is the largest process (after load: the peak from DGD() construction on, data loading excluded); init s is DGD() construction incl. one validation pass over the file.")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", nargs="?", default="all", choices=["all", "generate", "worker"])
+    p.add_argument("command", nargs="?", default="all", choices=["all", "generate", "worker", "table"],
+                   help="all: generate if needed, run, print; table: print the results already in --out")
     p.add_argument("--data", default="/tmp/dgdlens-scale/cells1M.h5ad")
     p.add_argument("--out", default="/tmp/dgdlens-scale/results")
     p.add_argument("--n-cells", type=int, default=1_000_000)
     p.add_argument("--n-genes", type=int, default=5_000)
     p.add_argument("--mem-cells", type=int, default=100_000)
     p.add_argument("--mean-library", type=float, default=800.0)
-    p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--procs", type=int, nargs="*", default=[1, 2], help="backed runs to make (none: only memory)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--seed", type=int, default=0)
@@ -206,6 +226,11 @@ def main(argv=None) -> None:
 
     if args.command == "worker":
         worker(args)
+        return
+    if args.command == "table":
+        runs = [("memory", 1)] + [("backed", p) for p in args.procs]
+        print_table([summarise([json.load(open(Path(args.out) / f"{m}-{p}-rank{r}.json")) for r in range(p)])
+                     for m, p in runs if (Path(args.out) / f"{m}-{p}-rank0.json").exists()])
         return
     data = Path(args.data)
     if not data.exists():

@@ -16,22 +16,24 @@ import dgdlens.lens as lens
 
 @pytest.fixture(scope="module")
 def planted():
-    return lens.planted_data(n_cells=3000, n_genes=2000, n_features=150, n_planted=20, gene_sets="hallmark",
-                             set_size_range=(15, 200), seed=0)
+    return lens.planted_data(
+        n_cells=3000, n_genes=2000, n_features=150, n_planted=20, gene_sets="hallmark",
+        set_size_range=(15, 200), seed=0)
 
 
 @pytest.fixture(scope="module")
 def annotated(planted):
-    res, feats = lens.annotate(planted.activations, planted.counts, planted.gene_names, planted.gene_sets,
-                               min_set_size=5, max_padj=None, return_features=True)
+    res, feats = lens.annotate(
+        planted.activations, planted.counts, planted.gene_names, planted.gene_sets, min_set_size=5,
+        max_padj=None, return_features=True)
     return res, feats
 
 
 def test_rows_match_scipy_hypergeom_and_bh(annotated, planted):
     res, feats = annotated
-    assert list(res.columns[:15]) == ["feature", "term", "description", "direction", "overlap", "set_size",
-                                      "n_selected", "universe_size", "expected", "fold_enrichment", "odds_ratio",
-                                      "pval", "padj", "padj_global", "genes"]
+    assert list(res.columns[:15]) == [
+        "feature", "term", "description", "direction", "overlap", "set_size", "n_selected", "universe_size",
+        "expected", "fold_enrichment", "odds_ratio", "pval", "padj", "padj_global", "genes"]
     ref = stats.hypergeom.sf(res["overlap"] - 1, res["universe_size"], res["set_size"], res["n_selected"])
     np.testing.assert_allclose(res["pval"], ref, rtol=1e-9)
     # fisher_exact(greater) on one row's 2x2 table is the same test
@@ -42,7 +44,9 @@ def test_rows_match_scipy_hypergeom_and_bh(annotated, planted):
     # BH within each feature over every (direction, set) test; untouched sets count as p = 1
     n_sets = res.attrs["settings"]["n_sets"]
     for f, sub in list(res.groupby("feature"))[:10]:
-        n_dirs = int((feats.set_index("feature").loc[f, ["n_up_in_universe", "n_down_in_universe"]] > 0).sum())
+        n_dirs = int(
+            (feats.set_index("feature").loc[f, ["n_up_in_universe", "n_down_in_universe"]] > 0).sum()
+        )
         p = np.r_[sub["pval"].to_numpy(), np.ones(n_dirs * n_sets - len(sub))]
         np.testing.assert_allclose(sub["padj"], stats.false_discovery_control(p)[: len(sub)], rtol=1e-9)
     # global BH over every test of the call
@@ -58,7 +62,9 @@ def test_rows_match_scipy_hypergeom_and_bh(annotated, planted):
 def test_selection_agrees_with_the_full_de_table(planted, annotated):
     _, feats = annotated
     f = int(planted.truth.feature.iloc[0])
-    table = lens.differential_expression(planted.activations, planted.counts, [f], gene_names=planted.gene_names)
+    table = lens.differential_expression(
+        planted.activations, planted.counts, [f], gene_names=planted.gene_names
+    )
     row = feats.set_index("feature").loc[f]
     assert (table.direction == "up").sum() == row.n_up and (table.direction == "down").sum() == row.n_down
 
@@ -88,17 +94,24 @@ def test_random_gene_lists_give_the_promised_false_positive_rate():
 
 
 def test_min_active_cells_is_applied(planted):
-    res, feats = lens.annotate(planted.activations, planted.counts, planted.gene_names, planted.gene_sets,
-                               min_set_size=5, min_active_cells=10_000, return_features=True)
+    res, feats = lens.annotate(
+        planted.activations, planted.counts, planted.gene_names, planted.gene_sets, min_set_size=5,
+        min_active_cells=10_000, return_features=True)
     assert len(res) == 0 and set(feats["status"]) == {"too_few_active"}
 
 
 def test_paper_mode_reproduces_the_reference_statistics(planted):
-    res = lens.annotate(planted.activations, planted.counts, planted.gene_names, planted.gene_sets, compat="paper")
-    assert {"binom_direction", "mw_pval", "effect_size", "p_threshold", "fold_change_threshold"} <= set(res.columns)
+    res = lens.annotate(
+        planted.activations, planted.counts, planted.gene_names, planted.gene_sets, compat="paper"
+    )
+    assert {"binom_direction", "mw_pval", "effect_size", "p_threshold", "fold_change_threshold"} <= set(
+        res.columns
+    )
     assert (res["pval"] < 0.05).all() and (res["mw_pval"] < 0.05).all()
-    ref = [stats.binomtest(int(r.overlap), int(r.n_selected), r.set_size / r.universe_size).pvalue
-           for r in res.itertuples()]
+    ref = [
+        stats.binomtest(int(r.overlap), int(r.n_selected), r.set_size / r.universe_size).pvalue
+        for r in res.itertuples()
+    ]
     np.testing.assert_allclose(res["pval"], ref, rtol=1e-9)
     # one feature re-derived the reference's way: Welch on raw values, BH over all genes, DEG rule, MW
     f = int(planted.truth.feature.iloc[0])
@@ -140,8 +153,9 @@ def test_annotate_adata_writes_uns_that_survives_h5ad(planted, tmp_path):
     assert len(stored["features"]) == 40 and stored["gene_sets"]["name"] == "hallmark"
     adata.write_h5ad(tmp_path / "a.h5ad")
     back = ad.read_h5ad(tmp_path / "a.h5ad").uns["dgdlens_lens"]
-    pd.testing.assert_frame_equal(back["results"].reset_index(drop=True), res.reset_index(drop=True),
-                                  check_dtype=False, check_index_type=False)
+    pd.testing.assert_frame_equal(
+        back["results"].reset_index(drop=True), res.reset_index(drop=True), check_dtype=False,
+        check_index_type=False)
     with pytest.raises(ValueError, match="obsm has no"):
         lens.annotate_adata(adata, "X_missing")
 
@@ -150,9 +164,9 @@ def test_classify_local_and_global_features():
     rng = np.random.default_rng(0)
     labels = np.repeat(["B", "NK", "T"], 300)
     A = np.zeros((900, 4))
-    A[:300, 0] = rng.exponential(size=300)                        # only in B cells: local
+    A[:300, 0] = rng.exponential(size=300)  # only in B cells: local
     A[:, 1] = rng.exponential(size=900) * (rng.uniform(size=900) < 0.3)  # everywhere alike: global
-    A[300:, 2] = rng.exponential(size=600)                        # NK and T: regional, counted as global
+    A[300:, 2] = rng.exponential(size=600)  # NK and T: regional, counted as global
     table, sig = lens.classify_features(sp.csr_matrix(A), labels, return_significance=True)
     assert list(table["class"]) == ["local", "global", "global", "dead"]
     assert table.loc[0, "cell_type"] == "B" and table.loc[2, "n_significant_types"] == 2
@@ -162,12 +176,9 @@ def test_classify_local_and_global_features():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"compat": "fast"}, "compat"),
-        ({"max_padj": 2.0}, "max_padj"),
+        ({"compat": "fast"}, "compat"), ({"max_padj": 2.0}, "max_padj"),
         ({"gene_sets": "kegg"}, "Unknown gene-set collection"),
-        ({"gene_sets": {"S": "ABC"}}, "single string"),
-        ({"low": "bottomless"}, "low must be"),
-    ],
+        ({"gene_sets": {"S": "ABC"}}, "single string"), ({"low": "bottomless"}, "low must be")],
 )
 def test_bad_arguments_are_errors(planted, kwargs, match):
     args = {"gene_sets": planted.gene_sets, **kwargs}

@@ -49,7 +49,9 @@ def test_two_sided_binomial_equals_scipy_binomtest():
     k = (rng.uniform(size=400) * (n + 1)).astype(int).clip(0, n)
     p = rng.uniform(0.001, 0.3, size=400)
     ours = binom_test_two_sided(k, n, p)
-    ref = np.array([stats.binomtest(int(a), int(b), float(c)).pvalue for a, b, c in zip(k, n, p, strict=True)])
+    ref = np.array(
+        [stats.binomtest(int(a), int(b), float(c)).pvalue for a, b, c in zip(k, n, p, strict=True)]
+    )
     np.testing.assert_allclose(ours, ref, rtol=1e-9)
 
 
@@ -59,7 +61,9 @@ def test_column_percentiles_equal_numpy_on_sparse_and_signed_columns():
     dense[:, :3] -= 0.5 * (dense[:, :3] == 0)  # some columns with negative values too
     A = sp.csc_matrix(dense)
     for q in (0, 1, 37.5, 50, 99, 100):
-        np.testing.assert_allclose(column_percentiles(A, q), np.percentile(dense, q, axis=0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            column_percentiles(A, q), np.percentile(dense, q, axis=0), rtol=1e-12, atol=1e-12
+        )
 
 
 def _dense(X) -> np.ndarray:
@@ -76,8 +80,9 @@ def _small_data(seed=0, n=600, genes=40, features=6):
 
 def test_welch_statistics_equal_scipy_ttest_ind():
     counts, A, names = _small_data()
-    table = differential_expression(A, counts, [0, 1], gene_names=names, percentile=90, max_low_cells=None,
-                                    variance_guard=None, min_active_cells=5)
+    table = differential_expression(
+        A, counts, [0, 1], gene_names=names, percentile=90, max_low_cells=None, variance_guard=None,
+        min_active_cells=5)
     X = _dense(prepare_expression(counts, names).X)
     for f in (0, 1):
         a = A[:, f]
@@ -89,16 +94,18 @@ def test_welch_statistics_equal_scipy_ttest_ind():
         np.testing.assert_allclose(sub["statistic"].to_numpy()[ok], ref.statistic[ok], rtol=1e-9)
         np.testing.assert_allclose(sub["pval"].to_numpy()[ok], ref.pvalue[ok], rtol=1e-8, atol=1e-300)
         # BH across the tested genes
-        np.testing.assert_allclose(sub["padj"].to_numpy()[ok], stats.false_discovery_control(ref.pvalue[ok]),
-                                   rtol=1e-8)
+        np.testing.assert_allclose(
+            sub["padj"].to_numpy()[ok], stats.false_discovery_control(ref.pvalue[ok]), rtol=1e-8
+        )
     top = table[(table.feature == 0) & (table.direction == "up")]["gene"]
     assert set(top) >= {"G0", "G1", "G2", "G3", "G4"}
 
 
 def test_wilcoxon_equals_scipy_mannwhitneyu():
     counts, A, names = _small_data(seed=4)
-    table = differential_expression(A, counts, [0], gene_names=names, percentile=90, max_low_cells=None,
-                                    test="wilcoxon", min_active_cells=5)
+    table = differential_expression(
+        A, counts, [0], gene_names=names, percentile=90, max_low_cells=None, test="wilcoxon",
+        min_active_cells=5)
     X = _dense(prepare_expression(counts, names).X)
     a = A[:, 0]
     high, low = (a > np.percentile(a, 90)) & (a != 0), a == 0
@@ -113,7 +120,7 @@ def test_groups_high_low_and_min_active_cells_applied():
     A = np.zeros((n, 4))
     A[rng.choice(n, 300, replace=False), 0] = rng.exponential(size=300)
     A[rng.choice(n, 10, replace=False), 1] = 1.0 + rng.uniform(size=10)  # too few active cells
-    A[:, 2] = rng.exponential(size=n)                                     # dense feature: never silent
+    A[:, 2] = rng.exponential(size=n)  # dense feature: never silent
     g = make_feature_groups(A, percentile=99, max_low_cells=200, min_active_cells=20, seed=0)
     status = g.summary.set_index("feature")["status"]
     assert status[1] == "too_few_active" and status[3] == "dead" and status[2] == "too_few_low"
@@ -159,3 +166,24 @@ def test_prepare_expression_rejects_bad_gene_names():
         prepare_expression(counts, names[:-1])
     with pytest.raises(ValueError, match="duplicates"):
         prepare_expression(counts, ["A"] * counts.shape[1])
+
+
+@pytest.mark.parametrize("guard", ["floor", "overestim", None])
+def test_compiled_and_numpy_paths_agree(guard):
+    from dgdlens.lens._kernels import numba_available
+
+    if not numba_available():
+        pytest.skip("numba not available")
+    counts, A, names = _small_data(seed=6, genes=60, features=10)
+    counts[:, 7] = 0  # a gene that is zero everywhere, and one that is constant
+    counts[:, 8] = 3
+    kw = dict(gene_names=names, percentile=80, variance_guard=guard, min_active_cells=5, max_low_cells=150)
+    fast = differential_expression(A, counts, np.arange(10), engine="auto", **kw).sort_values(
+        ["feature", "gene"]
+    )
+    slow = differential_expression(A, counts, np.arange(10), engine="scipy", **kw).sort_values(
+        ["feature", "gene"]
+    )
+    for col in ("mean_high", "mean_low", "statistic", "df", "pval", "padj"):
+        np.testing.assert_allclose(fast[col], slow[col], rtol=1e-9, atol=1e-12, err_msg=col)
+    assert (fast["tested"] == slow["tested"]).all() and (fast["direction"] == slow["direction"]).all()

@@ -292,3 +292,26 @@ def test_table_html_and_format_value():
     assert format_value(0.02, pvalue=True) == "0.02" and format_value(float("inf")) == "inf"
     with pytest.raises(ValueError, match="row_classes"):
         table_html(df, row_classes=["a", "b"])
+
+
+def test_steer_result_and_term_descriptions_are_shown(tmp_path):
+    """A dgdlens.steer.SteerResult is accepted as it is, and GO-style IDs are shown with their names."""
+    from dgdlens.steer import SteerResult
+
+    rng = np.random.default_rng(5)
+    genes = pd.DataFrame({"gene": [f"G{g}" for g in range(40)], "log2fc": np.linspace(-2, 2, 40),
+                          "padj": 0.01, "direction": "up"})
+    features = pd.DataFrame({"feature": [0, 0, 1], "term": ["GO:0000001", "GO:0000002", "GO:0000003"],
+                             "description": ["first process", "second process", "GO:0000003"],
+                             "direction": "up", "pval": [1e-5, 1e-3, 1e-4], "padj": [1e-4, 1e-2, 1e-3]})
+    n = 12
+    result = SteerResult(feature=0, mode="clamp", value=2.5, cells=np.arange(n), z=rng.normal(size=(n, 3)),
+                         z_steered=rng.normal(size=(n, 3)), activation=np.zeros(n), activation_steered=np.full(n, 2.5),
+                         expression=np.ones((n, 40)), expression_steered=np.ones((n, 40)), genes=genes,
+                         enrichment=features.drop(columns="feature"))
+    page = _Page(build_report(tmp_path / "r.html", features=features, steering=result).read_text(encoding="utf-8"))
+    visible = page.visible
+    assert "first process (GO:0000001)" in visible and "second process (GO:0000002)" in visible
+    assert "GO:0000003 (" not in visible  # a description equal to the ID is not repeated
+    assert "Feature 0 (top term: first process (GO:0000001)) was set (clamped) to 2.5 in 12 cells." in visible
+    assert "The 15 most increased and 15 most decreased of 40 genes." in visible

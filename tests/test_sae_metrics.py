@@ -126,10 +126,13 @@ def test_structure_identification_finds_true_programs():
     assert summary["n_programs_identified"] >= 11
     ident = table[table["identified"]]
     assert (ident["feature"].to_numpy() == ident["program"].to_numpy()).mean() >= 0.9
+    _, cos = S.structure_identification(np.maximum(sim.X_ct, 0), sim.Y, sim.programs, score="cosine", min_score=0)
+    assert cos["n_programs_identified"] >= 11  # the reference's link score finds them too
     # random features identify (almost) nothing
-    noise = np.random.default_rng(0).exponential(size=(1500, 12))
-    _, null = S.structure_identification(noise, sim.Y, sim.programs, percentile=90)
-    assert null["n_programs_identified"] <= 1
+    for seed in range(2):
+        noise = np.random.default_rng(seed).exponential(size=(1500, 12))
+        _, null = S.structure_identification(noise, sim.Y, sim.programs, percentile=90)
+        assert null["n_programs_identified"] <= 1 and null["mean_coverage"] < 0.05
 
 
 def test_recovery_report_on_sae(relu_sae, data):
@@ -153,7 +156,9 @@ def test_recovery_report_on_sae(relu_sae, data):
     (lambda: S.categorical_auroc(np.ones((5, 2)), [1, 2, None, 1, 2]), "missing"),
     (lambda: S.recovery(np.ones((5, 2)), np.ones((5, 3)), names=["a"]), "names"),
     (lambda: S.structure_identification(np.ones((5, 2)), np.ones((5, 3)), np.ones((2, 4))), "genes"),
-    (lambda: S.structure_identification(np.ones((5, 2)), np.ones((5, 3)), np.ones((2, 3)), percentile=100), "percentile"),
+    (lambda: S.structure_identification(np.ones((5, 2)), np.ones((5, 3)), np.ones((2, 3)), percentile=100),
+     "percentile"),
+    (lambda: S.structure_identification(np.ones((5, 2)), np.ones((5, 3)), np.ones((2, 3)), score="dot"), "score"),
 ])
 def test_bad_metric_inputs_raise(call, message):
     with pytest.raises(ValueError, match=message):

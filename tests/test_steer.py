@@ -36,7 +36,9 @@ def setup():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     Z = rng.standard_normal((400, 16)).astype(np.float32)
-    sae = dgdlens.sae.train_sae(Z, kind="topk", n_latents=24, k=3, epochs=20, device="cpu", seed=0, progress=False)
+    sae = dgdlens.sae.train_sae(
+        Z, kind="topk", n_latents=24, k=3, epochs=20, device="cpu", seed=0, progress=False
+    )
     F = sae.encode(Z)
     active = np.asarray((F != 0).sum(0)).ravel()
     feature = int(np.argmax(active))
@@ -49,7 +51,8 @@ def setup():
     w = sae.W_dec[feature].detach().double().numpy()
     B = np.outer(w / (w @ w), in_set) * 1.5 + 0.05 * rng.standard_normal((16, len(names)))
     model = SoftmaxDecoder(B, rng.normal(size=len(names)), names)
-    return {"Z": Z, "sae": sae, "F": F, "feature": feature, "model": model, "target": target, "active": active}
+    return {
+        "Z": Z, "sae": sae, "F": F, "feature": feature, "model": model, "target": target, "active": active}
 
 
 def test_steered_latent_is_the_sae_round_trip_with_the_error_kept(setup):
@@ -66,8 +69,9 @@ def test_steered_latent_is_the_sae_round_trip_with_the_error_kept(setup):
 
 @pytest.mark.parametrize(("mode", "value"), [("add", 0.0), ("scale", 1.0)])
 def test_zero_delta_changes_nothing(setup, mode, value):
-    res = steer(setup["model"], setup["sae"], setup["Z"], feature=setup["feature"], mode=mode, value=value,
-                gene_sets="hallmark")
+    res = steer(
+        setup["model"], setup["sae"], setup["Z"], feature=setup["feature"], mode=mode, value=value,
+        gene_sets="hallmark")
     np.testing.assert_array_equal(res.z_steered, res.z)
     np.testing.assert_array_equal(res.expression_steered, res.expression)
     assert (res.genes["log2fc"] == 0).all() and (res.genes["direction"] == "").all()
@@ -78,21 +82,28 @@ def test_ablating_a_feature_that_does_not_fire_changes_nothing(setup):
     f = setup["feature"]
     silent = np.flatnonzero(setup["F"][:, f].toarray().ravel() == 0)
     assert len(silent) > 10
-    res = steer(setup["model"], setup["sae"], setup["Z"], feature=f, mode="ablate", cells=silent, gene_sets=None)
+    res = steer(
+        setup["model"], setup["sae"], setup["Z"], feature=f, mode="ablate", cells=silent, gene_sets=None
+    )
     np.testing.assert_array_equal(res.z_steered, res.z)
     np.testing.assert_array_equal(res.expression_steered, res.expression)
     dead = np.flatnonzero(setup["active"] == 0)
     if len(dead):  # a latent that never fires anywhere: ablation is a no-op on every cell
-        res = steer(setup["model"], setup["sae"], setup["Z"], feature=int(dead[0]), mode="ablate", gene_sets=None)
+        res = steer(
+            setup["model"], setup["sae"], setup["Z"], feature=int(dead[0]), mode="ablate", gene_sets=None
+        )
         np.testing.assert_array_equal(res.z_steered, res.z)
 
 
 def test_fold_changes_and_statistics_equal_paired_log_ratios_with_scipy(setup):
     lib = np.random.default_rng(1).uniform(500, 3000, size=len(setup["Z"]))
-    res = steer(setup["model"], setup["sae"], setup["Z"], feature=setup["feature"], mode="add", value=1.0,
-                library_size=lib, gene_sets=None, pseudocount=0.5)
+    res = steer(
+        setup["model"], setup["sae"], setup["Z"], feature=setup["feature"], mode="add", value=1.0,
+        library_size=lib, gene_sets=None, pseudocount=0.5)
     np.testing.assert_allclose(res.expression.sum(1), lib, rtol=1e-4)  # decoded with the library sizes
-    lr = np.log2(res.expression_steered.astype(np.float64) + 0.5) - np.log2(res.expression.astype(np.float64) + 0.5)
+    lr = np.log2(res.expression_steered.astype(np.float64) + 0.5) - np.log2(
+        res.expression.astype(np.float64) + 0.5
+    )
     ref = stats.ttest_1samp(lr, 0.0)
     genes = res.genes.set_index("gene").loc[list(setup["model"].var_names)]
     np.testing.assert_allclose(genes["log2fc"], lr.mean(0), rtol=1e-9, atol=1e-12)
@@ -101,8 +112,9 @@ def test_fold_changes_and_statistics_equal_paired_log_ratios_with_scipy(setup):
 
 
 def test_planted_change_is_enriched_and_the_random_control_is_not(setup):
-    res = steer(setup["model"], setup["sae"], setup["Z"], feature=setup["feature"], mode="add", value=2.0,
-                gene_sets="hallmark", random_control=True, seed=3, enrichment_kwargs={"min_size": 5})
+    res = steer(
+        setup["model"], setup["sae"], setup["Z"], feature=setup["feature"], mode="add", value=2.0,
+        gene_sets="hallmark", random_control=True, seed=3, enrichment_kwargs={"min_size": 5})
     up = res.enrichment[res.enrichment.direction == "up"]
     assert len(up) and up.iloc[0]["term"] == setup["target"]
     np.testing.assert_allclose(res.control.shift, res.shift, rtol=1e-5)  # same norm, other direction
@@ -116,7 +128,9 @@ def test_planted_change_is_enriched_and_the_random_control_is_not(setup):
 
 def test_steering_a_trained_dgd_through_anndata(tmp_path):
     rng = np.random.default_rng(0)
-    counts = rng.poisson(rng.gamma(2.0, 1.0, size=(1, 60)) * rng.uniform(0.5, 2, size=(150, 1))).astype(np.float32)
+    counts = rng.poisson(rng.gamma(2.0, 1.0, size=(1, 60)) * rng.uniform(0.5, 2, size=(150, 1))).astype(
+        np.float32
+    )
     counts[:, 0] += 1
     adata = ad.AnnData(counts)
     adata.var_names = [f"G{i}" for i in range(60)]
@@ -125,7 +139,9 @@ def test_steering_a_trained_dgd_through_anndata(tmp_path):
         warnings.simplefilter("ignore")  # early-stopping and few-epoch notices are not under test here
         model.train(max_epochs=2, progress=False, early_stopping=False)
     Z = model.get_latent_representation()
-    sae = dgdlens.sae.train_sae(Z, kind="topk", n_latents=8, k=2, epochs=3, device="cpu", seed=0, progress=False)
+    sae = dgdlens.sae.train_sae(
+        Z, kind="topk", n_latents=8, k=2, epochs=3, device="cpu", seed=0, progress=False
+    )
     res = steer(model, sae, adata, feature=0, mode="clamp", value=1.0, gene_sets=None)
     np.testing.assert_allclose(res.expression.sum(1), counts.sum(1), rtol=1e-3)  # the cells' library sizes
     assert res.genes.shape[0] == 60 and set(res.genes["gene"]) == set(adata.var_names)
@@ -133,10 +149,12 @@ def test_steering_a_trained_dgd_through_anndata(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_steer_on_cuda_matches_cpu(setup):
-    cpu = steer(setup["model"], setup["sae"], setup["Z"], feature=setup["feature"], mode="clamp", value=2.0,
-                gene_sets=None)
-    gpu = steer(setup["model"], setup["sae"], setup["Z"], feature=setup["feature"], mode="clamp", value=2.0,
-                gene_sets=None, device="cuda")
+    cpu = steer(
+        setup["model"], setup["sae"], setup["Z"], feature=setup["feature"], mode="clamp", value=2.0,
+        gene_sets=None)
+    gpu = steer(
+        setup["model"], setup["sae"], setup["Z"], feature=setup["feature"], mode="clamp", value=2.0,
+        gene_sets=None, device="cuda")
     setup["sae"].to("cpu")
     np.testing.assert_allclose(gpu.z_steered, cpu.z_steered, atol=1e-5)
 
@@ -144,15 +162,12 @@ def test_steer_on_cuda_matches_cpu(setup):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"mode": "boost", "value": 1.0}, "mode must be"),
-        ({"mode": "clamp"}, "needs value"),
-        ({"mode": "ablate", "value": 2.0}, "ablate"),
-        ({"mode": "clamp", "value": -1.0}, "non-negative"),
+        ({"mode": "boost", "value": 1.0}, "mode must be"), ({"mode": "clamp"}, "needs value"),
+        ({"mode": "ablate", "value": 2.0}, "ablate"), ({"mode": "clamp", "value": -1.0}, "non-negative"),
         ({"mode": "add", "value": float("nan")}, "finite"),
         ({"feature": 10_000, "mode": "ablate"}, "out of range"),
         ({"feature": 1.5, "mode": "ablate"}, "integer"),
-        ({"mode": "ablate", "cells": np.array([], dtype=int)}, "No cells"),
-    ],
+        ({"mode": "ablate", "cells": np.array([], dtype=int)}, "No cells")],
 )
 def test_bad_steering_arguments_are_errors(setup, kwargs, match):
     args = {"feature": setup["feature"], "gene_sets": None, **kwargs}

@@ -62,6 +62,9 @@ def _common_options() -> argparse.ArgumentParser:
     group = common.add_argument_group("general")
     group.add_argument("--config", metavar="FILE.toml",
                        help="TOML file with any of this command's options (the command line wins)")
+    group.add_argument("--threads", type=int, metavar="N",
+                       help="CPU threads for torch (default: torch's choice; 1 is often fastest for small "
+                            "models or on a busy machine)")
     group.add_argument("--debug", action="store_true",
                        help="on an error, show the full Python traceback instead of one line")
     return common
@@ -367,9 +370,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------------------------- input / output
 
+def _is_main_process() -> bool:
+    """False in every process but the first under torchrun: only that one prints and writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _echo(text: str = "") -> None:
     """Messages for the user, from one process only when running under torchrun."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _is_main_process():
         print(text, flush=True)
 
 
@@ -517,7 +525,7 @@ def _cmd_train(args) -> None:
                 progress=args.progress, **extra)
     model.save(out, overwrite=args.overwrite)
     if args.latents:
-        distributed.run_on_main(_write_latents, Path(args.latents), model, adata, args.overwrite)
+        distributed.run_on_main(_write_latents, Path(args.latents), model, adata)
     s = model.train_summary
     last = model.history.iloc[-1]
     losses = ", ".join(f"{k.replace('_', ' ')} {last[k]:.4g}" for k in ("train_recon", "val_recon") if k in last)
@@ -526,7 +534,7 @@ def _cmd_train(args) -> None:
     _echo(f"Saved the model to {out}/" + (f"; latents to {args.latents}." if args.latents else "."))
 
 
-def _write_latents(path: Path, model, adata, overwrite: bool) -> None:
+def _write_latents(path: Path, model, adata) -> None:
     if path.suffix.lower() == ".h5ad":
         from .data.matrix import write_h5ad_out_of_core
 
@@ -550,6 +558,8 @@ def _cmd_embed(args) -> None:
     _echo(f"Embedding {adata.n_obs:,} cells of {args.data} with {model}.")
     model.add_to_adata(adata, latent_key=args.latent_key, cluster_key=args.cluster_key, layer=args.layer,
                        n_steps=args.n_steps, batch_size=args.batch_size, progress=args.progress)
+    if not _is_main_process():  # under torchrun every process has all latents; one writes them
+        return
     if out.suffix.lower() == ".h5ad":  # one process writes (under torchrun all hold the gathered latents)
         distributed.run_on_main(write_h5ad_out_of_core, adata, out)
     else:
@@ -725,10 +735,18 @@ def _cmd_demo(args) -> None:
     from .demo import run_demo
 
     run_demo(args.out, quick=args.quick, epochs=args.epochs, device=args.device, seed=args.seed,
-             progress=args.progress, echo=_echo)
+             progress=args.progress, num_threads=args.threads or 1, echo=_echo)
 
 
 # ----------------------------------------------------------------------------------------------- entry point
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    if n < 1:
+        raise CLIError(f"--threads must be a positive integer, got {n}.")
+    torch.set_num_threads(n)
+
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
@@ -760,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_warnings()
     start = time.perf_counter()
     try:
+        if args.threads is not None:
+            _set_threads(args.threads)
         args.handler(args)
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted.", file=sys.stderr)

@@ -81,9 +81,11 @@ class SteerResult:
     def __repr__(self) -> str:
         n_up = int((self.genes["direction"] == "up").sum())
         n_down = int((self.genes["direction"] == "down").sum())
-        return (f"SteerResult(feature={self.feature}, mode={self.mode!r}, value={self.value}, cells={len(self.cells)}, "
-                f"genes up={n_up}, down={n_down}, enriched terms={len(self.enrichment)}, "
-                f"control={'yes' if self.control is not None else 'no'})")
+        return (
+            f"SteerResult(feature={self.feature}, mode={self.mode!r}, value={self.value}, cells={len(self.cells)}, "
+            f"genes up={n_up}, down={n_down}, enriched terms={len(self.enrichment)}, "
+            f"control={'yes' if self.control is not None else 'no'})"
+        )
 
 
 def _is_anndata(obj) -> bool:
@@ -114,7 +116,9 @@ def _check_feature(sae, feature) -> int:
     if isinstance(feature, bool | np.bool_) or not isinstance(feature, int | np.integer):
         raise ValueError(f"feature must be an integer index of an SAE latent, got {feature!r}.")
     if not 0 <= int(feature) < sae.n_latents:
-        raise ValueError(f"feature {feature} is out of range: the SAE has {sae.n_latents} latents (0..{sae.n_latents - 1}).")
+        raise ValueError(
+            f"feature {feature} is out of range: the SAE has {sae.n_latents} latents (0..{sae.n_latents - 1})."
+        )
     return int(feature)
 
 
@@ -123,10 +127,14 @@ def _new_activation(f: np.ndarray, mode: str, value) -> np.ndarray:
         raise ValueError(f"mode must be one of {STEER_MODES}, got {mode!r}.")
     if mode == "ablate":
         if value not in (None, 0, 0.0):
-            raise ValueError("mode='ablate' sets the feature to 0; do not pass a value (or use mode='clamp').")
+            raise ValueError(
+                "mode='ablate' sets the feature to 0; do not pass a value (or use mode='clamp')."
+            )
         return np.zeros_like(f)
     if value is None:
-        raise ValueError(f"mode={mode!r} needs value= (clamp: target activation; add: amount; scale: factor).")
+        raise ValueError(
+            f"mode={mode!r} needs value= (clamp: target activation; add: amount; scale: factor)."
+        )
     value = float(value)
     if not np.isfinite(value):
         raise ValueError(f"value must be finite, got {value}.")
@@ -160,13 +168,18 @@ def _gene_table(mu, mu_s, gene_names, pseudocount, alpha, min_log2fc) -> pd.Data
     sig = padj < alpha
     direction[sig & (mean >= min_log2fc)] = "up"
     direction[sig & (mean <= -min_log2fc)] = "down"
-    out = pd.DataFrame({"gene": gene_names, "mean_before": mu.mean(axis=0), "mean_after": mu_s.mean(axis=0),
-                        "log2fc": mean, "statistic": t, "pval": p, "padj": padj, "direction": direction})
-    return out.sort_values(["pval", "log2fc"], key=None, ascending=[True, False], kind="stable", ignore_index=True)
+    out = pd.DataFrame(
+        {
+            "gene": gene_names, "mean_before": mu.mean(axis=0), "mean_after": mu_s.mean(axis=0),
+            "log2fc": mean, "statistic": t, "pval": p, "padj": padj, "direction": direction}
+    )
+    return out.sort_values(
+        ["pval", "log2fc"], key=None, ascending=[True, False], kind="stable", ignore_index=True
+    )
 
 
 def _changed_gene_enrichment(genes: pd.DataFrame, gene_sets, top_genes: int, **kwargs) -> pd.DataFrame:
-    from .lens.enrichment import enrich
+    from .lens.enrichment import RESULT_COLUMNS, enrich
 
     lists = {}
     for direction in ("up", "down"):
@@ -175,36 +188,18 @@ def _changed_gene_enrichment(genes: pd.DataFrame, gene_sets, top_genes: int, **k
         if len(chosen):
             lists[direction] = chosen["gene"].tolist()
     if gene_sets is None or not lists:
-        return pd.DataFrame(columns=["query", "term", "description", "direction", "overlap", "set_size",
-                                     "n_selected", "universe_size", "expected", "fold_enrichment", "odds_ratio",
-                                     "pval", "padj", "padj_global", "genes"])
+        return pd.DataFrame(columns=["query", *RESULT_COLUMNS[1:]])
     out = enrich(lists, genes["gene"].tolist(), gene_sets, **kwargs)
     out["direction"] = out["query"]
     return out
 
 
 def steer(
-    model,
-    sae,
-    adata_or_latents,
-    *,
-    feature: int,
-    mode: str = "clamp",
-    value: float | None = None,
-    cells=None,
-    random_control: bool = False,
-    library_size=None,
-    layer: str | None = None,
-    latent_key: str | None = None,
-    gene_sets="go_bp",
-    pseudocount: float = 0.1,
-    alpha: float = 0.05,
-    min_log2fc: float = 0.25,
-    top_genes: int = 200,
-    enrichment_kwargs: dict | None = None,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-) -> SteerResult:
+    model, sae, adata_or_latents, *, feature: int, mode: str = "clamp", value: float | None = None,
+    cells=None, random_control: bool = False, library_size=None, layer: str | None = None,
+    latent_key: str | None = None, gene_sets="go_bp", pseudocount: float = 0.1, alpha: float = 0.05,
+    min_log2fc: float = 0.25, top_genes: int = 200, enrichment_kwargs: dict | None = None, seed: int = 0,
+    device: str | torch.device | None = None) -> SteerResult:
     """Change one SAE feature, move the latents along its decoder direction, decode, and compare.
 
     Parameters
@@ -262,31 +257,32 @@ def steer(
     f_new = _new_activation(f, mode, value)
     delta = f_new - f
     direction = sae.W_dec[feature].detach().double().cpu().numpy()
-    gene_names = np.asarray(getattr(model, "var_names", None) if getattr(model, "var_names", None) is not None
-                            else np.arange(0), dtype=object)
+    gene_names = np.asarray(
+        getattr(model, "var_names", None) if getattr(model, "var_names", None) is not None else np.arange(0),
+        dtype=object,
+    )
 
-    def run(direction_vec: np.ndarray) -> tuple:
+    mu = model.decode_latent(z, lib)
+    names = gene_names if len(gene_names) == mu.shape[1] else np.array(
+        [f"gene{i}" for i in range(mu.shape[1])], dtype=object)
+    scale = 1.0 if lib is not None else 1e4  # compositions are compared per 10k, like normalised counts
+    value = None if value is None else float(value)
+
+    def run(direction_vec: np.ndarray) -> SteerResult:
         z_new = (z.astype(np.float64) + delta[:, None] * direction_vec[None, :]).astype(np.float32)
-        mu = model.decode_latent(z, lib)
         mu_new = model.decode_latent(z_new, lib)
-        names = gene_names if len(gene_names) == mu.shape[1] else np.array([f"gene{i}" for i in range(mu.shape[1])],
-                                                                              dtype=object)
-        scale = 1.0 if lib is not None else 1e4
         genes = _gene_table(mu.astype(np.float64) * scale, mu_new.astype(np.float64) * scale, names,
                             pseudocount, alpha, min_log2fc)
         enrichment = _changed_gene_enrichment(genes, gene_sets, top_genes, **(enrichment_kwargs or {}))
-        return z_new, mu, mu_new, genes, enrichment
+        return SteerResult(feature, mode, value, idx, z, z_new, f, f_new, mu, mu_new, genes, enrichment)
 
-    z_new, mu, mu_new, genes, enrichment = run(direction)
-    control = None
+    result = run(direction)
     if random_control:
         rng = np.random.default_rng(seed)
         r = rng.standard_normal(len(direction))
         r *= np.linalg.norm(direction) / np.linalg.norm(r)
-        zc, muc, mu_newc, genes_c, enr_c = run(r)
-        control = SteerResult(feature, mode, value, idx, z, zc, f, f_new, muc, mu_newc, genes_c, enr_c, None)
-    return SteerResult(feature, mode, None if value is None else float(value), idx, z, z_new, f, f_new, mu, mu_new,
-                       genes, enrichment, control)
+        result.control = run(r)
+    return result
 
 
 def _cell_indices(cells, n: int) -> np.ndarray:

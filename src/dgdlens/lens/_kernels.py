@@ -22,7 +22,10 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["group_moments", "numba_available"]
+__all__ = ["group_moments", "numba_available", "welch_from_moments"]
+
+# variance guards of the Welch test, as integer codes for the compiled kernel (see de.py)
+GUARD_CODES = {None: 0, "floor": 1, "overestim": 2}
 
 
 @functools.lru_cache(maxsize=1)
@@ -60,16 +63,88 @@ def _numba_kernels():
                         out_sq[f, g] += v * v
             return 0
 
-        return csr_moments, dense_moments
+        @numba.njit(parallel=True, cache=cache, nogil=True, error_model="numpy")
+        def welch_fused(s_h, q_h, p_s, p_q, inverse, e_s, e_q, n_h, n_l, guard,
+                        mean_h, var_h, mean_l, var_l, t, df, tested):  # pragma: no cover
+            # One pass per (feature, gene) doing what de._numpy_stats does with whole-array numpy steps:
+            # low-group sums = prefix - excluded (rounding-level differences -> 0), means, one-pass
+            # variances (rounding-level values -> 0), the guarded Welch t and its degrees of freedom.
+            n_rows, n_genes = s_h.shape
+            for i in numba.prange(n_rows):
+                nh = np.float64(n_h[i])
+                nl = np.float64(n_l[i])
+                j = inverse[i]
+                if guard == 2:
+                    n1 = min(nh, nl)
+                    n2 = n1
+                else:
+                    n1 = nh
+                    n2 = nl
+                for g in range(n_genes):
+                    ps = p_s[j, g]
+                    es = e_s[i, g]
+                    sl = ps - es
+                    if abs(sl) <= 1e-11 * (abs(ps) + abs(es)):
+                        sl = 0.0
+                    pq = p_q[j, g]
+                    eq = e_q[i, g]
+                    ql = pq - eq
+                    if abs(ql) <= 1e-11 * (abs(pq) + abs(eq)):
+                        ql = 0.0
+                    sh = s_h[i, g]
+                    qh = q_h[i, g]
+                    mh = sh / nh
+                    vh = (qh - sh * mh) / (nh - 1.0)
+                    if vh < 1e-10 * max(qh / nh, 1e-300):
+                        vh = 0.0
+                    ml = sl / nl
+                    vl = (ql - sl * ml) / (nl - 1.0)
+                    if vl < 1e-10 * max(ql / nl, 1e-300):
+                        vl = 0.0
+                    mean_h[i, g] = mh
+                    var_h[i, g] = vh
+                    mean_l[i, g] = ml
+                    var_l[i, g] = vl
+                    tested[i, g] = (vh > 0) or (vl > 0) or (mh != ml)
+                    v1 = vh
+                    v2 = vl
+                    if guard == 1:
+                        if nh <= nl:
+                            v1 = max(vh, vl)
+                        else:
+                            v2 = max(vl, vh)
+                    a = v1 / n1
+                    b = v2 / n2
+                    se2 = a + b
+                    diff = mh - ml
+                    den = a * a / (n1 - 1.0) + b * b / (n2 - 1.0)
+                    if se2 <= 0:
+                        if diff == 0:
+                            t[i, g] = 0.0
+                        elif diff > 0:
+                            t[i, g] = np.inf
+                        else:
+                            t[i, g] = -np.inf
+                        df[i, g] = n1 + n2 - 2.0
+                    else:
+                        t[i, g] = diff / np.sqrt(se2)
+                        df[i, g] = se2 * se2 / den if den > 0 else n1 + n2 - 2.0
+            return 0
+
+        return csr_moments, dense_moments, welch_fused
 
     def warm_up(kernels):
         # numba compiles lazily: run once on tiny inputs so that a broken toolchain shows up here
-        csr_moments, dense_moments = kernels
+        csr_moments, dense_moments, welch_fused = kernels
         ip, ix = np.array([0, 1], dtype=np.int64), np.array([0], dtype=np.int64)
         s, q = np.zeros((1, 1)), np.zeros((1, 1))
         csr_moments(ip, ix, np.array([0, 1], dtype=np.int32), np.array([0], dtype=np.int32),
                     np.ones(1, dtype=np.float32), s, q)
         dense_moments(ip, ix, np.ones((1, 1), dtype=np.float32), s, q)
+        one = np.ones((1, 1))
+        outs = [np.zeros((1, 1)) for _ in range(6)] + [np.zeros((1, 1), dtype=np.bool_)]
+        welch_fused(one, one, one, one, np.zeros(1, dtype=np.int64), one * 0, one * 0,
+                    np.array([2], dtype=np.int64), np.array([2], dtype=np.int64), 1, *outs)
         return kernels
 
     for cache in (True, False):
@@ -129,7 +204,7 @@ def group_moments(groups, X, *, engine: str = "auto", X_squared=None) -> tuple[n
             return out_sum, out_sq
         g_indptr = groups.indptr.astype(np.int64, copy=False)
         g_indices = groups.indices.astype(np.int64, copy=False)
-        csr_moments, dense_moments = kernels
+        csr_moments, dense_moments, _ = kernels
         if sp.issparse(X):
             X = X if X.format == "csr" else sp.csr_matrix(X)
             csr_moments(g_indptr, g_indices, X.indptr, X.indices, X.data, out_sum, out_sq)
@@ -144,3 +219,22 @@ def group_moments(groups, X, *, engine: str = "auto", X_squared=None) -> tuple[n
     Xf = np.asarray(X, dtype=np.float64)
     Xsq = np.asarray(X_squared, dtype=np.float64) if X_squared is not None else Xf * Xf
     return np.asarray(G @ Xf), np.asarray(G @ Xsq)
+
+
+def welch_from_moments(s_h, q_h, p_s, p_q, inverse, e_s, e_q, n_h, n_l, guard):
+    """Means, variances, guarded Welch t, df and the tested mask from group sums, in one compiled pass.
+
+    Returns ``None`` when numba is unavailable (the caller then uses its numpy path). ``p_s``/``p_q``
+    are low-group prefix sums shared between features (``inverse`` picks the row of each feature),
+    ``e_s``/``e_q`` the sums over the cells excluded from each prefix.
+    """
+    kernels = _numba_kernels()
+    if kernels is None:
+        return None
+    shape = s_h.shape
+    outs = [np.empty(shape) for _ in range(6)] + [np.empty(shape, dtype=np.bool_)]
+    kernels[2](np.ascontiguousarray(s_h), np.ascontiguousarray(q_h), np.ascontiguousarray(p_s),
+               np.ascontiguousarray(p_q), np.asarray(inverse, dtype=np.int64), np.ascontiguousarray(e_s),
+               np.ascontiguousarray(e_q), np.asarray(n_h, dtype=np.int64), np.asarray(n_l, dtype=np.int64),
+               GUARD_CODES[guard], *outs)
+    return tuple(outs)

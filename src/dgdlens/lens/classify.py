@@ -41,7 +41,9 @@ def classify_features(activations, labels, *, z: float = 1.96, return_significan
     """
     A = as_activation_matrix(activations).tocsr()
     n, F = A.shape
-    labels = pd.Categorical(np.asarray(labels, dtype=object) if not isinstance(labels, pd.Categorical) else labels)
+    labels = pd.Categorical(
+        np.asarray(labels, dtype=object) if not isinstance(labels, pd.Categorical) else labels
+    )
     if len(labels) != n:
         raise ValueError(f"labels has {len(labels)} entries for {n} cells.")
     if np.any(labels.codes < 0):
@@ -63,11 +65,12 @@ def classify_features(activations, labels, *, z: float = 1.96, return_significan
     n_sig = significant.sum(axis=0)
     cls = np.where(n_active == 0, "dead", np.where(n_sig == 1, "local", "global")).astype(object)
     best = np.where(n_sig == 1, np.argmax(significant, axis=0), np.argmax(diff, axis=0))
-    out = pd.DataFrame({
-        "feature": np.arange(F), "n_active": n_active, "n_significant_types": n_sig,
-        "n_types": len(types), "class": cls, "cell_type": np.asarray(types, dtype=object)[best],
-        "difference": diff[best, np.arange(F)],
-    })
+    out = pd.DataFrame(
+        {
+            "feature": np.arange(F), "n_active": n_active, "n_significant_types": n_sig,
+            "n_types": len(types), "class": cls, "cell_type": np.asarray(types, dtype=object)[best],
+            "difference": diff[best, np.arange(F)]}
+    )
     out.loc[out["class"] == "dead", "cell_type"] = None
     if return_significance:
         return out, pd.DataFrame(significant.T, columns=list(types))

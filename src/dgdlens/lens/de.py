@@ -40,7 +40,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import special, stats
 
-from ._kernels import group_moments
+from ._kernels import group_moments, welch_from_moments
 from ._stats import bh_adjust, bh_adjust_grouped, t_pvalues, welch_t
 from .expression import PreparedExpression, prepare_expression
 from .groups import FeatureGroups, make_feature_groups
@@ -148,18 +148,25 @@ def _moments_to_mean_var(s: np.ndarray, q: np.ndarray, n: np.ndarray):
     return mean, var
 
 
-def _group_stats(prep, groups: FeatureGroups, rows, prefix: PrefixSums, engine: str):
+def _group_stats(prep, groups: FeatureGroups, rows, prefix: PrefixSums, engine: str, guard):
+    """(n_h, n_l, mean_h, var_h, mean_l, var_l, welch_t, df, tested) for the features ``rows``."""
     sq_kw = {"X_squared": prep.squared()} if engine == "scipy" else {}
     s_h, q_h = group_moments(groups.high[rows], prep.X, engine=engine, **sq_kw)
     ks, inverse = np.unique(groups.low_k[rows], return_inverse=True)
     p_s, p_q = prefix.at(ks)
     e_s, e_q = group_moments(groups.low_excluded[rows], prep.X, engine=engine, **sq_kw)
+    n_h, n_l = groups.n_high[rows], groups.n_low[rows]
+    fused = None if engine == "scipy" else welch_from_moments(s_h, q_h, p_s, p_q, inverse, e_s, e_q, n_h, n_l, guard)
+    if fused is not None:
+        return (n_h, n_l, *fused)
+    # numpy path (numba unavailable, or engine="scipy"): the same arithmetic, one whole-array step at a time
     s_l = _cancel(p_s[inverse], e_s)
     q_l = _cancel(p_q[inverse], e_q)
-    n_h, n_l = groups.n_high[rows], groups.n_low[rows]
     mean_h, var_h = _moments_to_mean_var(s_h, q_h, n_h)
     mean_l, var_l = _moments_to_mean_var(s_l, q_l, n_l)
-    return n_h, mean_h, var_h, n_l, mean_l, var_l
+    stat, df = _welch_guarded(n_h, mean_h, var_h, n_l, mean_l, var_l, guard)
+    tested = (var_h > 0) | (var_l > 0) | (mean_h != mean_l)
+    return n_h, n_l, mean_h, var_h, mean_l, var_l, stat, df, tested
 
 
 def _cancel(prefix: np.ndarray, excluded: np.ndarray) -> np.ndarray:
@@ -226,10 +233,9 @@ def iter_de_chunks(
         starts = tqdm(starts, total=len(starts), desc=desc, unit="chunk")
     for start in starts:
         rows = order[start:start + chunk]
-        n_h, mean_h, var_h, n_l, mean_l, var_l = _group_stats(prep, groups, rows, prefix, engine)
-        tested = (var_h > 0) | (var_l > 0) | (mean_h != mean_l)
+        n_h, n_l, mean_h, var_h, mean_l, var_l, stat, df, tested = _group_stats(
+            prep, groups, rows, prefix, engine, variance_guard)
         if test == "t-test":
-            stat, df = _welch_guarded(n_h, mean_h, var_h, n_l, mean_l, var_l, variance_guard)
             pvals = t_pvalues(stat, df) if full_pvalues else None
         else:
             stat, tested_w = _wilcoxon_chunk(prep, groups, rows)

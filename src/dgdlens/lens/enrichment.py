@@ -24,6 +24,7 @@ adjusted values at or below it are exact (BH values of larger p-values can only 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -34,14 +35,15 @@ import scipy.sparse as sp
 from ._stats import bh_adjust_grouped, hypergeom_logsf
 from .genesets import GeneMapping, GeneSets, map_gene_names, resolve_gene_sets
 
-__all__ = ["GeneSetIndex", "index_gene_sets", "hypergeom_pvalues", "ORAAccumulator", "enrich", "RESULT_COLUMNS"]
+__all__ = [
+    "GeneSetIndex", "index_gene_sets", "hypergeom_pvalues", "ORAAccumulator", "enrich", "RESULT_COLUMNS"]
 
-_INTERNAL_COLUMNS = {"feature", "set", "overlap", "n_selected", "logp", "direction", "selection_row", "selection_id"}
+_INTERNAL_COLUMNS = {
+    "feature", "set", "overlap", "n_selected", "logp", "direction", "selection_row", "selection_id"}
 
 RESULT_COLUMNS = [
     "feature", "term", "description", "direction", "overlap", "set_size", "n_selected", "universe_size",
-    "expected", "fold_enrichment", "odds_ratio", "pval", "padj", "padj_global", "genes",
-]
+    "expected", "fold_enrichment", "odds_ratio", "pval", "padj", "padj_global", "genes"]
 
 
 @dataclass
@@ -83,14 +85,8 @@ class GeneSetIndex:
 
 
 def index_gene_sets(
-    gene_names: Sequence[str],
-    gene_sets="go_bp",
-    *,
-    tested=None,
-    min_size: int = 10,
-    max_size: int | None = 500,
-    use_aliases: bool = True,
-) -> GeneSetIndex:
+    gene_names: Sequence[str], gene_sets="go_bp", *, tested=None, min_size: int = 10,
+    max_size: int | None = 500, use_aliases: bool = True) -> GeneSetIndex:
     """Align a gene-set collection to the tested genes (see the module docstring for the universe).
 
     Parameters
@@ -126,22 +122,28 @@ def index_gene_sets(
             f"{sets.name or 'given'!r}. Gene identifiers must be human symbols or Ensembl IDs for the bundled "
             "collections; pass your own sets as a dict or GMT file for other species or identifiers."
         )
-    symbol_to_col = {mapping.symbols[i]: i for i in np.flatnonzero(universe)}
-    rows, cols, kept = [], [], []
-    for term, members in sets.items():
-        idx = [symbol_to_col[g] for g in members if g in symbol_to_col]
-        n = len(idx)
-        if n < min_size or (max_size is not None and n > max_size):
-            continue
-        rows.append(np.full(n, len(kept), dtype=np.int64))
-        cols.append(np.asarray(idx, dtype=np.int64))
-        kept.append(term)
-    if not kept:
+    # all (set, gene) memberships as flat arrays, genes looked up among the universe symbols at once
+    universe_cols = np.flatnonzero(universe)
+    symbols = pd.Index([mapping.symbols[i] for i in universe_cols])
+    all_terms = list(sets.keys())
+    lengths = np.fromiter((len(g) for g in sets.values()), dtype=np.int64, count=len(all_terms))
+    flat = np.fromiter(itertools.chain.from_iterable(sets.values()), dtype=object, count=int(lengths.sum()))
+    set_of = np.repeat(np.arange(len(all_terms)), lengths)
+    pos = symbols.get_indexer(flat)
+    inside = pos >= 0
+    sizes = np.bincount(set_of[inside], minlength=len(all_terms))
+    keep_set = sizes >= min_size
+    if max_size is not None:
+        keep_set &= sizes <= max_size
+    if not keep_set.any():
         raise ValueError(
             f"No gene set has between {min_size} and {max_size} genes among the {int(universe.sum())} universe genes; "
             "lower min_size / raise max_size, or check the gene identifiers."
         )
-    r, c = np.concatenate(rows), np.concatenate(cols)
+    new_id = np.cumsum(keep_set) - 1
+    take = inside & keep_set[set_of]
+    r, c = new_id[set_of[take]], universe_cols[pos[take]]
+    kept = [all_terms[i] for i in np.flatnonzero(keep_set)]
     membership = sp.csr_matrix((np.ones(len(r), dtype=np.int32), (r, c)), shape=(len(kept), len(gene_names)))
     membership.sort_indices()
     terms = np.asarray(kept, dtype=object)
@@ -149,8 +151,7 @@ def index_gene_sets(
         gene_names=gene_names, membership=membership, universe=universe, terms=terms,
         descriptions=np.asarray([sets.description(t) for t in kept], dtype=object),
         set_sizes=np.diff(membership.indptr).astype(np.int64), mapping=mapping,
-        provenance=sets.provenance() if isinstance(sets, GeneSets) else {},
-    )
+        provenance=sets.provenance() if isinstance(sets, GeneSets) else {})
 
 
 def hypergeom_pvalues(K, n, k, N: int) -> np.ndarray:
@@ -168,7 +169,7 @@ def _hypergeom_logp(K, n, k, N: int) -> np.ndarray:
     if K.size == 0:
         return np.zeros(0)
     base = int(N) + 1
-    if base ** 3 >= 2**63:
+    if base**3 >= 2**63:
         return hypergeom_logsf(K, N, n, k)
     key = (K * base + n) * base + k
     uniq, inverse = np.unique(key, return_inverse=True)
@@ -224,11 +225,13 @@ class ORAAccumulator:
             row, col, K, n, kk = row[keep], col[keep], K[keep], n[keep], kk[keep]
         logp = _hypergeom_logp(K, n, kk, N)
         keep = logp <= np.log(self.store_pvalue)
-        self._parts.append({
-            "feature": features[row[keep]], "set": col[keep].astype(np.int64), "overlap": K[keep],
-            "n_selected": kk[keep], "logp": logp[keep], "direction": np.full(int(keep.sum()), direction, dtype=object),
-            "selection_row": row[keep], "selection_id": np.full(int(keep.sum()), len(self._parts), dtype=np.int64),
-        })
+        self._parts.append(
+            {
+                "feature": features[row[keep]], "set": col[keep].astype(np.int64), "overlap": K[keep],
+                "n_selected": kk[keep], "logp": logp[keep],
+                "direction": np.full(int(keep.sum()), direction, dtype=object), "selection_row": row[keep],
+                "selection_id": np.full(int(keep.sum()), len(self._parts), dtype=np.int64)}
+        )
         self._parts[-1]["_selection"] = S  # overlapping genes are read back from it for reported rows
         return k
 
@@ -236,18 +239,23 @@ class ORAAccumulator:
     def n_tests_total(self) -> int:
         return int(sum(self._n_tests.values()))
 
-    def table(self, *, max_padj: float | None = 0.05, feature_column: str = "feature",
-              gene_labels: Sequence[str] | None = None) -> pd.DataFrame:
+    def table(
+        self, *, max_padj: float | None = 0.05, feature_column: str = "feature",
+        gene_labels: Sequence[str] | None = None) -> pd.DataFrame:
         """The tidy result (columns :data:`RESULT_COLUMNS`), rows with ``padj <= max_padj`` (all kept rows
         when ``None``), sorted by feature, direction and p-value."""
         if max_padj is not None and max_padj > self.store_pvalue:
-            raise ValueError(f"max_padj ({max_padj}) exceeds store_pvalue ({self.store_pvalue}); raise store_pvalue.")
+            raise ValueError(
+                f"max_padj ({max_padj}) exceeds store_pvalue ({self.store_pvalue}); raise store_pvalue."
+            )
         if self._parts:
             keys = [c for c in self._parts[0] if not c.startswith("_")]
             data = {c: np.concatenate([p[c] for p in self._parts]) for c in keys}
         else:
-            data = {c: np.zeros(0, dtype=np.int64) for c in
-                    ("feature", "set", "overlap", "n_selected", "selection_row", "selection_id")}
+            data = {
+                c: np.zeros(0, dtype=np.int64)
+                for c in ("feature", "set", "overlap", "n_selected", "selection_row", "selection_id")
+            }
             data["logp"] = np.zeros(0)
             data["direction"] = np.zeros(0, dtype=object)
         p = np.exp(data["logp"])
@@ -256,8 +264,11 @@ class ORAAccumulator:
         uniq_f, f_codes = np.unique(feat, return_inverse=True)
         n_tests = np.array([self._n_tests[int(f)] for f in uniq_f], dtype=np.float64)
         padj = bh_adjust_grouped(p, f_codes, n_tests) if len(p) else p
-        padj_global = bh_adjust_grouped(p, np.zeros(len(p), dtype=np.int64),
-                                        np.array([max(self.n_tests_total, 1)])) if len(p) else p
+        padj_global = (
+            bh_adjust_grouped(p, np.zeros(len(p), dtype=np.int64), np.array([max(self.n_tests_total, 1)]))
+            if len(p)
+            else p
+        )
         keep = np.ones(len(p), dtype=bool) if max_padj is None else padj <= max_padj
         sel = {c: v[keep] for c, v in data.items()}
         K = sel["overlap"].astype(np.int64)
@@ -269,30 +280,23 @@ class ORAAccumulator:
             fold = K / expected
             odds = (K * (N - n - k + K)) / ((k - K) * (n - K))
         odds = np.where((k - K) * (n - K) == 0, np.inf, odds)
-        out = pd.DataFrame({
-            feature_column: sel["feature"],
-            "term": self.index.terms[sel["set"]],
-            "description": self.index.descriptions[sel["set"]],
-            "direction": sel["direction"],
-            "overlap": K,
-            "set_size": n,
-            "n_selected": k,
-            "universe_size": np.full(len(K), N, dtype=np.int64),
-            "expected": expected,
-            "fold_enrichment": fold,
-            "odds_ratio": odds,
-            "pval": p[keep],
-            "padj": padj[keep],
-            "padj_global": padj_global[keep],
-            "genes": self._overlap_genes(sel, gene_labels),
-        })
+        out = pd.DataFrame(
+            {
+                feature_column: sel["feature"], "term": self.index.terms[sel["set"]],
+                "description": self.index.descriptions[sel["set"]], "direction": sel["direction"],
+                "overlap": K, "set_size": n, "n_selected": k,
+                "universe_size": np.full(len(K), N, dtype=np.int64), "expected": expected,
+                "fold_enrichment": fold, "odds_ratio": odds, "pval": p[keep], "padj": padj[keep],
+                "padj_global": padj_global[keep], "genes": self._overlap_genes(sel, gene_labels)}
+        )
         for extra in (c for c in sel if c not in _INTERNAL_COLUMNS):
             out[extra] = sel[extra]
         for extra in self.extra_columns:
             if extra not in out:
                 out[extra] = np.zeros(0, dtype=object)
-        out = out.sort_values([feature_column, "direction", "pval", "overlap"], ascending=[True, False, True, False],
-                              kind="stable", ignore_index=True)
+        out = out.sort_values(
+            [feature_column, "direction", "pval", "overlap"], ascending=[True, False, True, False],
+            kind="stable", ignore_index=True)
         return out
 
     def _overlap_genes(self, sel: dict[str, np.ndarray], gene_labels) -> np.ndarray:
@@ -323,15 +327,8 @@ def _as_gene_lists(gene_lists) -> dict[str, list[str]]:
 
 
 def enrich(
-    gene_lists,
-    universe: Iterable[str],
-    gene_sets="go_bp",
-    *,
-    min_size: int = 10,
-    max_size: int | None = 500,
-    max_padj: float | None = 0.05,
-    use_aliases: bool = True,
-) -> pd.DataFrame:
+    gene_lists, universe: Iterable[str], gene_sets="go_bp", *, min_size: int = 10, max_size: int | None = 500,
+    max_padj: float | None = 0.05, use_aliases: bool = True) -> pd.DataFrame:
     """ORA of one or more gene lists (e.g. genes changed by steering) against a gene-set collection.
 
     Parameters
@@ -359,9 +356,13 @@ def enrich(
     pos = {g: i for i, g in enumerate(universe)}
     missing = sorted({g for genes in lists.values() for g in genes if g not in pos})
     if missing:
-        raise ValueError(f"{len(missing)} listed genes are not in the universe (e.g. {missing[:5]}); "
-                         "the universe must contain every gene that was tested.")
-    index = index_gene_sets(universe, gene_sets, min_size=min_size, max_size=max_size, use_aliases=use_aliases)
+        raise ValueError(
+            f"{len(missing)} listed genes are not in the universe (e.g. {missing[:5]}); "
+            "the universe must contain every gene that was tested."
+        )
+    index = index_gene_sets(
+        universe, gene_sets, min_size=min_size, max_size=max_size, use_aliases=use_aliases
+    )
     rows = np.concatenate([np.full(len(g), i) for i, g in enumerate(lists.values())]).astype(np.int64)
     cols = np.array([pos[g] for genes in lists.values() for g in genes], dtype=np.int64)
     S = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(lists), len(universe)))

@@ -63,9 +63,11 @@ class PreparedExpression:
         return sp.issparse(self.X)
 
     def squared(self):
-        """``X**2`` (cached), for the scipy engine."""
+        """``X**2`` in float64 (cached), for the scipy engine; float32 squares would lose the precision
+        the one-pass variances need."""
         if self._X_squared is None:
-            self._X_squared = self.X.multiply(self.X).tocsr() if self.is_sparse else self.X * self.X
+            X = self.X.astype(np.float64)
+            self._X_squared = X.multiply(X).tocsr() if self.is_sparse else X * X
         return self._X_squared
 
     def expressed_genes(self) -> np.ndarray:

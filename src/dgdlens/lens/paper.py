@@ -36,14 +36,8 @@ __all__ = ["PAPER_SETTINGS", "paper_select_genes", "PaperAccumulator"]
 
 # Options of annotate() that compat="paper" fixes to the reference's choices.
 PAPER_SETTINGS = {
-    "expression_kind": "raw",
-    "variance_guard": None,
-    "low": "silent",
-    "max_low_cells": None,
-    "min_set_size": 10,
-    "max_set_size": 500,
-    "test": "t-test",
-}
+    "expression_kind": "raw", "variance_guard": None, "low": "silent", "max_low_cells": None,
+    "min_set_size": 10, "max_set_size": 500, "test": "t-test"}
 _P_STRICT, _P_FALLBACK, _FC = 1e-5, 0.05, 2.0
 _KEEP_P = 0.05
 
@@ -67,7 +61,9 @@ def paper_select_genes(chunk: DEChunk) -> tuple[sp.csr_matrix, np.ndarray, np.nd
     fc_thr = np.where(use_fc, _FC, np.nan)
     fc_rg = fc[r, g]
     keep = (padj < p_thr[r]) & (~use_fc[r] | (fc_rg > _FC) | (fc_rg < 1.0 / _FC))
-    sel = sp.csr_matrix((np.ones(int(keep.sum()), dtype=np.int32), (r[keep], g[keep])), shape=(n_rows, n_genes))
+    sel = sp.csr_matrix(
+        (np.ones(int(keep.sum()), dtype=np.int32), (r[keep], g[keep])), shape=(n_rows, n_genes)
+    )
     sel.sort_indices()
     return sel, p_thr, fc_thr
 
@@ -79,8 +75,9 @@ class PaperAccumulator(ORAAccumulator):
     def __init__(self, index: GeneSetIndex, keep_all: bool = False):
         super().__init__(index, store_pvalue=1.0 if keep_all else _KEEP_P)
         self.keep_all = keep_all
-        self.extra_columns = ("binom_direction", "mw_pval", "z_score", "effect_size", "p_threshold",
-                              "fold_change_threshold", "keep_rule")
+        self.extra_columns = (
+            "binom_direction", "mw_pval", "z_score", "effect_size", "p_threshold", "fold_change_threshold",
+            "keep_rule")
         # the reference's universe is every expression gene, and sets are counted among them
         self.n_genes = len(index.gene_names)
         self._M_all_T = index.membership.T.tocsr().astype(np.float64)
@@ -109,16 +106,17 @@ class PaperAccumulator(ORAAccumulator):
         row, col = np.nonzero(store)
         passes = (binom_p[row, col] < _KEEP_P) & (mw_p[row, col] < _KEEP_P) & has[row]
         expected = k[row] * n_c[col] / N
-        self._parts.append({
-            "feature": features[row], "set": col.astype(np.int64), "overlap": K[row, col],
-            "n_selected": k[row], "logp": np.log(binom_p[row, col]),
-            "direction": np.full(len(row), "both", dtype=object),
-            "selection_row": row, "selection_id": np.full(len(row), len(self._parts), dtype=np.int64),
-            "binom_direction": np.where(K[row, col] > expected, "+", "-").astype(object),
-            "mw_pval": mw_p[row, col], "z_score": z[row, col], "effect_size": effect[row, col],
-            "p_threshold": p_thr[row], "fold_change_threshold": fc_thr[row], "keep_rule": passes,
-            "_selection": sel,
-        })
+        self._parts.append(
+            {
+                "feature": features[row], "set": col.astype(np.int64), "overlap": K[row, col],
+                "n_selected": k[row], "logp": np.log(binom_p[row, col]),
+                "direction": np.full(len(row), "both", dtype=object), "selection_row": row,
+                "selection_id": np.full(len(row), len(self._parts), dtype=np.int64),
+                "binom_direction": np.where(K[row, col] > expected, "+", "-").astype(object),
+                "mw_pval": mw_p[row, col], "z_score": z[row, col], "effect_size": effect[row, col],
+                "p_threshold": p_thr[row], "fold_change_threshold": fc_thr[row], "keep_rule": passes,
+                "_selection": sel}
+        )
         return k
 
     def table(self, **kwargs):

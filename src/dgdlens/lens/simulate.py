@@ -33,20 +33,10 @@ class PlantedData:
 
 
 def planted_data(
-    n_cells: int = 2000,
-    n_genes: int = 2000,
-    n_features: int = 100,
-    n_planted: int = 20,
-    *,
-    gene_sets="hallmark",
-    features_per_cell: int = 8,
-    planted_activity: float = 0.05,
-    effect: float = 3.0,
-    library_size: float = 2000.0,
-    set_size_range: tuple[int, int] = (20, 200),
-    block_cells: int = 2048,
-    seed: int = 0,
-) -> PlantedData:
+    n_cells: int = 2000, n_genes: int = 2000, n_features: int = 100, n_planted: int = 20, *,
+    gene_sets="hallmark", features_per_cell: int = 8, planted_activity: float = 0.05, effect: float = 3.0,
+    library_size: float = 2000.0, set_size_range: tuple[int, int] = (20, 200), block_cells: int = 2048,
+    seed: int = 0) -> PlantedData:
     """Simulate counts and activations with known feature -> gene-set links (see the module docstring).
 
     ``planted_activity`` is the fraction of cells in which each planted feature fires (null features fire
@@ -57,8 +47,12 @@ def planted_data(
     sets = resolve_gene_sets(gene_sets)
     pool = np.array(sorted(sets.genes()), dtype=object)
     n_in = min(len(pool), int(round(n_genes * 0.95)))
-    genes = np.concatenate([rng.choice(pool, n_in, replace=False),
-                            np.array([f"NOVEL{i}" for i in range(n_genes - n_in)], dtype=object)])
+    genes = np.concatenate(
+        [
+            rng.choice(pool, n_in, replace=False),
+            np.array([f"NOVEL{i}" for i in range(n_genes - n_in)], dtype=object),
+        ]
+    )
     col = {g: i for i, g in enumerate(genes)}
     sizes = {t: sum(g in col for g in members) for t, members in sets.items()}
     candidates = [t for t, s in sizes.items() if set_size_range[0] <= s <= set_size_range[1]]
@@ -74,15 +68,20 @@ def planted_data(
     p_rows = np.flatnonzero(rng.random((n_cells, n_planted)).ravel() < planted_activity)
     rows = np.concatenate([rows, p_rows // n_planted])
     cols = np.concatenate([cols, planted[p_rows % n_planted]])
-    A = sp.csr_matrix((rng.exponential(1.0, size=len(rows)).astype(np.float32), (rows, cols)),
-                      shape=(n_cells, n_features))
+    A = sp.csr_matrix(
+        (rng.exponential(1.0, size=len(rows)).astype(np.float32), (rows, cols)), shape=(n_cells, n_features)
+    )
     A.sum_duplicates()
     A_max = np.asarray(A.max(axis=0).todense()).ravel()
 
     # planted effects as a (planted features x genes) matrix of set membership
-    P = sp.csr_matrix((np.ones(sum(len(m) for m in members)),
-                       (np.repeat(np.arange(n_planted), [len(m) for m in members]), np.concatenate(members))),
-                      shape=(n_planted, n_genes))
+    P = sp.csr_matrix(
+        (
+            np.ones(sum(len(m) for m in members)),
+            (np.repeat(np.arange(n_planted), [len(m) for m in members]), np.concatenate(members)),
+        ),
+        shape=(n_planted, n_genes),
+    )
     scale = effect / np.where(A_max[planted] > 0, A_max[planted], 1.0)
     base = rng.lognormal(0.0, 1.0, size=n_genes)
     base *= library_size / base.sum()  # expected total count per cell = library_size
@@ -95,4 +94,6 @@ def planted_data(
         blocks.append(sp.csr_matrix(rng.poisson(lam).astype(np.float32)))
     counts = sp.vstack(blocks, format="csr")
     truth = pd.DataFrame({"feature": planted, "term": terms, "n_genes": [len(m) for m in members]})
-    return PlantedData(counts, A.astype(np.float32), genes, truth.sort_values("feature", ignore_index=True), sets)
+    return PlantedData(
+        counts, A.astype(np.float32), genes, truth.sort_values("feature", ignore_index=True), sets
+    )

@@ -30,11 +30,8 @@ from ..nn.likelihoods import Likelihood, make_likelihood
 from ._engine import _optimise as optimise_latents
 from ._engine import frozen, resolve_device
 from .decoder_only import (
-    as_row_matrix,
-    check_values,
-    decode_mean,
+    LatentModel,
     infer_n_latent,
-    library_sizes,
     load_module,
     module_config,
     output_width,
@@ -65,7 +62,7 @@ class _AEModule(nn.Module):
         return self.likelihood.nll(x, self.decoder(self.encode(x)), scale)
 
 
-class Autoencoder:
+class Autoencoder(LatentModel):
     """Encoder + decoder trained end to end on the reconstruction loss (the decoder-only baseline).
 
     Parameters
@@ -139,26 +136,6 @@ class Autoencoder:
     @property
     def encoder(self) -> nn.Module:
         return self.module.encoder
-
-    @property
-    def decoder(self) -> nn.Module:
-        return self.module.decoder
-
-    @property
-    def likelihood(self) -> Likelihood:
-        return self.module.likelihood
-
-    def __repr__(self) -> str:
-        status = "fitted" if self.is_fitted else "not fitted"
-        return (f"Autoencoder(n_latent={self.n_latent}, n_features={self.n_features}, "
-                f"likelihood={self.likelihood.name!r}, {status})")
-
-    def _data(self, X, what: str) -> tuple[RowMatrix, np.ndarray | None]:
-        matrix = as_row_matrix(X, what)
-        if matrix.n_vars != self.n_features:
-            raise ValueError(f"{what} has {matrix.n_vars} features but the decoder outputs {self.n_features}; "
-                             "pass data with the decoder's feature count (flatten images to rows).")
-        return matrix, library_sizes(check_values(matrix, self.likelihood, what), self.scaling)
 
     def _to(self, device: torch.device) -> None:
         self.module.to(device)
@@ -247,10 +224,6 @@ class Autoencoder:
         self.latent_ = self._encode(matrix)
         return self
 
-    def fit_transform(self, X, **fit_kwargs) -> np.ndarray:
-        """:meth:`fit`, then return the training data's latents ``latent_``."""
-        return self.fit(X, **fit_kwargs).latent_
-
     # ------------------------------------------------------------------ inference
     def _encode(self, matrix: RowMatrix, batch_size: int = 1024) -> np.ndarray:
         loader = BatchLoader(matrix, None, None, batch_size=batch_size, shuffle=False, device=self.device)
@@ -309,14 +282,6 @@ class Autoencoder:
             raise ValueError(f"z must have shape ({matrix.n_obs}, {self.n_latent}), got {z.shape}")
         per_entry = per_sample_nll(self.decoder, self.likelihood, matrix, scale, z, self.device, batch_size) / self.n_features
         return per_entry if per_sample else float(per_entry.mean())
-
-    def decode(self, z, scale=None, *, batch_size: int = 2048) -> np.ndarray:
-        """The likelihood's mean at latents ``z`` (see :meth:`DecoderOnly.decode`)."""
-        return decode_mean(self.decoder, self.likelihood, z, self.device, self.n_latent, scale, batch_size)
-
-    def _check_fitted(self) -> None:
-        if not self.is_fitted:
-            warnings.warn("The model has not been fitted; results come from its initial weights.", stacklevel=3)
 
     # ------------------------------------------------------------------ save / load
     def save(self, path, overwrite: bool = False) -> None:

@@ -36,7 +36,7 @@ from ..nn.priors import GaussianMixture, make_prior
 from ..nn.representation import RepresentationTable
 from ._engine import DecoderOnlyModule, TrainConfig, Trainer, infer_latents, resolve_device
 
-__all__ = ["DecoderOnly", "as_row_matrix", "module_from_config"]
+__all__ = ["DecoderOnly", "LatentModel", "as_row_matrix", "module_from_config"]
 
 MODEL_KIND = "DecoderOnly"
 
@@ -210,11 +210,55 @@ def load_module(saved_cfg: dict | None, given: nn.Module | None, what: str) -> n
     return module_from_config(saved_cfg)
 
 
+class LatentModel:
+    """What :class:`DecoderOnly` and :class:`~dgdlens.models.autoencoder.Autoencoder` share: a
+    ``module`` with ``decoder`` and ``likelihood``, the same data checks, decoding and fitted-state
+    warning, so both read data and report errors in exactly the same way."""
+
+    module: nn.Module
+    n_latent: int
+    n_features: int
+    scaling: str
+    is_fitted: bool
+    device: torch.device
+    latent_: np.ndarray | None
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.module.decoder
+
+    @property
+    def likelihood(self) -> Likelihood:
+        return self.module.likelihood
+
+    def _repr_extra(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        status = "fitted" if self.is_fitted else "not fitted"
+        return (f"{type(self).__name__}(n_latent={self.n_latent}, n_features={self.n_features}, "
+                f"likelihood={self.likelihood.name!r}{self._repr_extra()}, {status})")
+
+    def _data(self, X, what: str) -> tuple[RowMatrix, np.ndarray | None]:
+        matrix = as_row_matrix(X, what)
+        if matrix.n_vars != self.n_features:
+            raise ValueError(f"{what} has {matrix.n_vars} features but the decoder outputs {self.n_features}; "
+                             "pass data with the decoder's feature count (flatten images to rows).")
+        return matrix, library_sizes(check_values(matrix, self.likelihood, what), self.scaling)
+
+    def fit(self, X, **kwargs):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def fit_transform(self, X, **fit_kwargs) -> np.ndarray:
+        """:meth:`fit`, then return the training samples' latents ``latent_``."""
+        return self.fit(X, **fit_kwargs).latent_
+
+
 # ---------------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------------
 
-class DecoderOnly:
+class DecoderOnly(LatentModel):
     """Decoder-only representation learner: a decoder and one free latent per sample, no encoder.
 
     Parameters
@@ -285,30 +329,13 @@ class DecoderOnly:
 
     # ------------------------------------------------------------------ properties
     @property
-    def decoder(self) -> nn.Module:
-        return self.module.decoder
-
-    @property
-    def likelihood(self) -> Likelihood:
-        return self.module.likelihood
-
-    @property
     def prior(self) -> nn.Module:
         return self.module.prior
 
-    def __repr__(self) -> str:
-        status = "fitted" if self.is_fitted else "not fitted"
-        return (f"DecoderOnly(n_latent={self.n_latent}, n_features={self.n_features}, "
-                f"likelihood={self.likelihood.name!r}, prior={getattr(self.prior, 'name', '?')!r}, {status})")
+    def _repr_extra(self) -> str:
+        return f", prior={getattr(self.prior, 'name', '?')!r}"
 
     # ------------------------------------------------------------------ data
-    def _data(self, X, what: str) -> tuple[RowMatrix, np.ndarray | None]:
-        matrix = as_row_matrix(X, what)
-        if matrix.n_vars != self.n_features:
-            raise ValueError(f"{what} has {matrix.n_vars} features but the decoder outputs {self.n_features}; "
-                             "pass data with the decoder's feature count (flatten images to rows).")
-        return matrix, library_sizes(check_values(matrix, self.likelihood, what), self.scaling)
-
     def _new_table(self, n: int, gen: torch.Generator) -> RepresentationTable | None:
         if n == 0:
             return None
@@ -405,10 +432,6 @@ class DecoderOnly:
         self.is_fitted = True
         return self
 
-    def fit_transform(self, X, **fit_kwargs) -> np.ndarray:
-        """:meth:`fit`, then return the learned training latents ``latent_``."""
-        return self.fit(X, **fit_kwargs).latent_
-
     # ------------------------------------------------------------------ inference
     def _candidates(self, n_candidates: int, seed: int) -> torch.Tensor | None:
         """Start points for new samples: the mixture means (GMM prior); otherwise the origin plus up to
@@ -465,15 +488,6 @@ class DecoderOnly:
         nll = per_sample_nll(self.decoder, self.likelihood, matrix, scale, z, self.device, batch_size)
         per_entry = nll / self.n_features
         return per_entry if per_sample else float(per_entry.mean())
-
-    def decode(self, z, scale=None, *, batch_size: int = 2048) -> np.ndarray:
-        """The likelihood's mean at latents ``z`` (pixel probabilities for Bernoulli; for NB, the mean
-        counts with ``scale`` = library size, else the per-sample composition)."""
-        return decode_mean(self.decoder, self.likelihood, z, self.device, self.n_latent, scale, batch_size)
-
-    def _check_fitted(self) -> None:
-        if not self.is_fitted:
-            warnings.warn("The model has not been fitted; results come from its initial weights.", stacklevel=3)
 
     # ------------------------------------------------------------------ save / load
     def save(self, path, overwrite: bool = False, *, save_latents: bool = True) -> None:

@@ -268,7 +268,8 @@ class DGD:
 
     def _to(self, dev: torch.device) -> None:
         self.module.to(dev)
-        self.train_rep.to(dev)
+        if self.train_rep is not None:  # None for a model saved with save_representations=False
+            self.train_rep.to(dev)
         if self.val_rep is not None:
             self.val_rep.to(dev)
         self.device = dev
@@ -363,7 +364,8 @@ class DGD:
         if z.ndim != 2 or z.shape[1] != self.n_latent:
             raise ValueError(f"z must have shape (n_cells, {self.n_latent}), got {z.shape}")
         if library_size is not None:
-            library_size = np.broadcast_to(np.asarray(library_size, dtype=np.float32).reshape(-1), (len(z),))
+            # a writable copy: torch.from_numpy warns on the read-only view broadcast_to returns
+            library_size = np.broadcast_to(np.asarray(library_size, dtype=np.float32).reshape(-1), (len(z),)).copy()
         out = np.empty((len(z), len(self.var_names)), dtype=np.float32)
         self.module.eval()
         with torch.no_grad():

@@ -53,7 +53,42 @@ def conv_output_sizes(size: int, n_layers: int, kernel_size: int, stride: int, p
     return sizes
 
 
-class ConvEncoder(nn.Module):
+class _ConvShape(nn.Module):
+    """The settings and layer sizes a conv encoder and its mirrored decoder share."""
+
+    kind = ""
+
+    def __init__(self, image_shape: Sequence[int], n_latent: int, channels: Sequence[int] = (64, 64), *,
+                 kernel_size: int = 4, stride: int = 2, padding: int = 1, activation: str = "relu"):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        if n_latent < 1 or not channels:
+            raise ValueError("n_latent must be positive and channels must list at least one layer")
+        self.image_shape = _check_image_shape(image_shape)
+        self.n_latent = int(n_latent)
+        self.channels = [int(c) for c in channels]
+        self.kernel_size, self.stride, self.padding = int(kernel_size), int(stride), int(padding)
+        self.activation = activation
+        _, h, w = self.image_shape
+        self.heights = conv_output_sizes(h, len(self.channels), self.kernel_size, self.stride, self.padding)
+        self.widths = conv_output_sizes(w, len(self.channels), self.kernel_size, self.stride, self.padding)
+
+    @property
+    def n_pixels(self) -> int:
+        c, h, w = self.image_shape
+        return c * h * w
+
+    def _act(self) -> nn.Module:
+        return _ACTIVATIONS[self.activation]()
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "image_shape": list(self.image_shape), "n_latent": self.n_latent,
+                "channels": self.channels, "kernel_size": self.kernel_size, "stride": self.stride,
+                "padding": self.padding, "activation": self.activation}
+
+
+class ConvEncoder(_ConvShape):
     """Flat image rows -> strided convolutions -> linear map to ``n_latent``.
 
     Parameters
@@ -70,31 +105,22 @@ class ConvEncoder(nn.Module):
         Nonlinearity after every convolution (none after the final linear layer: a linear latent).
     """
 
+    kind = "conv_encoder"
+
     def __init__(self, image_shape: Sequence[int], n_latent: int, channels: Sequence[int] = (64, 64), *,
                  kernel_size: int = 4, stride: int = 2, padding: int = 1, activation: str = "relu"):
-        super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
-        if n_latent < 1 or not channels:
-            raise ValueError("n_latent must be positive and channels must list at least one layer")
-        self.image_shape = _check_image_shape(image_shape)
-        self.n_latent = int(n_latent)
-        self.channels = [int(c) for c in channels]
-        self.kernel_size, self.stride, self.padding = int(kernel_size), int(stride), int(padding)
-        self.activation = activation
-        c, h, w = self.image_shape
-        self.heights = conv_output_sizes(h, len(self.channels), self.kernel_size, self.stride, self.padding)
-        self.widths = conv_output_sizes(w, len(self.channels), self.kernel_size, self.stride, self.padding)
+        super().__init__(image_shape, n_latent, channels, kernel_size=kernel_size, stride=stride, padding=padding,
+                         activation=activation)
+        c = self.image_shape[0]
         layers: list[nn.Module] = []
         for c_in, c_out in zip([c, *self.channels[:-1]], self.channels):
-            layers += [nn.Conv2d(c_in, c_out, self.kernel_size, self.stride, self.padding), _ACTIVATIONS[activation]()]
+            layers += [nn.Conv2d(c_in, c_out, self.kernel_size, self.stride, self.padding), self._act()]
         self.convs = nn.Sequential(*layers)
         self.fc = nn.Linear(self.channels[-1] * self.heights[-1] * self.widths[-1], self.n_latent)
 
     @property
     def n_in(self) -> int:
-        c, h, w = self.image_shape
-        return c * h * w
+        return self.n_pixels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.n_in:
@@ -102,13 +128,8 @@ class ConvEncoder(nn.Module):
         h = self.convs(x.reshape(-1, *self.image_shape))
         return self.fc(h.flatten(1))
 
-    def config(self) -> dict:
-        return {"kind": "conv_encoder", "image_shape": list(self.image_shape), "n_latent": self.n_latent,
-                "channels": self.channels, "kernel_size": self.kernel_size, "stride": self.stride,
-                "padding": self.padding, "activation": self.activation}
 
-
-class ConvDecoder(nn.Module):
+class ConvDecoder(_ConvShape):
     """The mirror of :class:`ConvEncoder`: latent -> linear -> transposed convolutions -> flat raw output.
 
     ``channels`` are given in the encoder's order (e.g. ``(32, 64)``), so ``ConvDecoder(shape, m, ch)``
@@ -117,25 +138,17 @@ class ConvDecoder(nn.Module):
     The output has no activation: it is the likelihood's raw input (logits for Bernoulli).
     """
 
+    kind = "conv_decoder"
+
     def __init__(self, image_shape: Sequence[int], n_latent: int, channels: Sequence[int] = (64, 64), *,
                  kernel_size: int = 4, stride: int = 2, padding: int = 1, activation: str = "relu"):
-        super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
-        if n_latent < 1 or not channels:
-            raise ValueError("n_latent must be positive and channels must list at least one layer")
-        self.image_shape = _check_image_shape(image_shape)
-        self.n_latent = int(n_latent)
-        self.channels = [int(c) for c in channels]
-        self.kernel_size, self.stride, self.padding = int(kernel_size), int(stride), int(padding)
-        self.activation = activation
-        c, h, w = self.image_shape
-        self.heights = conv_output_sizes(h, len(self.channels), self.kernel_size, self.stride, self.padding)
-        self.widths = conv_output_sizes(w, len(self.channels), self.kernel_size, self.stride, self.padding)
+        super().__init__(image_shape, n_latent, channels, kernel_size=kernel_size, stride=stride, padding=padding,
+                         activation=activation)
+        c = self.image_shape[0]
         self.fc = nn.Linear(self.n_latent, self.channels[-1] * self.heights[-1] * self.widths[-1])
         rev = list(reversed(self.channels))
         outs = [*rev[1:], c]
-        layers: list[nn.Module] = [_ACTIVATIONS[activation]()]
+        layers: list[nn.Module] = [self._act()]
         n_layers = len(self.channels)
         for i, (c_in, c_out) in enumerate(zip(rev, outs)):
             # sizes run backwards: layer i maps heights[L-i] to heights[L-i-1]
@@ -146,13 +159,12 @@ class ConvDecoder(nn.Module):
             layers.append(nn.ConvTranspose2d(c_in, c_out, self.kernel_size, self.stride, self.padding,
                                              output_padding=(pad_h, pad_w)))
             if i < n_layers - 1:
-                layers.append(_ACTIVATIONS[activation]())
+                layers.append(self._act())
         self.deconvs = nn.Sequential(*layers)
 
     @property
     def n_out(self) -> int:
-        c, h, w = self.image_shape
-        return c * h * w
+        return self.n_pixels
 
     @property
     def n_in(self) -> int:
@@ -161,11 +173,6 @@ class ConvDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.fc(z).reshape(-1, self.channels[-1], self.heights[-1], self.widths[-1])
         return self.deconvs(h).flatten(1)
-
-    def config(self) -> dict:
-        return {"kind": "conv_decoder", "image_shape": list(self.image_shape), "n_latent": self.n_latent,
-                "channels": self.channels, "kernel_size": self.kernel_size, "stride": self.stride,
-                "padding": self.padding, "activation": self.activation}
 
 
 def conv_encoder(image_shape: Sequence[int], n_latent: int, channels: Sequence[int] = (64, 64), **kwargs) -> ConvEncoder:

@@ -60,9 +60,9 @@ _TEXT = {
         "carries over to cells the model has not fitted. Both curves should fall and then level off; a "
         "validation curve that turns upwards while the training curve keeps falling means the model "
         "starts to memorise the training cells (overfitting). The dashed line marks the best epoch "
-        "(lowest validation loss). Further panels, if present, show parts of the loss, e.g. 'recon' for "
-        "how well the expression itself is reconstructed. A logarithmic axis is used when the loss spans "
-        "more than a factor of ten."
+        "(by default the lowest validation loss), whose parameters were kept. Further panels, if "
+        "present, show parts of the loss, e.g. 'recon' for how well the expression itself is "
+        "reconstructed. A logarithmic axis is used when the loss spans more than a factor of ten."
     ),
     "umap": (
         "Each dot is a cell. The model summarises every cell by a short list of numbers, its latent "
@@ -433,8 +433,9 @@ def _feature_umap_section(coords, activations, features, top_ids, feature_names,
             best = rows.iloc[int(np.argmin(pd.to_numeric(rows[score], errors="coerce").fillna(np.inf)))]
             direction = f" ({best['direction']})" if "direction" in features.columns else ""
             name = best["description"] if "description" in features.columns and pd.notna(best["description"]) else best["term"]
-            best_terms[fid] = _short(name, 42) + direction
-        titles = [f"feature {fid}: {best_terms[fid]}" for fid, _ in chosen]
+            # Two short lines: a long term on one line overflows its panel into the neighbours'.
+            best_terms[fid] = (direction, _short(name, 34))
+        titles = [f"feature {fid}{best_terms[fid][0]}\n{best_terms[fid][1]}" for fid, _ in chosen]
         caption = "The best-annotated features, each titled with its top term."
     else:
         # No usable annotation: show the features carrying the most total activation instead.

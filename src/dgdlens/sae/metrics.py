@@ -300,7 +300,8 @@ def categorical_auroc(activations, labels, *, chunk_size: int = 512, return_matr
 
 # ---------------------------------------------------------------------- structure identification
 def structure_identification(activations, expression, programs, *, percentile: float = 90.0, alpha: float = 0.05,
-                             scope: str = "global", score: str = "pearson", chunk_size: int = 1024, max_sample: int = 20_000_000,
+                             scope: str = "global", score: str = "pearson", min_score: float = 0.1,
+                             chunk_size: int = 1024, max_sample: int = 20_000_000,
                              seed: int = 0) -> tuple[pd.DataFrame, dict]:
     """Do SAE features link to the genes of the true programs? (the reference's structure test, corrected)
 
@@ -308,6 +309,10 @@ def structure_identification(activations, expression, programs, *, percentile: f
        reference's uncentred cosine similarity (``score="cosine"``). Cosine between non-negative vectors
        mostly measures how constant a gene is, so even random features "link" to the always-on genes and
        look significant for the programs those genes belong to; centring removes that.
+       A link also needs a score of at least ``min_score`` (0 to switch this off, as in the reference): a
+       percentile alone always links some genes, and as all genes of a program move together, a feature
+       correlating with one program at noise level (r ~ 0.03) would link to that program's genes and pass
+       the hypergeometric test, which assumes independent genes.
     2. Links: scores above the ``percentile``-th percentile, taken over all live features x genes
        (``scope="global"``, the reference) or per feature (``scope="feature"``). The global percentile is
        exact up to ``max_sample`` scores and estimated from a seeded random subset of features beyond.
@@ -381,7 +386,7 @@ def structure_identification(activations, expression, programs, *, percentile: f
         stop = min(start + chunk_size, len(live))
         S = scores(start, stop)
         cut = threshold if scope == "global" else np.percentile(S, percentile, axis=1, keepdims=True)
-        links = S > cut
+        links = (S > cut) & (S >= min_score)
         overlap = (links.astype(np.float64) @ Wf).astype(np.int64)  # (features, programs)
         m = links.sum(1)
         # log scale: strong links underflow p to 0 and would tie
@@ -418,6 +423,7 @@ def structure_identification(activations, expression, programs, *, percentile: f
         "percentile": percentile,
         "scope": scope,
         "score": score,
+        "min_score": min_score,
         "threshold": None if threshold is None else float(threshold),
     }
     return table, summary

@@ -123,7 +123,7 @@ def train_sae(
     data_mean_n = model.normalise(torch.as_tensor(mean, dtype=torch.float32, device=dev)).detach()
 
     trainer = _Trainer(model, data, train_idx, val_idx, data_mean_n, seed=seed, patience=patience, progress=progress)
-    with _torch_threads(num_threads):
+    with torch_threads(num_threads):
         trainer.run()
         model.eval()
         if isinstance(model, BatchTopKSAE):
@@ -137,7 +137,7 @@ def train_sae(
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int | None):
+def torch_threads(n: int | None):
     """Temporarily set torch's intra-op thread count (``None``: leave it)."""
     if n is None:
         yield

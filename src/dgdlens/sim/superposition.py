@@ -363,7 +363,7 @@ class SuperpositionEmbedding:
 def embed_superposition(data, *, n_latent: int = 150, depth: int = 2, width: str = "narrow", hidden=None,
                         epochs: int = 100, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0,
                         validation_fraction: float = 0.1, patience: int = 20, device="cpu", seed: int = 0,
-                        progress: bool = False) -> SuperpositionEmbedding:
+                        progress: bool = False, num_threads: int | None = None) -> SuperpositionEmbedding:
     """Fit the reference's embedding step: an MLP autoencoder with a squared-error loss on the genes.
 
     The genes are centred and divided by one scalar (their overall standard deviation) first, which keeps
@@ -381,8 +381,12 @@ def embed_superposition(data, *, n_latent: int = 150, depth: int = 2, width: str
         input side first; the decoder mirrors the encoder.
     epochs, batch_size, lr, weight_decay, validation_fraction, patience, device, seed, progress
         Training options of :meth:`Autoencoder.fit`.
+    num_threads
+        CPU threads for torch while training (restored afterwards; ``None`` leaves torch's setting). On a
+        busy machine one thread can be many times faster than oversubscribed cores.
     """
     from ..models.autoencoder import Autoencoder
+    from ..sae.train import torch_threads
     from ..nn.decoders import mlp_decoder, mlp_encoder
 
     Y = data.Y if isinstance(data, SuperpositionData) else data
@@ -404,9 +408,10 @@ def embed_superposition(data, *, n_latent: int = 150, depth: int = 2, width: str
                          likelihood="gaussian", seed=seed)
     embedding = SuperpositionEmbedding(latent=np.zeros((0, n_latent), np.float32), model=ae, gene_mean=gene_mean,
                                        scale=scale)
-    ae.fit(embedding.standardise(Y), epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-           validation_fraction=validation_fraction, early_stopping=validation_fraction > 0, patience=patience,
-           seed=seed, device=device, progress=progress)
+    with torch_threads(num_threads):
+        ae.fit(embedding.standardise(Y), epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+               validation_fraction=validation_fraction, early_stopping=validation_fraction > 0, patience=patience,
+               seed=seed, device=device, progress=progress)
     embedding.latent = ae.latent_
     return embedding
 
