@@ -76,6 +76,10 @@ def run_dgd(adata, train_idx, test_idx, args) -> dict:
     z = np.empty((adata.n_obs, model.n_latent), dtype=np.float32)
     z[train_idx], z[test_idx] = model.get_latent_representation(), z_test
     clusters = model.get_cluster_assignments(z=z)
+    cfg = model.train_config
+    print(f"DGD settings: K={model.n_components}, sd_init={model.gmm.sd_init:.3g}, rep_step={cfg['rep_step']}, "
+          f"hyperprior={cfg['hyperprior']}, batch_size={cfg['batch_size']}, max_epochs={cfg['max_epochs']}, "
+          f"early_stopping={cfg['early_stopping']} (best epoch {model.train_summary['best_epoch']})")
     return {"model": "DGD", "heldout_nll": heldout, "train_nll": model.get_reconstruction_error(),
             "z": z, "mixture": clusters, "fit_s": fit, "epochs": len(model.history),
             "s_per_epoch": float(model.history["time"].mean()), "heldout_infer_s": infer,
@@ -107,6 +111,9 @@ def run_scvi(adata, train_idx, test_idx, args) -> dict | None:
     x_test = test.X.toarray()
     mean, theta = _scvi_nb_params(model, z_test, x_test.sum(1))
     heldout = float(nb_nll_per_cell(x_test, mean, theta).mean())
+    own = model.get_reconstruction_error(test)["reconstruction_loss"]
+    print(f"scVI held-out NB NLL/cell: {heldout:.1f} from the posterior mean (table); scVI's own "
+          f"get_reconstruction_error (one sampled z): {float(own):.1f}")
     x_train = train.X.toarray()
     mean_tr, _ = _scvi_nb_params(model, model.get_latent_representation(), x_train.sum(1))
     z = np.empty((adata.n_obs, z_test.shape[1]), dtype=np.float32)

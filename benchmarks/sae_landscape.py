@@ -10,7 +10,7 @@
 2. Speed: seconds per epoch of a 10,000-latent SAE on 50,000 x 20 inputs (the reference's single-cell
    setting: 10,000 latents on a 20-d DGD latent), for the paper preset (ReLU + L1, batch 128) and TopK.
 
-    python benchmarks/sae_landscape.py            # the real run (~30-40 min on 2 busy cores)
+    python benchmarks/sae_landscape.py            # the real run (~30 min on 2 busy cores)
     python benchmarks/sae_landscape.py --quick    # small sizes, a few minutes
 
 Times are wall-clock and CPU seconds of this process (CPU is the steadier number on a shared machine).
@@ -32,10 +32,10 @@ import dgdlens.sae as sae_lib
 from dgdlens.sim.superposition import embed_superposition, planted_sparse_codes, simulate_superposition
 
 SIZES = {
-    "full": dict(n_cells=12_000, n_genes=2_000, n_programs=100, n_cell_types=40, n_covariates=3, n_latent=100,
-                 ae_epochs=60, sae_epochs=30, width_factors=(5, 20), timing_cells=50_000, timing_epochs=2),
+    "full": dict(n_cells=8_000, n_genes=1_000, n_programs=100, n_cell_types=40, n_covariates=3, n_latent=100,
+                 ae_epochs=25, sae_epochs=25, width_factors=(5, 20), timing_cells=50_000, timing_epochs=2),
     "quick": dict(n_cells=3_000, n_genes=400, n_programs=30, n_cell_types=10, n_covariates=3, n_latent=30,
-                  ae_epochs=15, sae_epochs=4, width_factors=(4, 16), timing_cells=5_000, timing_epochs=1),
+                  ae_epochs=15, sae_epochs=15, width_factors=(4, 16), timing_cells=5_000, timing_epochs=1),
 }
 
 #: Three sparsity levels per variant (low -> high L0): k for TopK / BatchTopK / JumpReLU (target L0),
@@ -83,7 +83,7 @@ def landscape(size: dict, args) -> pd.DataFrame:
                     continue
                 t0, cpu0 = time.perf_counter(), time.process_time()
                 model = sae_lib.train_sae(Z_train, kind=kind, n_latents=n_latents, epochs=size["sae_epochs"],
-                                          device=args.device, seed=args.seed, progress=False,
+                                          batch_size=128, device=args.device, seed=args.seed, progress=False,
                                           num_threads=args.threads, **{name: value})
                 seconds = time.perf_counter() - t0
                 cpu_seconds = time.process_time() - cpu0
@@ -102,6 +102,7 @@ def landscape(size: dict, args) -> pd.DataFrame:
                     "auroc_celltype": summary.loc["cell type", "mean_best"],
                     "auroc_covariate": summary.loc["covariate", "mean_best"],
                     "programs_identified": structure["fraction_identified"],
+                    "program_coverage": structure["mean_coverage"],
                     "L0": q["l0"], "FVU": q["fvu"], "dead": q["dead_fraction"], "dense": q["dense_fraction"],
                     "train_wall_s": seconds, "train_cpu_s": cpu_seconds,
                 }

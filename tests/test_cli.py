@@ -49,8 +49,8 @@ def run(argv, capsys) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def trained(work) -> Path:
-    code = main(["train", str(work / "train.h5ad"), "--out", str(work / "model"), "--labels", "bulk_labels",
-                 "--latents", str(work / "train_latents.h5ad"), *SMALL_DGD])
+    code = main(["train", str(work / "train.h5ad"), "--out", str(work / "model"),
+                 "--labels-key", "bulk_labels", "--latents", str(work / "train_latents.h5ad"), *SMALL_DGD])
     assert code == 0
     return work / "model"
 
@@ -157,10 +157,12 @@ def test_annotate_finds_the_planted_set_and_equals_the_api(work, planted, capsys
     adata = ad.read_h5ad(work / "train.h5ad")
     expected = annotate(sp.load_npz(planted), adata.X, np.asarray(adata.var_names), str(work / "sets.gmt"),
                         percentile=75.0, min_active_cells=5, min_set_size=2, max_padj=1.0)
-    assert list(table["term"]) == list(expected["term"]) and list(table["feature"]) == list(expected["feature"])
+    assert list(table["term"]) == list(expected["term"])
+    assert list(table["feature"]) == list(expected["feature"])
     np.testing.assert_allclose(table["pval"], expected["pval"], rtol=1e-9)
     summary = pd.read_csv(work / "per_feature.csv").set_index("feature")
     assert summary.loc[2, "status"] == "dead"
+    assert f"of {int((summary['status'] == 'ok').sum())} tested features" in out
 
 
 def test_annotate_aligns_named_activations_to_the_expression_cells(work, planted, embedded, capsys):
@@ -170,16 +172,16 @@ def test_annotate_aligns_named_activations_to_the_expression_cells(work, planted
     pd.DataFrame(acts[shuffled], index=names[shuffled]).to_csv(work / "acts_shuffled.csv")
     options = [str(work / o) if o.endswith(".gmt") else o for o in ANNOTATE_OPTIONS]
     args = ["--expression", work / "train.h5ad", "--no-progress", "--overwrite", *options]
-    code, _, err = run(["annotate", "--activations", work / "acts_shuffled.csv", "--out", work / "f2.csv", *args],
-                       capsys)
+    code, _, err = run(["annotate", "--activations", work / "acts_shuffled.csv", "--out", work / "f2.csv",
+                        *args], capsys)
     assert code == 0, err
     pd.testing.assert_frame_equal(pd.read_csv(work / "f2.csv"), pd.read_csv(work / "features.csv"))
     pd.DataFrame(acts[:150], index=names[:150]).to_csv(work / "acts_partial.csv")
-    code, _, err = run(["annotate", "--activations", work / "acts_partial.csv", "--out", work / "f3.csv", *args],
-                       capsys)
-    assert code == 1 and "10 of the expression's 160 cells have no activations" in err
-    code, _, err = run(["annotate", "--activations", f"{work / 'embedded.h5ad'}:X_sae", "--out", work / "f4.csv",
+    code, _, err = run(["annotate", "--activations", work / "acts_partial.csv", "--out", work / "f3.csv",
                         *args], capsys)
+    assert code == 1 and "10 of the expression's 160 cells have no activations" in err
+    code, _, err = run(["annotate", "--activations", f"{work / 'embedded.h5ad'}:X_sae",
+                        "--out", work / "f4.csv", *args], capsys)
     assert code == 1 and "no obsm['X_sae']; available: X_dgd" in err
 
 
@@ -200,7 +202,8 @@ def test_steer_writes_the_api_result(work, trained, embedded, sae_dir, capsys):
     assert summary["feature"] == 0 and summary["n_cells"] == 40 and "control_genes_changed" in summary
     assert (work / "steer" / "control_genes.csv").exists() and (work / "steer" / "enrichment.csv").exists()
     # --cells restricts the edit to one label
-    code, _, err = run(["steer", trained, sae_dir, embedded, "--feature", "0", "--mode", "add", "--value", "2",
+    code, _, err = run(["steer", trained, sae_dir, embedded, "--feature", "0", "--mode", "add",
+                        "--value", "2",
                         "--gene-sets", "none", "--cells", f"bulk_labels={adata.obs['bulk_labels'].iloc[0]}",
                         "--out", work / "steer_one", "--device", "cpu"], capsys)
     assert code == 0, err
@@ -219,7 +222,8 @@ def test_config_file_supplies_options_and_the_command_line_wins(work, capsys):
     code, _, err = run(["train", "--config", config, "--n-components", "4"], capsys)
     assert code == 0, err
     model = DGD.load(work / "model_cfg")
-    assert (model.n_latent, model.n_components, model.params["hidden"], model.params["seed"]) == (3, 4, [8], 3)
+    got = (model.n_latent, model.n_components, model.params["hidden"], model.params["seed"])
+    assert got == (3, 4, [8], 3)
     assert len(model.history) == 2
 
 
@@ -234,7 +238,8 @@ def test_config_file_supplies_options_and_the_command_line_wins(work, capsys):
 def test_config_file_mistakes_are_named(work, capsys, text, message):
     config = work / "bad.toml"
     config.write_text(text)
-    code, _, err = run(["train", work / "train.h5ad", "--out", work / "never", "--config", config, "--epochs", "1",
+    code, _, err = run(["train", work / "train.h5ad", "--out", work / "never", "--config", config,
+                        "--epochs", "1",
                         "--help" if message is None else "--no-progress"], capsys)
     if message is None:
         assert code == 0
@@ -265,7 +270,8 @@ def _mistakes(work: Path, trained: Path, sae_dir: Path) -> list[tuple[list, str]
         (["embed", trained, work / "new.h5ad", "--out", work / "o.txt"], "unsupported file type"),
         (["sae", work / "new.h5ad", "--out", work / "s"], "say which obsm entry"),
         (["sae", f"{work / 'new.h5ad'}:X_pca", "--out", work / "s"], "no obsm['X_pca']"),
-        (["steer", trained, trained, work / "new.h5ad", "--feature", "0", "--value", "1", "--out", work / "st"],
+        (["steer", trained, trained, work / "new.h5ad", "--feature", "0", "--value", "1",
+          "--out", work / "st"],
          "not a 'sae'"),
         (["steer", trained, sae_dir, work / "embedded.h5ad", "--feature", "99", "--value", "1",
           "--out", work / "st"], "out of range"),
@@ -307,6 +313,7 @@ def test_every_option_is_explained_in_help(capsys):
 def test_spec_parsing():
     assert split_spec("out.h5ad:X_dgd") == ("out.h5ad", "X_dgd")
     assert split_spec("dir/z.npz:arr_0") == ("dir/z.npz", "arr_0")
+    assert split_spec("h5ad:out.h5ad:X_dgd") == ("out.h5ad", "X_dgd")
     assert split_spec("z.npy") == ("z.npy", None)
     assert split_spec("C:/data/z.csv") == ("C:/data/z.csv", None)
 
@@ -317,5 +324,5 @@ def test_python_dash_m_entry_point_reports_errors_without_traceback(tmp_path):
                            str(tmp_path / "no.h5ad"), "--out", str(tmp_path / "o.h5ad")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [f"dgdlens embed: error: model directory {tmp_path / 'no_model'} "
-                                                "does not exist."]
+    expected = f"dgdlens embed: error: model directory {tmp_path / 'no_model'} does not exist."
+    assert proc.stderr.strip().splitlines() == [expected]

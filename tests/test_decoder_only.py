@@ -79,7 +79,7 @@ def test_fit_is_deterministic_and_seed_dependent():
 
 def test_validation_split_and_early_stopping():
     X, _ = planted(2)
-    model = make_model().fit(X, **(FIT | {"epochs": 40, "validation_fraction": 0.2, "early_stopping": True,
+    model = make_model().fit(X, **(FIT | {"epochs": 15, "validation_fraction": 0.2, "early_stopping": True,
                                           "patience": 3, "min_epochs": 5}))
     assert len(model.val_idx_) == 30 and len(model.train_idx_) == 120
     assert set(model.val_idx_).isdisjoint(model.train_idx_)

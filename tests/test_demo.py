@@ -33,9 +33,9 @@ def demo(tmp_path_factory):
 
 def test_demo_writes_every_promised_file(demo):
     out, printed = demo
-    for name in ("adata.h5ad", "dgd/config.json", "dgd/weights.safetensors", "sae/config.json", "features.csv",
-                 "feature_summary.csv", "steering_genes.csv", "steering_enrichment.csv", "summary.json",
-                 "report.html"):
+    for name in ("adata.h5ad", "dgd/config.json", "dgd/weights.safetensors", "sae/config.json",
+                 "features.csv", "feature_summary.csv", "steering_genes.csv", "steering_enrichment.csv",
+                 "summary.json", "report.html"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for step in range(1, 8):
         assert f"[{step}/7]" in printed
@@ -72,7 +72,11 @@ def test_features_steering_and_summary_agree(demo):
     genes = pd.read_csv(out / "steering_genes.csv")
     assert len(genes) == summary["genes"]
     assert summary["steering"]["genes_up"] == int((genes["direction"] == "up").sum())
-    assert f"{summary['steering']['genes_up']} genes up" in printed
+    steered = summary["steering"]
+    assert f"{steered['genes_down']} genes down, {steered['genes_up']} up" in printed
+    # The demo switches the feature off in exactly the cells where it is active.
+    acts = ad.read_h5ad(out / "adata.h5ad").obsm["X_sae"]
+    assert steered["mode"] == "ablate" and steered["n_cells"] == int((acts[:, steered["feature"]] > 0).sum())
     assert summary["sae"]["fvu"] >= 0 and 0 <= summary["sae"]["dead_fraction"] <= 1
 
 

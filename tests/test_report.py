@@ -306,10 +306,12 @@ def test_steer_result_and_term_descriptions_are_shown(tmp_path):
                              "direction": "up", "pval": [1e-5, 1e-3, 1e-4], "padj": [1e-4, 1e-2, 1e-3]})
     n = 12
     result = SteerResult(feature=0, mode="clamp", value=2.5, cells=np.arange(n), z=rng.normal(size=(n, 3)),
-                         z_steered=rng.normal(size=(n, 3)), activation=np.zeros(n), activation_steered=np.full(n, 2.5),
+                         z_steered=rng.normal(size=(n, 3)), activation=np.zeros(n),
+                         activation_steered=np.full(n, 2.5),
                          expression=np.ones((n, 40)), expression_steered=np.ones((n, 40)), genes=genes,
                          enrichment=features.drop(columns="feature"))
-    page = _Page(build_report(tmp_path / "r.html", features=features, steering=result).read_text(encoding="utf-8"))
+    path = build_report(tmp_path / "r.html", features=features, steering=result)
+    page = _Page(path.read_text(encoding="utf-8"))
     visible = page.visible
     assert "first process (GO:0000001)" in visible and "second process (GO:0000002)" in visible
     assert "GO:0000003 (" not in visible  # a description equal to the ID is not repeated

@@ -224,3 +224,25 @@ def test_bad_inference_inputs_raise(topk_small, small):
         topk_small.decode(np.zeros((3, 5)))
     with pytest.raises(ValueError, match="batch_size"):
         topk_small.encode(small, batch_size=0)
+
+
+@pytest.mark.parametrize("kind, extra", [("relu", {}), ("topk", dict(k=16)), ("batchtopk", dict(k=16)),
+                                         ("jumprelu", dict(k=16))])
+def test_wide_dictionary_starts_at_the_right_scale(small, kind, extra):
+    """Transpose init adds every active projection in full; the encoder is rescaled so that a 32x wide
+    dictionary does not start by reconstructing the data many times too large."""
+    from dgdlens.sae.train import _init_from_data
+
+    cfg = S.train.resolve_config(8, kind=kind, n_latents=256, **extra)
+    sae = S.make_sae(cfg)
+    X = torch.from_numpy(small)
+    mean = X.mean(0)
+    with torch.no_grad():
+        sae.x_mean.copy_(mean)
+        sae.x_scale.fill_(float((X - mean).pow(2).sum(1).mean().sqrt()) / np.sqrt(8))
+    _init_from_data(sae, S.EmbeddingRows(small), np.arange(600), seed=0)
+    with torch.no_grad():
+        x_n = sae.normalise(X)
+        x_hat = sae.decode_normalised(sae.activate_train(sae.pre_activations(x_n)))
+        fvu = float((x_hat - x_n).pow(2).sum() / (x_n - x_n.mean(0)).pow(2).sum())
+    assert fvu < 1.0

@@ -1,4 +1,4 @@
-"""``python -m dgdlens ...``: the command line, also under launchers such as ``torchrun -m dgdlens train ...``."""
+"""``python -m dgdlens ...``: the command line, also under launchers (``torchrun -m dgdlens train ...``)."""
 
 import sys
 

@@ -33,7 +33,7 @@ __all__ = ["main", "build_parser", "CLIError"]
 PROG = "dgdlens"
 DEVICE_HELP = "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'"
 SPEC_HELP = (".npy, .npz[:KEY], .csv/.tsv (first column: cell names), .pt[:KEY], or FILE.h5ad:OBSM_KEY "
-             "(e.g. out.h5ad:X_dgd)")
+             "(e.g. out.h5ad:X_dgd; an 'h5ad:' prefix is allowed)")
 
 
 class CLIError(Exception):
@@ -92,9 +92,11 @@ def _train_parser(sub, common) -> None:
                     "spread over the processes (python -m dgdlens train ...).")
     p.add_argument("data", nargs="?", metavar="DATA.h5ad",
                    help="cells x genes with raw integer counts (in X, or in --layer)")
-    p.add_argument("-o", "--out", metavar="MODEL_DIR", help="directory to save the trained model to (required)")
-    p.add_argument("--layer", metavar="LAYER", help="layer holding the raw counts ('raw' for adata.raw.X; default: X)")
-    p.add_argument("--labels", metavar="OBS_KEY",
+    p.add_argument("-o", "--out", metavar="MODEL_DIR",
+                   help="directory to save the trained model to (required)")
+    p.add_argument("--layer", metavar="LAYER",
+                   help="layer holding the raw counts ('raw' for adata.raw.X; default: X)")
+    p.add_argument("--labels", "--labels-key", metavar="OBS_KEY",
                    help="obs column of cell labels; sets the number of mixture components when "
                         "--n-components is not given (never used in training)")
     p.add_argument("--n-latent", type=int, metavar="N", default=20, help="latent dimensions")
@@ -106,15 +108,19 @@ def _train_parser(sub, common) -> None:
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="cells per mini-batch")
     p.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=True,
                    help="stop when the validation loss stops improving and keep the best epoch")
-    p.add_argument("--patience", type=int, metavar="N", help="epochs without improvement before stopping (default: 20)")
+    p.add_argument("--patience", type=int, metavar="N",
+                   help="epochs without improvement before stopping (default: 20)")
     p.add_argument("--validation-fraction", type=float, default=0.1, metavar="F",
                    help="share of cells held out to monitor training")
     _add_device(p)
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (split, initialisation, batch order)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="random seed (split, initialisation, batch order)")
     p.add_argument("--backed", action="store_true",
-                   help="read DATA.h5ad from disk batch by batch (backed='r') instead of loading it into memory")
-    p.add_argument("--checkpoint", metavar="FILE", help="write a resumable checkpoint to FILE during training")
-    p.add_argument("--resume", metavar="FILE", help="continue training from a checkpoint written by --checkpoint")
+                   help="read DATA.h5ad from disk batch by batch (backed='r') instead of loading it")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="write a resumable checkpoint to FILE during training")
+    p.add_argument("--resume", metavar="FILE",
+                   help="continue training from a checkpoint written by --checkpoint")
     p.add_argument("--latents", metavar="FILE",
                    help="also write the training cells' latents: .h5ad (DATA plus obsm X_dgd and obs "
                         "dgd_cluster), .npy or .csv")
@@ -133,14 +139,18 @@ def _embed_parser(sub, common) -> None:
     p.add_argument("model", nargs="?", metavar="MODEL_DIR", help="directory written by 'dgdlens train'")
     p.add_argument("data", nargs="?", metavar="NEW.h5ad", help="cells x genes, raw integer counts")
     p.add_argument("-o", "--out", metavar="OUT",
-                   help="output: .h5ad (the input plus latents and clusters), .npy or .csv (latents only) (required)")
-    p.add_argument("--layer", metavar="LAYER", help="layer holding the raw counts (default: the one the model was trained on)")
+                   help="output: .h5ad (the input plus latents and clusters), .npy or .csv (latents only) "
+                        "(required)")
+    p.add_argument("--layer", metavar="LAYER",
+                   help="layer holding the raw counts (default: the one the model was trained on)")
     p.add_argument("--n-steps", type=int, default=200, metavar="N", help="optimisation steps per cell")
     p.add_argument("--batch-size", type=int, default=1024, metavar="N", help="cells embedded together")
     p.add_argument("--latent-key", default="X_dgd", metavar="KEY", help="obsm key for the latents")
-    p.add_argument("--cluster-key", default="dgd_cluster", metavar="KEY", help="obs key for the mixture clusters")
+    p.add_argument("--cluster-key", default="dgd_cluster", metavar="KEY",
+                   help="obs key for the mixture clusters")
     _add_device(p)
-    p.add_argument("--backed", action="store_true", help="read NEW.h5ad from disk batch by batch (backed='r')")
+    p.add_argument("--backed", action="store_true",
+                   help="read NEW.h5ad from disk batch by batch (backed='r')")
     _add_overwrite(p, "OUT")
     _add_progress(p)
     p.set_defaults(handler=_cmd_embed, required=("model", "data", "out"))
@@ -156,15 +166,20 @@ def _sae_parser(sub, common) -> None:
     p.add_argument("-o", "--out", metavar="SAE_DIR", help="directory to save the SAE to (required)")
     p.add_argument("--kind", default="topk", choices=["topk", "batchtopk", "jumprelu", "relu"],
                    help="SAE variant")
-    p.add_argument("--n-latents", type=int, metavar="N", help="number of SAE features (default: 16 x input dimensions)")
-    p.add_argument("--k", type=int, metavar="K", help="active features per cell (topk, batchtopk); target L0 for jumprelu")
+    p.add_argument("--n-latents", type=int, metavar="N",
+                   help="number of SAE features (default: 16 x input dimensions)")
+    p.add_argument("--k", type=int, metavar="K",
+                   help="active features per cell (topk, batchtopk); target L0 for jumprelu")
     p.add_argument("--epochs", type=int, metavar="N", help="training epochs (default: the variant's)")
-    p.add_argument("--batch-size", type=int, metavar="N", help="cells per mini-batch (default: the variant's)")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="cells per mini-batch (default: the variant's)")
     p.add_argument("--lr", type=float, metavar="LR", help="learning rate (default: the variant's)")
     p.add_argument("--l1-coef", type=float, metavar="C", help="sparsity penalty of the relu variant")
     p.add_argument("--preset", choices=["paper"], help="start from the reference paper's settings")
-    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F", help="share of cells held out for validation")
-    p.add_argument("--patience", type=int, metavar="N", help="stop after this many epochs without validation improvement")
+    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                   help="share of cells held out for validation")
+    p.add_argument("--patience", type=int, metavar="N",
+                   help="stop after this many epochs without validation improvement")
     _add_device(p)
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed")
     p.add_argument("--activations", metavar="FILE",
@@ -181,25 +196,34 @@ def _annotate_parser(sub, common) -> None:
         description="For every SAE feature, compare the cells where it is most active with cells where it "
                     "is silent, and test the changed genes for gene-set over-representation. Writes one "
                     "row per (feature, gene set, direction) that passes --max-padj.")
-    p.add_argument("-a", "--activations", metavar="ACTIVATIONS", help=f"cells x features: {SPEC_HELP} (required)")
+    p.add_argument("-a", "--activations", metavar="ACTIVATIONS",
+                   help=f"cells x features: {SPEC_HELP} (required)")
     p.add_argument("-e", "--expression", metavar="DATA.h5ad",
                    help="the same cells' expression (raw counts or log-normalised) (required)")
     p.add_argument("-o", "--out", metavar="FEATURES.csv", help="annotation table to write (required)")
-    p.add_argument("--layer", metavar="LAYER", help="layer of DATA.h5ad to use ('raw' for adata.raw.X; default: X)")
-    p.add_argument("--gene-symbols", metavar="VAR_KEY", help="var column with gene symbols (default: var_names)")
+    p.add_argument("--layer", metavar="LAYER",
+                   help="layer of DATA.h5ad to use ('raw' for adata.raw.X; default: X)")
+    p.add_argument("--gene-symbols", metavar="VAR_KEY",
+                   help="var column with gene symbols (default: var_names)")
     p.add_argument("--gene-sets", default="go_bp", metavar="NAME|FILE",
                    help="go_bp, go_mf, go_cc, hallmark, reactome_wp_pid, or a .gmt file")
     p.add_argument("--percentile", type=float, default=99.0, metavar="Q",
                    help="a feature's active group: cells above this percentile of its activations")
-    p.add_argument("--min-active-cells", type=int, default=20, metavar="N", help="skip features active in fewer cells")
-    p.add_argument("--test", default="t-test", choices=["t-test", "wilcoxon"], help="differential expression test")
-    p.add_argument("--min-set-size", type=int, default=10, metavar="N", help="smallest gene set tested (genes measured)")
-    p.add_argument("--max-set-size", type=int, default=500, metavar="N", help="largest gene set tested (genes measured)")
-    p.add_argument("--max-padj", type=float, default=0.05, metavar="P", help="report rows with adjusted p-value up to this")
+    p.add_argument("--min-active-cells", type=int, default=20, metavar="N",
+                   help="skip features active in fewer cells")
+    p.add_argument("--test", default="t-test", choices=["t-test", "wilcoxon"],
+                   help="differential expression test")
+    p.add_argument("--min-set-size", type=int, default=10, metavar="N",
+                   help="smallest gene set tested (genes measured)")
+    p.add_argument("--max-set-size", type=int, default=500, metavar="N",
+                   help="largest gene set tested (genes measured)")
+    p.add_argument("--max-padj", type=float, default=0.05, metavar="P",
+                   help="report rows with adjusted p-value up to this")
     p.add_argument("--compat", choices=["paper"], help="use the reference paper's statistics instead")
     p.add_argument("--features-summary", metavar="FILE.csv",
                    help="also write one row per feature (group sizes, genes changed, top term)")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (subsampling of silent cells)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="random seed (subsampling of silent cells)")
     _add_overwrite(p, "the output files")
     _add_progress(p)
     p.set_defaults(handler=_cmd_annotate, required=("activations", "expression", "out"))
@@ -219,12 +243,16 @@ def _steer_parser(sub, common) -> None:
                    help="the cells to steer (latents from obsm --latent-key, else embedded now)")
     p.add_argument("-o", "--out", metavar="OUT_DIR",
                    help="directory for genes.csv, enrichment.csv and summary.json (required)")
-    p.add_argument("--feature", type=int, metavar="INDEX", help="index of the SAE feature to steer (required)")
+    p.add_argument("--feature", type=int, metavar="INDEX",
+                   help="index of the SAE feature to steer (required)")
     p.add_argument("--mode", default="clamp", choices=["clamp", "add", "scale", "ablate"],
                    help="clamp: set to VALUE; add: add VALUE; scale: multiply by VALUE; ablate: set to 0")
-    p.add_argument("--value", type=float, metavar="X", help="the activation, amount or factor (not for ablate)")
-    p.add_argument("--cells", metavar="OBS_KEY=VALUE", help="steer only cells whose obs column has this value")
-    p.add_argument("--latent-key", metavar="KEY", help="obsm key with the cells' latents (default: X_dgd if present)")
+    p.add_argument("--value", type=float, metavar="X",
+                   help="the activation, amount or factor (not for ablate)")
+    p.add_argument("--cells", metavar="OBS_KEY=VALUE",
+                   help="steer only cells whose obs column has this value")
+    p.add_argument("--latent-key", metavar="KEY",
+                   help="obsm key with the cells' latents (default: X_dgd if present)")
     p.add_argument("--layer", metavar="LAYER", help="layer with raw counts (for library sizes and embedding)")
     p.add_argument("--gene-sets", default="go_bp", metavar="NAME|FILE",
                    help="collection for the enrichment of changed genes, a .gmt file, or 'none'")
@@ -245,8 +273,10 @@ def _demo_parser(sub, common) -> None:
                     "biological processes, steer one feature, and write adata.h5ad, the models, "
                     "features.csv and report.html to --out. A few minutes on 2 CPU cores.")
     p.add_argument("-o", "--out", default="dgdlens-demo", metavar="DIR", help="output directory")
-    p.add_argument("--quick", action="store_true", help="a fast, rough run (few epochs) to check that everything works")
-    p.add_argument("--epochs", type=int, metavar="N", help="maximum DGD epochs (default: 500 with early stopping; 15 with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="a fast, rough run (few epochs) to check that everything works")
+    p.add_argument("--epochs", type=int, metavar="N",
+                   help="maximum DGD epochs (default: 500 with early stopping; 15 with --quick)")
     _add_device(p)
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed")
     _add_progress(p)
@@ -322,7 +352,7 @@ def read_config(path, command: str, subcommands: dict[str, argparse.ArgumentPars
     """Option values for ``command`` from a TOML file: top-level keys, then the ``[command]`` table."""
     path = Path(path)
     if not path.is_file():
-        raise CLIError(f"config file {path} does not exist." if not path.exists() else f"config file {path} is not a file.")
+        raise CLIError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}.")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
@@ -340,7 +370,8 @@ def read_config(path, command: str, subcommands: dict[str, argparse.ArgumentPars
     for key, value in table.items() if isinstance(table, dict) else ():
         if key not in keys:
             valid = sorted({a.dest.replace("_", "-") for a in keys.values()})
-            raise CLIError(f"config file {path}: [{command}] has unknown option {key!r}; valid: {', '.join(valid)}.")
+            raise CLIError(f"config file {path}: [{command}] has unknown option {key!r}; "
+                           f"valid: {', '.join(valid)}.")
         values[keys[key].dest] = _coerce(keys[key], value, f"{key!r} in [{command}] of {path}")
     return values
 
@@ -368,7 +399,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------------------------- input / output
+# ----------------------------------------------------------------------------------------------- files
 
 def _is_main_process() -> bool:
     """False in every process but the first under torchrun: only that one prints and writes files."""
@@ -403,7 +434,8 @@ def _output_path(path, overwrite: bool, *, is_dir: bool = False, suffixes: tuple
     """Check an output location before any work is done (no surprise after an hour of training)."""
     path = Path(path)
     if suffixes and path.suffix.lower() not in suffixes:
-        raise CLIError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; use one of {', '.join(suffixes)}.")
+        raise CLIError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
+                       f"use one of {', '.join(suffixes)}.")
     if path.exists():
         if is_dir and path.is_file():
             raise CLIError(f"{path} is a file; the output must be a directory.")
@@ -429,8 +461,12 @@ _SPEC = re.compile(r"^(?P<path>.+\.(?:h5ad|npz|pt|pth)):(?P<key>[^/\\:]+)$", re.
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:
-    """``"out.h5ad:X_dgd"`` -> ``("out.h5ad", "X_dgd")``; plain paths get key ``None``."""
-    match = _SPEC.match(str(spec))
+    """``"out.h5ad:X_dgd"`` (or ``"h5ad:out.h5ad:X_dgd"``) -> ``("out.h5ad", "X_dgd")``; plain paths get
+    key ``None``."""
+    spec = str(spec)
+    if spec.lower().startswith("h5ad:") and not Path(spec).exists():
+        spec = spec[len("h5ad:"):]
+    match = _SPEC.match(spec)
     if match and not Path(spec).exists():
         return match["path"], match["key"]
     return str(spec), None
@@ -456,7 +492,8 @@ def read_matrix(spec: str, what: str):
         adata = read_h5ad(path, backed=True)
         try:
             if key not in adata.obsm:
-                raise CLIError(f"{path} has no obsm[{key!r}]; available: {', '.join(adata.obsm.keys()) or 'none'}.")
+                available = ", ".join(adata.obsm.keys()) or "none"
+                raise CLIError(f"{path} has no obsm[{key!r}]; available: {available}.")
             value = adata.obsm[key]
             matrix = value if sp.issparse(value) else np.asarray(value)
             return matrix, adata.obs_names.copy()
@@ -506,15 +543,18 @@ def _cmd_train(args) -> None:
     from . import distributed
     from .models import DGD
 
-    distributed.init(device=args.device)  # under torchrun: join the group first, so "cuda" is this process's GPU
+    # under torchrun: join the process group first, so that "cuda" means this process's GPU
+    distributed.init(device=args.device)
     out = _output_path(args.out, args.overwrite, is_dir=True)
     if args.latents:
         _output_path(args.latents, args.overwrite, suffixes=(".h5ad", ".npy", ".csv"))
     if args.resume:  # under torchrun every process resumes from its own shard of the checkpoint
-        _existing_file(distributed.checkpoint_shard_path(args.resume) if distributed.is_distributed() else args.resume,
-                       "checkpoint")
+        own = (distributed.checkpoint_shard_path(args.resume) if distributed.is_distributed()
+               else args.resume)
+        _existing_file(own, "checkpoint")
     adata = read_h5ad(args.data, backed=args.backed)
-    _echo(f"Read {args.data}: {adata.n_obs:,} cells x {adata.n_vars:,} genes{' (backed)' if args.backed else ''}.")
+    backed = " (backed)" if args.backed else ""
+    _echo(f"Read {args.data}: {adata.n_obs:,} cells x {adata.n_vars:,} genes{backed}.")
     model = DGD(adata, layer=args.layer, n_latent=args.n_latent, n_components=args.n_components,
                 labels_key=args.labels, hidden=args.hidden, validation_fraction=args.validation_fraction,
                 seed=args.seed)
@@ -528,7 +568,8 @@ def _cmd_train(args) -> None:
         distributed.run_on_main(_write_latents, Path(args.latents), model, adata)
     s = model.train_summary
     last = model.history.iloc[-1]
-    losses = ", ".join(f"{k.replace('_', ' ')} {last[k]:.4g}" for k in ("train_recon", "val_recon") if k in last)
+    losses = ", ".join(f"{k.replace('_', ' ')} {last[k]:.4g}"
+                       for k in ("train_recon", "val_recon") if k in last)
     _echo(f"Done: {s['epochs_run']} epochs in {s['fit_time_s']:.0f} s (best epoch {s['best_epoch']}"
           f"{', stopped early' if s['stopped_early'] else ''}); last epoch: {losses} (nats per cell).")
     _echo(f"Saved the model to {out}/" + (f"; latents to {args.latents}." if args.latents else "."))
@@ -549,7 +590,8 @@ def _cmd_embed(args) -> None:
     from .data.matrix import write_h5ad_out_of_core
     from .models import DGD
 
-    distributed.init(device=args.device)  # under torchrun: join the group first, so "cuda" is this process's GPU
+    # under torchrun: join the process group first, so that "cuda" means this process's GPU
+    distributed.init(device=args.device)
     out = _output_path(args.out, args.overwrite, suffixes=(".h5ad", ".npy", ".csv"))
     if out.resolve() == Path(args.data).resolve():
         raise CLIError(f"--out {out} is the input file; write to a new file.")
@@ -558,15 +600,13 @@ def _cmd_embed(args) -> None:
     _echo(f"Embedding {adata.n_obs:,} cells of {args.data} with {model}.")
     model.add_to_adata(adata, latent_key=args.latent_key, cluster_key=args.cluster_key, layer=args.layer,
                        n_steps=args.n_steps, batch_size=args.batch_size, progress=args.progress)
-    if not _is_main_process():  # under torchrun every process has all latents; one writes them
-        return
     if out.suffix.lower() == ".h5ad":  # one process writes (under torchrun all hold the gathered latents)
         distributed.run_on_main(write_h5ad_out_of_core, adata, out)
     else:
         distributed.run_on_main(write_matrix, out, adata.obsm[args.latent_key], adata.obs_names)
     sizes = adata.obs[args.cluster_key].value_counts()
-    _echo(f"Wrote {out}: obsm[{args.latent_key!r}] ({adata.n_obs:,} x {model.n_latent}) and obs[{args.cluster_key!r}] "
-          f"({int((sizes > 0).sum())} of {model.n_components} components used).")
+    _echo(f"Wrote {out}: obsm[{args.latent_key!r}] ({adata.n_obs:,} x {model.n_latent}) and "
+          f"obs[{args.cluster_key!r}] ({int((sizes > 0).sum())} of {model.n_components} components used).")
 
 
 def _cmd_sae(args) -> None:
@@ -606,8 +646,8 @@ def _aligned_activations(A, cells, adata, spec: str):
     indexer = pd.Index(cells).get_indexer(adata.obs_names)
     if (indexer < 0).any():
         missing = adata.obs_names[indexer < 0]
-        raise CLIError(f"{len(missing):,} of the expression's {adata.n_obs:,} cells have no activations in {spec} "
-                       f"(e.g. {', '.join(missing[:3])}); use activations computed for these cells.")
+        raise CLIError(f"{len(missing):,} of the expression's {adata.n_obs:,} cells have no activations in "
+                       f"{spec} (e.g. {', '.join(missing[:3])}); use activations computed for these cells.")
     return A[indexer]
 
 
@@ -628,12 +668,12 @@ def _cmd_annotate(args) -> None:
     results, features = annotate(
         A, expression, np.asarray(names), _gene_sets_arg(args.gene_sets), compat=args.compat,
         percentile=args.percentile, min_active_cells=args.min_active_cells, test=args.test,
-        min_set_size=args.min_set_size, max_set_size=args.max_set_size, max_padj=args.max_padj, seed=args.seed,
-        progress=args.progress, return_features=True)
+        min_set_size=args.min_set_size, max_set_size=args.max_set_size, max_padj=args.max_padj,
+        seed=args.seed, progress=args.progress, return_features=True)
     _write_table(results, out)
     if args.features_summary:
         _write_table(features, Path(args.features_summary))
-    n_tested = int((features["status"] == "tested").sum()) if "status" in features else len(features)
+    n_tested = int((features["status"] == "ok").sum()) if "status" in features else len(features)
     _echo(f"Wrote {len(results):,} rows to {out}: {results['feature'].nunique():,} of {n_tested:,} tested "
           f"features have a gene set with padj <= {args.max_padj:g}.")
     for line in _top_terms(results, 5):
@@ -643,14 +683,17 @@ def _cmd_annotate(args) -> None:
 def _expression_of(adata, layer, gene_symbols):
     if layer == "raw":
         if adata.raw is None:
-            raise CLIError("--layer raw was given but the .h5ad has no raw; pass a layer name or leave it out.")
+            raise CLIError("--layer raw was given but the .h5ad has no raw; pass a layer name or leave "
+                           "it out.")
         return adata.raw.X, adata.raw.var_names
     if layer is not None and layer not in adata.layers:
-        raise CLIError(f"layer {layer!r} is not in the .h5ad (layers: {', '.join(adata.layers.keys()) or 'none'}).")
+        available = ", ".join(adata.layers.keys()) or "none"
+        raise CLIError(f"layer {layer!r} is not in the .h5ad (layers: {available}).")
     names = adata.var_names
     if gene_symbols is not None:
         if gene_symbols not in adata.var.columns:
-            raise CLIError(f"var has no column {gene_symbols!r} (columns: {', '.join(adata.var.columns) or 'none'}).")
+            available = ", ".join(adata.var.columns) or "none"
+            raise CLIError(f"var has no column {gene_symbols!r} (columns: {available}).")
         names = adata.var[gene_symbols].astype(str)
     return (adata.X if layer is None else adata.layers[layer]), names
 
@@ -693,7 +736,8 @@ def _cmd_steer(args) -> None:
     adata = read_h5ad(args.data)
     latent_key = args.latent_key or ("X_dgd" if "X_dgd" in adata.obsm else None)
     cells = _cell_mask(adata, args.cells)
-    _echo(f"Steering feature {args.feature} ({args.mode}{'' if args.value is None else f' {args.value:g}'}) in "
+    edit = args.mode if args.value is None else f"{args.mode} {args.value:g}"
+    _echo(f"Steering feature {args.feature} ({edit}) in "
           f"{adata.n_obs if cells is None else int(cells.sum()):,} cells"
           f"{f' (latents from obsm[{latent_key!r}])' if latent_key else ' (embedding them first)'}.")
     result = steer(model, sae, adata, feature=args.feature, mode=args.mode, value=args.value, cells=cells,

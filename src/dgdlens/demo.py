@@ -6,7 +6,7 @@
 3. Embed the held-out cells with the trained model (decoder and mixture frozen).
 4. Train a TopK sparse autoencoder on the training cells' latents and encode all cells.
 5. Annotate every SAE feature with GO biological processes.
-6. Steer the best-annotated feature: switch it on in the cells where it is silent.
+6. Steer the strongest annotated feature: switch it off in the cells where it is active.
 7. Write ``adata.h5ad``, ``dgd/``, ``sae/``, ``features.csv``, ``steering_genes.csv``,
    ``steering_enrichment.csv``, ``summary.json`` and ``report.html``.
 
@@ -29,13 +29,14 @@ __all__ = ["run_demo", "DemoResult", "DEMO_SETTINGS", "QUICK_SETTINGS"]
 
 LABELS_KEY = "bulk_labels"
 
-#: The full demo: model defaults, a modest SAE for 700 cells, DE groups sized for a small data set.
+#: The full demo: model defaults; an SAE sized for 700 cells whose 20-d latents form about ten clusters
+#: (64 features left two thirds of them dead, 32 about a third); DE groups sized for a small data set.
 DEMO_SETTINGS = {
     "held_out_fraction": 0.15,
     "dgd_epochs": 500,
     "embed_steps": 200,
     "sae_kind": "topk",
-    "sae_latents": 64,
+    "sae_latents": 32,
     "sae_k": 4,
     "sae_epochs": 300,
     "annotate_percentile": 90.0,
@@ -82,21 +83,30 @@ def _split_cells(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nda
     return np.sort(order[n_held:]), np.sort(order[:n_held])
 
 
-def _choose_steering(activations, features: pd.DataFrame) -> tuple[int, float, np.ndarray]:
-    """The best-annotated feature (else the most active one), its highest activation in any cell, and
-    the cells where it is silent: steering asks what those cells would look like with the feature as
-    strongly on as in the cell that shows it most."""
+def _choose_steering(activations, features: pd.DataFrame, alpha: float = 0.05) -> tuple[int, np.ndarray]:
+    """The feature to steer and the cells where it is active.
+
+    The demo switches one feature off where it is on: a consistency check a reader can follow (if the
+    feature stands for the programme in its annotation, that programme's genes should go down). It uses
+    the feature with the largest total activation among those whose best term is 'up' (genes higher in
+    the active cells), so that the edit is large enough to matter; else among all annotated features,
+    else among all features.
+    """
     A = activations.tocsc()
-    if len(features):
-        feature = int(features.sort_values(["padj", "pval"], kind="stable")["feature"].iloc[0])
-    else:
-        feature = int(np.argmax(np.asarray(A.sum(axis=0)).ravel()))
-    column = A[:, feature].toarray().ravel()
-    level = float(column.max()) if column.max() > 0 else 1.0
-    silent = column == 0
-    if not silent.any():  # active everywhere: steer every cell instead
-        silent = np.ones_like(silent)
-    return feature, level, silent
+    totals = np.asarray(A.sum(axis=0)).ravel()
+    best = features[features["padj"] <= alpha].sort_values("padj", kind="stable").drop_duplicates("feature")
+    pools = (best.loc[best["direction"] == "up", "feature"], best["feature"], range(A.shape[1]))
+    pool = [0]
+    for candidates in pools:
+        live = [int(f) for f in candidates if totals[int(f)] > 0]
+        if live:
+            pool = live
+            break
+    feature = max(pool, key=lambda f: (totals[f], -f))
+    active = A[:, feature].toarray().ravel() > 0
+    if not active.any():  # nothing is active anywhere (a degenerate SAE): ablation then changes nothing
+        active[:] = True
+    return feature, active
 
 
 def _jsonable(obj):
@@ -207,8 +217,9 @@ def _run(out, *, quick, epochs, device, seed, progress, echo) -> DemoResult:
 
     steps.start("sae", f"Training a {settings['sae_kind']} SAE ({settings['sae_latents']} features, "
                        f"k={settings['sae_k']}) on the training cells' latents ...")
-    sae = train_sae(z[train_idx], kind=settings["sae_kind"], n_latents=settings["sae_latents"], k=settings["sae_k"],
-                    epochs=settings["sae_epochs"], device=dev, seed=seed, progress=progress)
+    sae = train_sae(z[train_idx], kind=settings["sae_kind"], n_latents=settings["sae_latents"],
+                    k=settings["sae_k"], epochs=settings["sae_epochs"], device=dev, seed=seed,
+                    progress=progress)
     activations = sp.csr_matrix(sae.encode(z))
     adata.obsm["X_sae"] = activations
     quality = sae_metrics(sae, z)
@@ -219,10 +230,10 @@ def _run(out, *, quick, epochs, device, seed, progress, echo) -> DemoResult:
         percentile=settings["annotate_percentile"], min_active_cells=settings["annotate_min_active_cells"],
         seed=seed, progress=progress, return_features=True)
 
-    feature, level, silent = _choose_steering(activations, features)
-    steps.start("steer", f"Steering feature {feature}: set to {level:.3g} in the {int(silent.sum())} cells "
-                         "where it is silent ...")
-    steering = steer(model, sae, z, feature=feature, mode="clamp", value=level, cells=silent,
+    feature, active = _choose_steering(activations, features)
+    steps.start("steer", f"Steering feature {feature}: switching it off in the {int(active.sum())} cells "
+                         "where it is active ...")
+    steering = steer(model, sae, z, feature=feature, mode="ablate", cells=active,
                      library_size=np.asarray(adata.X.sum(axis=1)).ravel(), gene_sets=settings["gene_sets"],
                      random_control=True, seed=seed)
 
@@ -248,8 +259,9 @@ def _write_outputs(out: Path, adata, model, sae, features, feature_summary, stee
         "feature_summary": out / "feature_summary.csv", "steering_genes": out / "steering_genes.csv",
         "steering_enrichment": out / "steering_enrichment.csv",
     }
-    adata.uns["dgdlens_demo"] = {"labels_key": LABELS_KEY, "latent_key": "X_dgd", "cluster_key": "dgd_cluster",
-                                 "activations_key": "X_sae", "steered_feature": int(steering.feature)}
+    adata.uns["dgdlens_demo"] = {"labels_key": LABELS_KEY, "latent_key": "X_dgd",
+                                 "cluster_key": "dgd_cluster", "activations_key": "X_sae",
+                                 "steered_feature": int(steering.feature)}
     adata.write_h5ad(files["adata"])
     model.save(files["dgd"], overwrite=True)
     sae.save(files["sae"], overwrite=True)
@@ -260,7 +272,8 @@ def _write_outputs(out: Path, adata, model, sae, features, feature_summary, stee
     return files
 
 
-def _summary(adata, model, quality, features, feature_summary, steering, recon_train, recon_held, settings, dev):
+def _summary(adata, model, quality, features, feature_summary, steering, recon_train, recon_held,
+             settings, dev) -> dict:
     from .cli import steering_summary
     from .plotting import cluster_agreement
 
@@ -273,7 +286,8 @@ def _summary(adata, model, quality, features, feature_summary, steering, recon_t
         "dgd": {"n_latent": model.n_latent, "n_components": model.n_components, "epochs_run": s["epochs_run"],
                 "best_epoch": s["best_epoch"], "stopped_early": s["stopped_early"],
                 "fit_time_s": round(s["fit_time_s"], 1),
-                "recon_nll_training": round(float(recon_train), 2), "recon_nll_held_out": round(float(recon_held), 2),
+                "recon_nll_training": round(float(recon_train), 2),
+                "recon_nll_held_out": round(float(recon_held), 2),
                 "ari_vs_labels": round(agreement["ari"], 3), "nmi_vs_labels": round(agreement["nmi"], 3)},
         "sae": {"kind": settings["sae_kind"], "n_features": settings["sae_latents"], "k": settings["sae_k"],
                 "fvu": round(quality["fvu"], 4), "l0": round(quality["l0"], 2),
@@ -299,18 +313,20 @@ def summary_lines(summary: dict, out: Path) -> list[str]:
     lines = [
         "",
         f"dgdlens demo finished in {minutes} min {seconds:02d} s. Results in {out}/",
-        f"  DGD       {d['n_latent']}-d latent, {d['n_components']} mixture components, {d['epochs_run']} epochs "
+        f"  DGD       {d['n_latent']}-d latent, {d['n_components']} mixture components, "
+        f"{d['epochs_run']} epochs "
         f"(best {d['best_epoch']}); reconstruction NLL per cell: training {d['recon_nll_training']:.1f}, "
         f"held-out {d['recon_nll_held_out']:.1f}",
-        f"            mixture components vs {LABELS_KEY}: ARI {d['ari_vs_labels']:.2f}, NMI {d['nmi_vs_labels']:.2f}",
+        f"            mixture components vs {LABELS_KEY}: ARI {d['ari_vs_labels']:.2f}, "
+        f"NMI {d['nmi_vs_labels']:.2f}",
         f"  SAE       {s['n_features']} features (top-{s['k']}): FVU {s['fvu']:.3f}, L0 {s['l0']:.1f}, "
         f"dead {s['dead_fraction']:.0%}",
         f"  features  {a['features_with_terms']} of {a['features_tested']} tested features have a "
         f"{a['gene_sets'].upper().replace('_', ' ')} term (padj <= 0.05); best:",
         *[f"              {t}" for t in a["top"]],
-        f"  steering  feature {st['feature']} set to {st['value']:.3g} in {st['n_cells']} cells: "
-        f"{st['genes_up']} genes up, {st['genes_down']} down"
-        + (f" (random direction of the same length: {st['control_genes_changed']} changed)"
+        f"  steering  feature {st['feature']} switched off in its {st['n_cells']} active cells: "
+        f"{st['genes_down']} genes down, {st['genes_up']} up"
+        + (f" (random direction, same distances: {st['control_genes_changed']} changed)"
            if "control_genes_changed" in st else ""),
         "  files     adata.h5ad (obsm X_dgd, X_sae; obs dgd_cluster, dgd_split), dgd/, sae/, features.csv,",
         "            steering_genes.csv, steering_enrichment.csv, summary.json",
@@ -319,30 +335,34 @@ def summary_lines(summary: dict, out: Path) -> list[str]:
     return lines
 
 
-def _write_report(path: Path, adata, model, quality, activations, features, steering, summary, settings) -> Path:
+def _write_report(path: Path, adata, model, quality, activations, features, steering, summary,
+                  settings) -> Path:
     from .report import build_report
 
     d = summary["dgd"]
     labels = adata.obs[LABELS_KEY].rename("cell type (bulk_labels)")
+    st = summary["steering"]
     steering_view = {
-        "feature": steering.feature, "mode": "clamp", "value": steering.value, "n_cells": len(steering.cells),
+        "feature": steering.feature, "mode": "ablate", "value": None, "n_cells": len(steering.cells),
         "lfc": steering.genes[["gene", "log2fc"]], "enrichment": steering.enrichment,
         "description": (
-            f"The feature was switched on in every cell where it was silent, as strongly as in the cell where it "
-            f"is most active. {summary['steering']['genes_up']} genes went up and "
-            f"{summary['steering']['genes_down']} down (adjusted p < 0.05 and |log2 fold change| >= 0.25). "
-            "Moving the same cells the same distance along a random direction changed "
-            f"{summary['steering'].get('control_genes_changed', 'n/a')} genes: a baseline for how much any move "
-            "of that size changes the prediction."),
+            "These are the cells where it is active. Each of them moved back along the feature's direction "
+            "by its own activation, and the model predicted its expression again. "
+            f"{st['genes_down']} genes went down and {st['genes_up']} up (adjusted p < 0.05 and |log2 fold "
+            "change| >= 0.25). If the feature stands for the programme in its annotation, the "
+            "genes of its top terms should be among those going down. Moving the same cells the same "
+            f"distances along a random direction changed {st.get('control_genes_changed', 'n/a')} genes: a "
+            "baseline for how much any move of that size changes the prediction."),
     }
     notes = [
         "Data: scanpy's pbmc68k_reduced (a 700-cell subset of 10x Genomics' 68k PBMCs, Zheng et al. 2017), "
-        "with the raw counts recovered exactly; 765 genes. The labels (bulk_labels) are noisy cell-type calls "
-        "from correlation with sorted bulk profiles; they were not used in training.",
-        f"{len(model.train_idx) + len(model.val_idx)} cells trained the DGD ({len(model.val_idx)} of them as its "
-        f"validation split); {int((adata.obs['dgd_split'] == 'held-out').sum())} held-out cells were embedded "
-        f"afterwards with the model frozen. Reconstruction NLL per cell: {d['recon_nll_training']:.1f} on training "
-        f"cells, {d['recon_nll_held_out']:.1f} on held-out cells (similar values: the model generalises).",
+        f"with the raw counts recovered exactly; {adata.n_vars} genes. The labels (bulk_labels) are noisy "
+        "cell-type calls from correlation with sorted bulk profiles; they were not used in training.",
+        f"{len(model.train_idx) + len(model.val_idx)} cells trained the DGD ({len(model.val_idx)} of them as "
+        f"its validation split); {int((adata.obs['dgd_split'] == 'held-out').sum())} held-out cells were "
+        "embedded afterwards with the model frozen. Reconstruction NLL per cell (lower is better): "
+        f"{d['recon_nll_training']:.1f} on training cells, {d['recon_nll_held_out']:.1f} on held-out cells; "
+        "similar values mean that the model generalises to cells it has not seen.",
     ]
     if settings["dgd_epochs"] < 100:
         notes.append(f"Quick run: the DGD trained for only {settings['dgd_epochs']} epochs and the SAE for "
@@ -350,8 +370,9 @@ def _write_report(path: Path, adata, model, quality, activations, features, stee
     source = features.attrs.get("gene_sets", {})
     attribution = None
     if source:
-        attribution = (f"Gene sets: {source.get('title') or source.get('name')}, release {source.get('release')}; "
-                       f"licence: {source.get('license')}; cite: {source.get('citation')}.")
+        attribution = (f"Gene sets: {source.get('title') or source.get('name')}, "
+                       f"release {source.get('release')}; licence: {source.get('license')}; "
+                       f"cite: {source.get('citation')}.")
     params = {"DGD": f"{model.n_latent}-d latent, {model.n_components} components, decoder "
                      f"{'-'.join(map(str, model.params['hidden']))}",
               "DGD epochs": f"{d['epochs_run']} of at most {settings['dgd_epochs']}",

@@ -101,8 +101,8 @@ def _latents_and_library(model, data, layer, latent_key, library_size):
             z = np.asarray(data.obsm[latent_key], dtype=np.float32)
         else:
             z = model.get_latent_representation(data, layer=layer)
-        if library_size is None and hasattr(model, "_library_for"):
-            library_size = model._library_for(data, layer)
+        if library_size is None and hasattr(model, "get_library_sizes"):
+            library_size = model.get_library_sizes(data, layer=layer)
         return z, library_size
     if isinstance(data, torch.Tensor):
         data = data.detach().cpu().numpy()

@@ -253,6 +253,15 @@ class LatentModel:
         """:meth:`fit`, then return the training samples' latents ``latent_``."""
         return self.fit(X, **fit_kwargs).latent_
 
+    def decode(self, z, scale=None, *, batch_size: int = 2048) -> np.ndarray:
+        """The likelihood's mean at latents ``z`` (pixel probabilities for Bernoulli; for NB, the mean
+        counts with ``scale`` = library size, else the per-sample composition)."""
+        return decode_mean(self.decoder, self.likelihood, z, self.device, self.n_latent, scale, batch_size)
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            warnings.warn("The model has not been fitted; results come from its initial weights.", stacklevel=3)
+
 
 # ---------------------------------------------------------------------------------------------------
 # the model

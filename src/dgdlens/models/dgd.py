@@ -365,7 +365,8 @@ class DGD:
             raise ValueError(f"z must have shape (n_cells, {self.n_latent}), got {z.shape}")
         if library_size is not None:
             # a writable copy: torch.from_numpy warns on the read-only view broadcast_to returns
-            library_size = np.broadcast_to(np.asarray(library_size, dtype=np.float32).reshape(-1), (len(z),)).copy()
+            # a real (writable) copy: torch.from_numpy warns on the read-only view broadcast_to returns
+            library_size = np.array(np.broadcast_to(np.asarray(library_size, dtype=np.float32).reshape(-1), (len(z),))).copy()
         out = np.empty((len(z), len(self.var_names)), dtype=np.float32)
         self.module.eval()
         with torch.no_grad():
@@ -396,17 +397,20 @@ class DGD:
             out = out[:, idx]
         return out
 
-    def _library_for(self, adata, layer) -> np.ndarray | None:
+    def get_library_sizes(self, adata=None, *, layer: str | None = None) -> np.ndarray | None:
+        """Per-cell scale of the NB mean (total counts with the default ``scaling="sum"``) of the training
+        cells, or of new cells (their counts restricted to the model's genes). ``None`` with ``scaling="none"``."""
         if self._is_training_data(adata):
             return self.library_size
         return self._new_data(adata, layer)[1]
+
 
     def sample_counts(self, adata=None, *, z=None, layer: str | None = None, library_size=None, seed: int = 0,
                       batch_size: int = 2048, **infer_kwargs) -> sp.csr_matrix:
         """Draw counts from the model's NB for each cell (mean = library x composition, variance
         mean + mean^2 / r). Returned as a sparse CSR matrix (cells x genes), built batch by batch."""
         z = self._latent_for(adata, layer, z, **infer_kwargs)
-        lib = self._library_for(adata, layer) if library_size is None else np.asarray(library_size, dtype=np.float32)
+        lib = self.get_library_sizes(adata, layer=layer) if library_size is None else np.asarray(library_size, dtype=np.float32)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         blocks = []
         self.module.eval()

@@ -95,7 +95,9 @@ def contingency_heatmap(
         order = _diagonal_order(fractions.to_numpy())
         counts, fractions = counts.iloc[order], fractions.iloc[order]
     n_rows, n_cols = counts.shape
-    fig, ax = new_axes(ax, figsize or (1.6 + 0.55 * n_cols + 1.2, 1.4 + 0.32 * n_rows + 0.9))
+    # Room below the rows for the 45-degree column labels, so the colour bar keeps a readable height.
+    label_room = 0.3 + 0.055 * max(len(str(c)) for c in counts.columns)
+    fig, ax = new_axes(ax, figsize or (1.6 + 0.55 * n_cols + 1.2, max(3.4, 1.4 + 0.32 * n_rows + label_room)))
     image = ax.imshow(fractions.to_numpy(), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto",
                       interpolation="nearest")
     if annotate:
@@ -111,6 +113,6 @@ def contingency_heatmap(
     ax.set_ylabel(cluster_name)
     scores = cluster_agreement(clusters, labels)
     ax.set_title(f"ARI {scores['ari']:.2f}, NMI {scores['nmi']:.2f}", fontsize="medium")
-    cb = fig.colorbar(image, ax=ax, shrink=0.8, pad=0.02)
-    cb.set_label(f"fraction of the {cluster_name}'s cells")
+    cb = fig.colorbar(image, ax=ax, shrink=0.9, pad=0.02)
+    cb.set_label("share of the row's cells")
     return fig

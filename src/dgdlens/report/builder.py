@@ -36,6 +36,7 @@ SAE_METRIC_DESCRIPTIONS = {
     "dead_fraction": "share of features that are never active in any cell",
     "dense_fraction": "share of features active in a large share of cells (often less specific)",
     "n_features": "number of SAE features",
+    "n_live": "number of features active in at least one cell",
     "n_cells": "number of cells the numbers were computed on",
 }
 _METRIC_ALIASES = {
@@ -432,7 +433,8 @@ def _feature_umap_section(coords, activations, features, top_ids, feature_names,
             rows = features[features["feature"] == fid]
             best = rows.iloc[int(np.argmin(pd.to_numeric(rows[score], errors="coerce").fillna(np.inf)))]
             direction = f" ({best['direction']})" if "direction" in features.columns else ""
-            name = best["description"] if "description" in features.columns and pd.notna(best["description"]) else best["term"]
+            has_name = "description" in features.columns and pd.notna(best["description"])
+            name = best["description"] if has_name else best["term"]
             # Two short lines: a long term on one line overflows its panel into the neighbours'.
             best_terms[fid] = (direction, _short(name, 34))
         titles = [f"feature {fid}{best_terms[fid][0]}\n{best_terms[fid][1]}" for fid, _ in chosen]

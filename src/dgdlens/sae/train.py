@@ -232,9 +232,9 @@ def geometric_median(points: torch.Tensor, *, max_iter: int = 200, tol: float = 
 
 @torch.no_grad()
 def _init_from_data(model: SAE, data: EmbeddingRows, idx: np.ndarray, seed: int, n_sample: int = 8192) -> None:
-    """Data-dependent initialisation on a sample of training cells: ``b_dec`` (geometric median or mean) and,
-    for JumpReLU with a target L0 ``k``, thresholds at each latent's ``1 - k / n_latents`` quantile so training
-    starts at the target sparsity instead of as a dense ReLU."""
+    """Data-dependent initialisation on a sample of training cells: ``b_dec`` (geometric median or mean), the
+    encoder scale (transpose init) and, for JumpReLU with a target L0 ``k``, thresholds at each latent's
+    ``1 - k / n_latents`` quantile so training starts at the target sparsity instead of as a dense ReLU."""
     cfg = model.config
     rng = np.random.default_rng(seed + 1)
     sample = idx if len(idx) <= n_sample else np.sort(rng.choice(idx, n_sample, replace=False))
@@ -253,6 +253,31 @@ def _init_from_data(model: SAE, data: EmbeddingRows, idx: np.ndarray, seed: int,
             pre = x_in @ model.W_enc[sl].T + model.b_enc[sl]
             q = pre.kthvalue(rank, dim=0).values
             model.log_threshold[sl] = q.clamp_min(cfg.jumprelu_threshold_init).log()
+    if cfg.init == "transpose":
+        _scale_encoder_to_data(model, x_n[:2048])
+
+
+@torch.no_grad()
+def _scale_encoder_to_data(model: SAE, x_n: torch.Tensor) -> None:
+    """Scale the transpose-initialised encoder so the first reconstruction has the least-squares magnitude.
+
+    With ``W_enc = W_dec^T`` every active latent adds its full projection, so ``m`` random unit directions
+    reconstruct ``x`` about ``m / (2 d)`` times too large (ReLU) and wide dictionaries start with FVU >> 1
+    and spend many steps shrinking the encoder. ReLU and TopK are positively homogeneous (and ``b_enc`` is
+    zero here), so scaling the encoder by ``s`` scales the reconstruction by exactly ``s``; JumpReLU is too
+    when its thresholds are scaled along.
+    """
+    target = x_n - model.b_dec
+    pre = model.pre_activations(x_n)
+    recon = model.activate_train(pre) @ model.W_dec
+    denom = float((recon * recon).sum())
+    if denom > 0:
+        scale = float((recon * target).sum()) / denom
+        if scale > 0:
+            model.W_enc.mul_(scale)
+            model.b_enc.mul_(scale)
+            if isinstance(model, JumpReLUSAE):
+                model.log_threshold.add_(math.log(scale))
 
 
 # ---------------------------------------------------------------------- the loop

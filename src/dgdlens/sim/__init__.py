@@ -1,0 +1,30 @@
+"""Simulators with full ground truth.
+
+- :func:`simulate_grn`: the decoder-only ("manifold") paper's gene-regulatory simulator (regulator
+  activities per cell type, a sparse regulator-to-gene network, saturating response, library size,
+  NB or Poisson counts).
+- :func:`simulate_superposition`: the SAE paper's simulation (programs -> covariate offset ->
+  cell-type masks -> genes), every level kept; :func:`embed_superposition` embeds it with an autoencoder.
+- :func:`planted_sparse_codes`: sparse codes in superposition (more atoms than dimensions).
+- :func:`simulate_count_chunks`: large count matrices generated chunk by chunk (scale benchmark).
+"""
+
+from .counts import simulate_count_chunks
+from .grn import GRNSimulation, hill_response, simulate_grn
+from .superposition import (
+    PlantedSparseCodes,
+    SuperpositionData,
+    SuperpositionEmbedding,
+    embed_superposition,
+    load_superposition,
+    planted_sparse_codes,
+    simulate_superposition,
+    simulate_superposition_runs,
+)
+
+__all__ = [
+    "simulate_grn", "GRNSimulation", "hill_response",
+    "simulate_superposition", "simulate_superposition_runs", "load_superposition", "SuperpositionData",
+    "embed_superposition", "SuperpositionEmbedding", "planted_sparse_codes", "PlantedSparseCodes",
+    "simulate_count_chunks",
+]
