@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/dgdlens demo --out dgdlens-demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) dgdlens-demo .pytest_cache

@@ -142,7 +142,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--dgd-epochs", type=int, default=None, help="max epochs for the DGD (default: its own)")
     p.add_argument("--scvi-epochs", type=int, default=None, help="max epochs for scVI (default: its own)")
     p.add_argument("--heldout", type=float, default=0.2, help="share of cells held out (default 0.2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the split and both models")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-scvi", action="store_true")

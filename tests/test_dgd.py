@@ -107,11 +107,8 @@ def test_planted_cell_types_are_recovered(trained, planted):
     assert adjusted_rand_score(planted.obs["cell_type"], kmeans) > 0.9
 
 
-@pytest.mark.xfail(reason="The mixture collapses: with every latent starting at the origin one component takes "
-                          "all cells and the others lose their weight, so argmax clusters give ARI ~0 here although "
-                          "the latents separate the types (test above). Open for the lead (mixture init / EM refit).",
-                   strict=False)
 def test_planted_cell_types_are_the_mixture_clusters(trained, planted):
+    # the final EM refit of the mixture (TrainConfig.refit_prior_at_end) makes its argmax clusters the types
     assert adjusted_rand_score(planted.obs["cell_type"], trained.get_cluster_assignments()) > 0.9
 
 

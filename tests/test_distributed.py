@@ -26,7 +26,7 @@ from dgdlens.sim.counts import simulate_count_chunks
 
 N_CELLS, N_GENES, EPOCHS = 600, 100, 6
 MODEL = dict(n_latent=3, n_components=3, seed=0)
-TRAIN = dict(batch_size=64, early_stopping=True, patience=3, min_epochs=1, progress=False)
+TRAIN = dict(batch_size=64, early_stopping=True, patience=3, min_epochs=1, progress=False, prior_refit_epoch=2)
 
 
 def _new_cells(adata) -> ad.AnnData:
@@ -46,9 +46,10 @@ def _worker(data_path: str, out: str) -> None:
     shards = []
     gather = distributed.gather_rows
 
-    def recording_gather(local, n_total):  # see exactly which latents this rank owned and trained
-        shards.append(local.detach().cpu().numpy().copy())
-        return gather(local, n_total)
+    def recording_gather(local, n_total, sizes=None):  # see exactly which latents this rank owned and trained
+        if sizes is None:  # a shard of a table (not the mixture refit's sample)
+            shards.append(local.detach().cpu().numpy().copy())
+        return gather(local, n_total, sizes)
 
     distributed.gather_rows = recording_gather
     backed = ad.read_h5ad(data_path, backed="r")

@@ -241,7 +241,6 @@ def _run(out, *, quick, epochs, device, seed, progress, echo) -> DemoResult:
     files = _write_outputs(out, adata, model, sae, features, feature_summary, steering)
     summary = _summary(adata, model, quality, features, feature_summary, steering, recon_train, recon_held,
                        settings, dev)
-    summary["time_s"] = round(time.perf_counter() - t_start, 1)
     files["report"] = _write_report(out / "report.html", adata, model, quality, activations, features,
                                     steering, summary, settings)
     steps.stop()

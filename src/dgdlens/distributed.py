@@ -165,14 +165,15 @@ def _all_agree(values: list[int], what: str) -> None:
                            "process must run the same script on the same data with the same settings.")
 
 
-def gather_rows(local: torch.Tensor, n_total: int) -> torch.Tensor:
+def gather_rows(local: torch.Tensor, n_total: int, sizes: list[int] | None = None) -> torch.Tensor:
     """Concatenate every rank's contiguous shard (see :func:`shard_bounds`) into the full table,
-    on every rank."""
+    on every rank. ``sizes``: every rank's number of rows, when they are not the shard sizes."""
     if not is_distributed():
         return local
     init()
     size = world_size()
-    sizes = [shard_bounds(n_total, size, r)[1] - shard_bounds(n_total, size, r)[0] for r in range(size)]
+    if sizes is None:
+        sizes = [shard_bounds(n_total, size, r)[1] - shard_bounds(n_total, size, r)[0] for r in range(size)]
     if local.shape[0] != sizes[rank()]:
         raise ValueError(f"rank {rank()} holds {local.shape[0]} rows, expected {sizes[rank()]}")
     dev = _comm_device()
@@ -208,6 +209,10 @@ def run_on_main(fn, *args, **kwargs):
 # training
 # ---------------------------------------------------------------------------------------------------
 
+#: most latents the distributed EM refit of the mixture uses (a seeded sample across all processes)
+REFIT_SAMPLE = 100_000
+
+
 class DistributedTrainer(Trainer):
     """The engine's :class:`Trainer` with shared-parameter gradients summed across processes.
 
@@ -234,6 +239,32 @@ class DistributedTrainer(Trainer):
             p.grad = flat[offset:offset + n].view_as(g)
             offset += n
         self.comm_s += time.perf_counter() - t0
+
+    def _refit_prior(self) -> None:
+        """The engine's EM refit of the mixture, on latents from every process: a seeded sample of at
+        most ``REFIT_SAMPLE`` cells in all (EM on millions of latents would cost minutes and GBs for no
+        better fit), gathered, fitted on rank 0 and broadcast."""
+        cfg, prior = self.cfg, self.module.prior
+        if not hasattr(prior, "fit_to"):
+            return
+        size = world_size()
+        shard_sizes = [shard_bounds(self.n_train, size, r)[1] - shard_bounds(self.n_train, size, r)[0]
+                       for r in range(size)]
+        takes = [min(n, math.ceil(REFIT_SAMPLE / size)) for n in shard_sizes]
+        z = self.train_table.z.detach()
+        pick = np.sort(np.random.default_rng([cfg.seed, rank()]).choice(len(z), takes[rank()], replace=False))
+        sample = gather_rows(z[torch.from_numpy(pick).to(z.device)], sum(takes), sizes=takes)
+        if rank() == 0:
+            prior.fit_to(sample, seed=cfg.seed)
+        self._broadcast_prior()
+
+    def _broadcast_prior(self) -> None:
+        # rank 0's fit wins so that all replicas agree
+        for p in self.module.prior.parameters():
+            if p.device == _comm_device():
+                dist.broadcast(p.data, src=0)
+            else:
+                _broadcast_via(p.data)
 
 
 def checkpoint_shard_path(path, shard: int | None = None, n_shards: int | None = None) -> str:

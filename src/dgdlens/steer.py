@@ -28,6 +28,7 @@ import scipy.sparse as sp
 import torch
 
 from .lens._stats import bh_adjust, t_pvalues
+from .models._engine import resolve_device
 
 __all__ = ["steer", "SteerResult", "STEER_MODES"]
 
@@ -239,7 +240,7 @@ def steer(
         raise ValueError(f"pseudocount must be positive, got {pseudocount}.")
     feature = _check_feature(sae, feature)
     if device is not None:
-        dev = torch.device(device)
+        dev = resolve_device(device)
         sae.to(dev)
         if hasattr(model, "_to"):
             model._to(dev)

@@ -21,10 +21,11 @@ def _is_anndata(obj) -> bool:
 
 
 def get_matrix(adata, layer: str | None = None) -> RowMatrix:
-    """The matrix to model: ``adata.layers[layer]``, ``adata.raw.X`` for ``layer="raw"``, else ``adata.X``."""
+    """The matrix to model: ``adata.layers[layer]``, ``adata.raw.X`` for ``layer="raw"``, else ``adata.X``
+    (``layer=None`` or ``"X"``; ``"X"`` lets a caller ask for ``X`` explicitly where ``None`` means a default)."""
     if not _is_anndata(adata):
         raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}. Wrap arrays with anndata.AnnData(X).")
-    if layer is None:
+    if layer is None or (layer == "X" and "X" not in adata.layers):
         X = adata.X
     elif layer == "raw":
         if adata.raw is None:

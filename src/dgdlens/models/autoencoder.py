@@ -106,14 +106,7 @@ class Autoencoder(LatentModel):
             input_transform = "log1p" if lik.name == "nb" else "none"
         self.module = _AEModule(encoder, decoder, lik, input_transform)
         self._check_encoder()
-        self.scaling = scaling
-        self.seed = int(seed)
-        self.device = torch.device("cpu")
-        self.is_fitted = False
-        self.latent_: np.ndarray | None = None
-        self.history_ = pd.DataFrame()
-        self.train_summary_: dict = {}
-        self.train_config_: dict | None = None
+        self._init_state(scaling, seed)
 
     def _check_encoder(self) -> None:
         enc = self.module.encoder

@@ -231,6 +231,17 @@ class LatentModel:
     def likelihood(self) -> Likelihood:
         return self.module.likelihood
 
+    def _init_state(self, scaling: str, seed: int) -> None:
+        """Settings and the unfitted state every model starts with (on the CPU until fitted)."""
+        self.scaling = scaling
+        self.seed = int(seed)
+        self.device = torch.device("cpu")
+        self.is_fitted = False
+        self.latent_ = None
+        self.history_ = pd.DataFrame()
+        self.train_summary_: dict = {}
+        self.train_config_: dict | None = None
+
     def _repr_extra(self) -> str:
         return ""
 
@@ -325,15 +336,8 @@ class DecoderOnly(LatentModel):
         if isinstance(prior, str) and prior in {"gmm", "mixture", "gaussian_mixture"}:
             prior_kwargs = {"n_components": int(n_components), "generator": gen} | prior_kwargs
         self.module = DecoderOnlyModule(decoder, lik, make_prior(prior, self.n_latent, **prior_kwargs))
-        self.scaling = scaling
         self.rep_init, self.rep_init_std = rep_init, float(rep_init_std)
-        self.seed = int(seed)
-        self.device = torch.device("cpu")
-        self.is_fitted = False
-        self.latent_: np.ndarray | None = None
-        self.history_ = pd.DataFrame()
-        self.train_summary_: dict = {}
-        self.train_config_: dict | None = None
+        self._init_state(scaling, seed)
         self._train_table: RepresentationTable | None = None
 
     # ------------------------------------------------------------------ properties

@@ -260,7 +260,12 @@ class DGD:
         return Trainer(self.module, train_loader, val_loader, self.train_rep, self.val_rep, cfg, dev, **kwargs)
 
     def _after_training(self, trainer: Trainer, cfg: TrainConfig) -> None:
-        self.history = pd.DataFrame(trainer.history)
+        new = pd.DataFrame(trainer.history)
+        if self.is_trained and len(self.history) and len(new) and new["epoch"].iloc[0] == 0:
+            # a second train() call continues the model: keep the earlier epochs, number on from them
+            new["epoch"] += int(self.history["epoch"].iloc[-1]) + 1
+            new = pd.concat([self.history, new], ignore_index=True)
+        self.history = new
         self.train_config = cfg.to_dict()
         self.train_summary = {"best_epoch": int(trainer.best["epoch"]), "stopped_early": trainer.stopped_early,
                               "epochs_run": len(trainer.history), "fit_time_s": float(getattr(trainer, "fit_time", 0.0))}
@@ -323,6 +328,8 @@ class DGD:
         and validation cells, in the AnnData's order. With new cells: held-out inference with the
         decoder and mixture frozen (genes aligned by ``var_names``): each cell starts at the best
         mixture mean (by reconstruction + prior), then Adam refines it for up to ``n_steps`` steps.
+        ``layer`` says where the new cells' counts are: default the model's training layer, ``"X"`` for
+        ``adata.X``, ``"raw"`` for ``adata.raw.X``.
         """
         self._check_trained()
         if self._is_training_data(adata):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -208,6 +209,40 @@ class GaussianMixture(nn.Module):
         a, k = self.dirichlet_alpha, self.n_components
         log_norm = math.lgamma(a * k) - k * math.lgamma(a)
         return lp + log_norm + (a - 1.0) * self.log_weights().sum()
+
+    # ------------------------------------------------------------------ re-initialisation
+    @torch.no_grad()
+    def fit_to(self, z: torch.Tensor, *, seed: int = 0, min_sd: float | None = None, n_init: int = 5,
+               max_samples: int | None = 100_000) -> None:
+        """Re-initialise means, precisions and weights by EM on the latents ``z`` (sklearn's
+        ``GaussianMixture``, k-means start).
+
+        Why: the DGD starts every cell's latent at the origin, so the component nearest to it takes all
+        cells and the others are starved (their weights and means then drift to nothing); the mixture
+        collapses to one cluster even when the latents separate cleanly. Refitting once the decoder has
+        spread the latents gives every component cells to explain. Standard deviations are floored at
+        ``min_sd`` (default ``sd_init / 10``) so that a tight early cluster does not start degenerate.
+        EM keeps the best of ``n_init`` k-means starts (one start merged two of three planted types);
+        at most ``max_samples`` latents (a seeded sample) are used, which bounds time and memory at 1M cells.
+        """
+        from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+        x = z.detach().double().cpu().numpy()
+        if max_samples is not None and x.shape[0] > max_samples:
+            x = x[np.sort(np.random.default_rng(seed).choice(x.shape[0], max_samples, replace=False))]
+        k = self.n_components
+        if x.shape[0] < k:
+            raise ValueError(f"Cannot fit {k} mixture components to {x.shape[0]} latents.")
+        kind = {"diagonal": "diag", "isotropic": "spherical", "fixed": "spherical"}[self.covariance]
+        gm = SkGaussianMixture(k, covariance_type=kind, random_state=seed, reg_covar=1e-6, max_iter=200,
+                               n_init=n_init)
+        gm.fit(x)
+        self.mean.copy_(torch.as_tensor(gm.means_, dtype=self.mean.dtype))
+        self.weight_logits.copy_(torch.as_tensor(np.log(np.maximum(gm.weights_, 1e-12)), dtype=self.mean.dtype))
+        if self.covariance != "fixed":
+            floor = (self.sd_init / 10.0 if min_sd is None else min_sd) ** 2
+            var = np.maximum(np.asarray(gm.covariances_, dtype=np.float64), floor).reshape(k, -1)
+            self.neglogvar.copy_(torch.as_tensor(-np.log(var), dtype=self.neglogvar.dtype).expand_as(self.neglogvar))
 
     # ------------------------------------------------------------------ clustering
     def responsibilities(self, z: torch.Tensor) -> torch.Tensor:

@@ -107,7 +107,9 @@ def train_sae(
         raise ValueError(f"patience must be a positive integer or None, got {patience!r}.")
     if patience is not None and val_fraction == 0:
         raise ValueError("patience needs validation cells; pass val_fraction > 0 (e.g. 0.1) as well.")
-    dev = torch.device(device)
+    from ..models._engine import resolve_device  # local: sae does not otherwise need the models package
+
+    dev = resolve_device(device)
     train_idx, val_idx = _split(rows.n_obs, val_fraction, seed)
     data = rows.to_device(dev)
 
