@@ -145,6 +145,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
             part = part.sort_values("L0")
             ax.plot(part["L0"], part[col], marker=markers[width], color=colors[kind], label=f"{kind} {width}")
         ax.set_xscale("log")
+        ax.ticklabel_format(axis="y", useOffset=False)  # AUROCs of 0.99990-1.0 otherwise get an offset axis
         ax.set_xlabel("L0 (held-out)")
         ax.set_title(title)
     axes[0, 0].legend(fontsize=7)

@@ -18,6 +18,7 @@ from .superposition import (
     embed_superposition,
     load_superposition,
     planted_sparse_codes,
+    reference_hidden_sizes,
     simulate_superposition,
     simulate_superposition_runs,
 )
@@ -26,5 +27,6 @@ __all__ = [
     "simulate_grn", "GRNSimulation", "hill_response",
     "simulate_superposition", "simulate_superposition_runs", "load_superposition", "SuperpositionData",
     "embed_superposition", "SuperpositionEmbedding", "planted_sparse_codes", "PlantedSparseCodes",
+    "reference_hidden_sizes",
     "simulate_count_chunks",
 ]
