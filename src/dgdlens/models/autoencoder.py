@@ -36,6 +36,7 @@ from .decoder_only import (
     module_config,
     output_width,
     per_sample_nll,
+    probe_module,
     split_indices,
 )
 
@@ -109,19 +110,8 @@ class Autoencoder(LatentModel):
         self._init_state(scaling, seed)
 
     def _check_encoder(self) -> None:
-        enc = self.module.encoder
-        was = enc.training
-        enc.eval()
-        try:
-            with torch.no_grad():
-                param = next(enc.parameters(), None)
-                dev = param.device if param is not None else torch.device("cpu")
-                out = enc(torch.zeros(2, self.n_features, device=dev))
-        except Exception as err:
-            raise ValueError(f"The encoder could not encode rows of {self.n_features} features (the decoder's "
-                             f"output size): {err}") from err
-        finally:
-            enc.train(was)
+        out = probe_module(self.module.encoder, self.n_features,
+                           f"The encoder could not encode rows of {self.n_features} features (the decoder's output size)")
         if tuple(out.shape) != (2, self.n_latent):
             raise ValueError(f"The encoder maps {self.n_features} features to shape {tuple(out.shape)[1:]}, but the "
                              f"decoder takes {self.n_latent} latent dimensions; they must match.")

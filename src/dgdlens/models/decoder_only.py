@@ -111,19 +111,25 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def output_width(decoder: nn.Module, n_latent: int) -> int:
-    """Features a decoder produces, from one forward pass on zeros (in eval mode, no gradient)."""
-    was_training = decoder.training
-    decoder.eval()
+def probe_module(module: nn.Module, n_in: int, error: str) -> torch.Tensor:
+    """One forward pass of two zero rows of width ``n_in`` (eval mode, no gradient, on the module's
+    device); any failure becomes a ValueError that starts with ``error``."""
+    was_training = module.training
+    module.eval()
     try:
         with torch.no_grad():
-            param = next(decoder.parameters(), None)
+            param = next(module.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
-            out = decoder(torch.zeros(2, n_latent, device=device))
+            return module(torch.zeros(2, n_in, device=device))
     except Exception as err:  # any shape error in a user's module
-        raise ValueError(f"The decoder could not decode a latent of size {n_latent} ({err}); check n_latent.") from err
+        raise ValueError(f"{error} ({err})") from err
     finally:
-        decoder.train(was_training)
+        module.train(was_training)
+
+
+def output_width(decoder: nn.Module, n_latent: int) -> int:
+    """Features a decoder produces, from one forward pass on zeros (in eval mode, no gradient)."""
+    out = probe_module(decoder, n_latent, f"The decoder could not decode a latent of size {n_latent}; check n_latent.")
     if out.ndim != 2 or out.shape[0] != 2:
         raise ValueError(f"The decoder must map (n, {n_latent}) latents to (n, features) rows; it returned shape "
                          f"{tuple(out.shape)}. Flatten image outputs (e.g. with out.flatten(1)).")
