@@ -294,9 +294,5 @@ class Autoencoder(LatentModel):
         except (KeyError, RuntimeError, TypeError, ValueError) as err:
             raise ModelFormatError(f"{path} does not match an Autoencoder ({err}); pass the modules it was saved "
                                    "with, or save the model again.") from err
-        obj.is_fitted = bool(cfg.get("is_fitted"))
-        obj.train_config_ = cfg.get("train_config")
-        obj.train_summary_ = cfg.get("train_summary") or {}
-        obj.history_ = pd.DataFrame(cfg.get("history") or {})
-        obj._to(resolve_device(device))
+        obj._restore_fit_state(cfg, device)
         return obj

@@ -237,6 +237,14 @@ class LatentModel:
     def likelihood(self) -> Likelihood:
         return self.module.likelihood
 
+    def _restore_fit_state(self, cfg: dict, device) -> None:
+        """Fitted flag, training settings and history from a saved config, then move to ``device``."""
+        self.is_fitted = bool(cfg.get("is_fitted"))
+        self.train_config_ = cfg.get("train_config")
+        self.train_summary_ = cfg.get("train_summary") or {}
+        self.history_ = pd.DataFrame(cfg.get("history") or {})
+        self._to(resolve_device(device))
+
     def _init_state(self, scaling: str, seed: int) -> None:
         """Settings and the unfitted state every model starts with (on the CPU until fitted)."""
         self.scaling = scaling
@@ -546,10 +554,6 @@ class DecoderOnly(LatentModel):
             raise ModelFormatError(f"{path} does not match a DecoderOnly model ({err}); pass the decoder it was "
                                    "saved with, or save the model again.") from err
         obj.latent_ = tensors["latent"].numpy() if "latent" in tensors else None
-        obj.is_fitted = bool(cfg.get("is_fitted"))
-        obj.train_config_ = cfg.get("train_config")
-        obj.train_summary_ = cfg.get("train_summary") or {}
-        obj.history_ = pd.DataFrame(cfg.get("history") or {})
-        obj._to(resolve_device(device))
+        obj._restore_fit_state(cfg, device)
         return obj
 
