@@ -81,8 +81,8 @@ def run_dgd(adata, train_idx, test_idx, args) -> dict:
           f"hyperprior={cfg['hyperprior']}, batch_size={cfg['batch_size']}, max_epochs={cfg['max_epochs']}, "
           f"early_stopping={cfg['early_stopping']} (best epoch {model.train_summary['best_epoch']})")
     return {"model": "DGD", "heldout_nll": heldout, "train_nll": model.get_reconstruction_error(),
-            "z": z, "mixture": clusters, "fit_s": fit, "epochs": len(model.history),
-            "s_per_epoch": float(model.history["time"].mean()), "heldout_infer_s": infer,
+            "z": z, "mixture": clusters, "fit_s": fit, "epochs": len(model.history_),
+            "s_per_epoch": float(model.history_["time"].mean()), "heldout_infer_s": infer,
             "n_mixture_clusters_used": int(len(np.unique(clusters))), "n_components": model.n_components}
 
 

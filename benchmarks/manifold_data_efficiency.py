@@ -160,29 +160,31 @@ def run_one(data: dict, n_train: int, seed: int, args, n_latent: int) -> list[di
     dec_do, dec_ae, enc = make_modules(n_features, n_latent, args.hidden, seed)
     steps_per_epoch = math.ceil(n_train / args.batch_size)
     epochs = max(args.min_epochs, math.ceil(args.steps / steps_per_epoch))
-    common = dict(epochs=epochs, batch_size=args.batch_size, lr=1e-3, weight_decay=1e-4, validation_fraction=0.0,
-                  early_stopping=False, seed=seed, device=args.device, progress=False)
+    build = dict(validation_fraction=0.0, seed=seed)
+    common = dict(max_epochs=epochs, batch_size=args.batch_size, lr=1e-3, weight_decay=1e-4, early_stopping=False,
+                  device=args.device, progress=False)
     rows = []
 
     t0 = time.perf_counter()
-    do = DecoderOnly(dec_do, data["likelihood"], n_latent, seed=seed)
-    do.fit(Xtr, lr_rep=args.lr_rep or data["lr_rep"], rep_optimizer="sgd", rep_momentum=0.9, **common)
-    z_do_test = do.transform(Xte, n_steps=args.infer_steps, lr=0.05, tol=0.0, progress=False)
+    do = DecoderOnly(Xtr, dec_do, data["likelihood"], n_latent, **build)
+    do.train(lr_rep=args.lr_rep or data["lr_rep"], rep_optimizer="sgd", rep_momentum=0.9, **common)
+    z_do_test = do.get_latent_representation(Xte, n_steps=args.infer_steps, lr=0.05, tol=0.0, progress=False)
     t_do = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    ae = Autoencoder(enc, dec_ae, data["likelihood"], seed=seed)
-    ae.fit(Xtr, **common)
-    z_ae_train, z_ae_test = ae.latent_, ae.transform(Xte)
+    ae = Autoencoder(Xtr, enc, dec_ae, data["likelihood"], **build)
+    ae.train(**common)
+    z_ae_train, z_ae_test = ae.get_latent_representation(), ae.get_latent_representation(Xte)
     t_ae = time.perf_counter() - t0
-    z_ae_ref = ae.transform(Xte, refine_steps=args.infer_steps, lr=0.05)
+    z_ae_ref = ae.get_latent_representation(Xte, refine_steps=args.infer_steps, lr=0.05)
 
-    runs = [("decoder_only", do, do.latent_, z_do_test, t_do), ("autoencoder", ae, z_ae_train, z_ae_test, t_ae),
-            ("ae_refined", ae, z_ae_train, z_ae_ref, float("nan"))]
+    runs = [("decoder_only", do, do.get_latent_representation(), z_do_test, t_do),
+            ("autoencoder", ae, z_ae_train, z_ae_test, t_ae), ("ae_refined", ae, z_ae_train, z_ae_ref, float("nan"))]
     for name, model, z_tr, z_te, fit_s in runs:
+        # per_feature: the loss per entry (BCE per pixel, NB NLL per gene), the unit of the paper's figures
         row = {"n_train": n_train, "seed": seed, "model": name, "epochs": epochs,
-               "train_err": model.reconstruction_error(Xtr, z=z_tr),
-               "test_err": model.reconstruction_error(Xte, z=z_te), "fit_s": fit_s}
+               "train_err": model.get_reconstruction_error(z=z_tr, per_feature=True),
+               "test_err": model.get_reconstruction_error(Xte, z=z_te, per_feature=True), "fit_s": fit_s}
         row |= label_scores(z_tr, labels[train_idx], z_te, labels[test_idx])
         if truth is not None:
             row |= r2_scores(z_tr, z_te, truth, train_idx, test_idx)

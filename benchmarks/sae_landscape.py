@@ -64,7 +64,7 @@ def landscape(size: dict, args) -> pd.DataFrame:
           f"{size['n_cell_types']} cell types, {size['n_covariates']} covariates in {time.perf_counter() - t0:.1f} s; "
           f"{train.n_cells:,} train / {test.n_cells:,} held-out cells")
     t0 = time.perf_counter()
-    emb = embed_superposition(train, n_latent=size["n_latent"], epochs=size["ae_epochs"], patience=10,
+    emb = embed_superposition(train, n_latent=size["n_latent"], max_epochs=size["ae_epochs"], patience=10,
                               device=args.device, seed=args.seed, num_threads=args.threads)
     Z_train, Z_test = emb.latent, emb.transform(test)
     ae_fvu = _ae_fvu(emb, test)
@@ -82,7 +82,7 @@ def landscape(size: dict, args) -> pd.DataFrame:
                 if name == "k" and value > n_latents:
                     continue
                 t0, cpu0 = time.perf_counter(), time.process_time()
-                model = sae_lib.train_sae(Z_train, kind=kind, n_latents=n_latents, epochs=size["sae_epochs"],
+                model = sae_lib.train_sae(Z_train, kind=kind, n_latents=n_latents, max_epochs=size["sae_epochs"],
                                           batch_size=128, device=args.device, seed=args.seed, progress=False,
                                           num_threads=args.threads, **{name: value})
                 seconds = time.perf_counter() - t0
@@ -163,10 +163,10 @@ def timing(size: dict, args) -> pd.DataFrame:
                           ("TopK k=32, batch 256", dict(kind="topk", k=32)),
                           ("BatchTopK k=32, batch 256", dict(kind="batchtopk", k=32))]:
         cpu0 = time.process_time()
-        model = sae_lib.train_sae(X, n_latents=10_000, epochs=size["timing_epochs"], device=args.device,
+        model = sae_lib.train_sae(X, n_latents=10_000, max_epochs=size["timing_epochs"], device=args.device,
                                   seed=args.seed, progress=False, num_threads=args.threads, **kwargs)
         cpu_train = time.process_time() - cpu0  # includes the (small) initialisation
-        per_epoch = [h["seconds"] for h in model.history]
+        per_epoch = list(model.history_["time"])
         n_enc = min(5_000, X.shape[0])  # a dense-ish ReLU code of all cells would need GBs of CSR
         t0, cpu0 = time.perf_counter(), time.process_time()
         F = model.encode(X[:n_enc])

@@ -91,9 +91,9 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from dgdlens import distributed
-    from dgdlens.models._engine import TrainConfig
+    from dgdlens import _dist as distributed
     from dgdlens.models.dgd import DGD
+    from dgdlens.train import Runner, RunnerConfig
 
     t0 = time.perf_counter()
     if args.mode == "memory":  # the first n cells of the same file, loaded into memory
@@ -111,26 +111,26 @@ def worker(args) -> None:
     if args.mode == "backed":
         drop_from_page_cache(Path(args.data))  # that pass cached the file; make the epoch read from disk
 
-    cfg = TrainConfig(max_epochs=1, batch_size=args.batch_size, early_stopping=False, progress=False,
-                      seed=args.seed, lr_decay_epoch=None, restore_best=False)
+    # the runner directly (what DGD.train does), to read the plan's loader statistics afterwards; one
+    # epoch without the end-of-training mixture refit, the quantity docs/scaling.md reports per epoch
+    plan = model._make_plan(batch_size=args.batch_size, seed=args.seed, lr_decay_epoch=None,
+                            max_batches=args.max_batches, refit_prior_at_end=False)
+    runner = Runner(plan, RunnerConfig(max_epochs=1, early_stopping=False, progress=False, seed=args.seed,
+                                       restore_best=False), torch.device("cpu"), kind="DGD",
+                    fingerprint=model._fingerprint())
     t0 = time.perf_counter()
-    if distributed.is_distributed():
-        trainer = distributed.train_distributed(model, cfg, "cpu", max_batches=args.max_batches)
-    else:
-        trainer = model._make_trainer(cfg, model.device)
-        trainer.train_loader.max_batches = args.max_batches
-        trainer.fit()
+    runner.fit()
     train_s = time.perf_counter() - t0
-    epoch_s = trainer.history[-1]["time"]
-    stats = trainer.train_loader.stats
+    epoch_s = runner.history[-1]["time"]
+    stats = plan.train_loader.stats
     out = {
         "mode": args.mode, "rank": distributed.rank(), "world_size": distributed.world_size(),
-        "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), "cells_local": int(trainer.train_loader.n),
+        "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), "cells_local": int(plan.train_loader.n),
         "load_s": load_s, "init_s": init_s, "train_call_s": train_s, "epoch_s": epoch_s,
         "read_s": stats.read_s, "densify_s": stats.densify_s, "wait_s": stats.wait_s,
-        "comm_s": float(getattr(trainer, "comm_s", 0.0)), "n_batches": stats.n_batches,
+        "comm_s": float(getattr(runner.strategy, "comm_s", 0.0)), "n_batches": stats.n_batches,
         "cells_trained": stats.n_rows,
-        "train_loss": trainer.history[-1]["train_loss"], "peak_rss_mb": peak_rss_mb(),
+        "train_loss": runner.history[-1]["train_loss"], "peak_rss_mb": peak_rss_mb(),
         "rss_after_load_mb": rss_after_load,
         "peak_rss_after_load_mb": peak_rss_since_reset_mb() if has_reset else float("nan"),
     }

@@ -48,8 +48,8 @@ def test_backed_training_equals_in_memory(data, monkeypatch):
         model = DGD(adata, n_latent=3, n_components=3, seed=1)
         # the same block-shuffling settings give the same batches wherever the rows live
         model.train(max_epochs=4, batch_size=64, early_stopping=False, progress=False, shuffle_block_size=50)
-        results.append({"history": model.history.drop(columns="time"), "z": model.get_latent_representation(),
-                        "recon": model.get_reconstruction_error(per_cell=True),
+        results.append({"history": model.history_.drop(columns="time"), "z": model.get_latent_representation(),
+                        "recon": model.get_reconstruction_error(per_sample=True),
                         "heldout": model.get_latent_representation(adata, n_steps=20, progress=False),
                         "model": model})
     mem, bk = results
@@ -67,7 +67,7 @@ def test_backed_default_settings_train_and_save(data, tmp_path):
     backed = ad.read_h5ad(path, backed="r")
     model = DGD(backed, n_latent=3, n_components=3, seed=0)
     model.train(max_epochs=2, batch_size=64, early_stopping=False, progress=False)  # default block shuffle
-    assert np.all(np.isfinite(model.history["train_loss"]))
+    assert np.all(np.isfinite(model.history_["train_loss"]))
     model.save(tmp_path / "m")
     loaded = DGD.load(tmp_path / "m")
     np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation())
@@ -84,7 +84,7 @@ def test_zarr_store_trains_like_memory_and_results_write_without_loading_x(data,
     for adata in (memory, lazy):
         model = DGD(adata, n_latent=3, n_components=3, seed=2)
         model.train(max_epochs=2, batch_size=64, early_stopping=False, progress=False, shuffle_block_size=50)
-        histories.append(model.history.drop(columns="time"))
+        histories.append(model.history_.drop(columns="time"))
     pd.testing.assert_frame_equal(*histories, check_exact=True)
 
     backed = ad.read_h5ad(path, backed="r")

@@ -74,9 +74,9 @@ def sae_dir(work, embedded) -> Path:
 
 def test_train_saves_a_model_that_loads_and_matches_the_latents_file(work, trained):
     model = DGD.load(trained)
-    assert model.is_trained and model.n_latent == 4 and model.n_components == 10  # one per bulk label
+    assert model.is_trained_ and model.n_latent == 4 and model.n_components == 10  # one per bulk label
     assert model.params["hidden"] == [16]
-    assert len(model.history) == 3
+    assert len(model.history_) == 3
     written = ad.read_h5ad(work / "train_latents.h5ad")
     np.testing.assert_array_equal(written.obsm["X_dgd"], model.get_latent_representation())
     np.testing.assert_array_equal(written.obs["dgd_cluster"].astype(int), model.get_cluster_assignments())
@@ -224,7 +224,7 @@ def test_config_file_supplies_options_and_the_command_line_wins(work, capsys):
     model = DGD.load(work / "model_cfg")
     got = (model.n_latent, model.n_components, model.params["hidden"], model.params["seed"])
     assert got == (3, 4, [8], 3)
-    assert len(model.history) == 2
+    assert len(model.history_) == 2
 
 
 @pytest.mark.parametrize("text, message", [
@@ -326,3 +326,8 @@ def test_python_dash_m_entry_point_reports_errors_without_traceback(tmp_path):
     assert proc.returncode == 1
     expected = f"dgdlens embed: error: model directory {tmp_path / 'no_model'} does not exist."
     assert proc.stderr.strip().splitlines() == [expected]
+
+
+def test_no_temporary_files_are_left_behind(work, trained, embedded, sae_dir):
+    leftovers = [str(p) for p in work.rglob("*") if ".tmp" in p.name or p.name.endswith(".old")]
+    assert leftovers == []

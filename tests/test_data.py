@@ -140,9 +140,43 @@ def test_validate_counts_empty_cells_and_genes(counts):
     validate_counts(RowMatrix(bad), allow_empty_cells=True)
     bad = counts.copy()
     bad[:, 11] = 0
-    validate_counts(RowMatrix(bad))  # empty genes are allowed by default
-    with pytest.raises(CountValidationError, match=r"1 gene\(s\) with no counts.*filter_genes"):
-        validate_counts(RowMatrix(bad), allow_empty_genes=False)
+    # genes without counts are normal (issue 12): a warning, in memory and backed, never an error
+    for setting in ({}, {"empty_genes": "warn"}):
+        with pytest.warns(UserWarning, match=r"1 of 13 gene\(s\) have no counts.*learn to ~0"):
+            validate_counts(RowMatrix(bad), **setting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_counts(RowMatrix(bad), empty_genes="ignore")
+
+
+def test_genes_without_counts_are_accepted_in_memory_and_backed(tmp_path):
+    import anndata as ad
+
+    from dgdlens import DGD
+
+    rng = np.random.default_rng(0)
+    X = rng.poisson(2.0, size=(30, 12)).astype(np.float32)
+    X[:, 0] += 1
+    X[:, [3, 7]] = 0
+    adata = ad.AnnData(sp.csr_matrix(X))
+    adata.var_names = [f"g{i}" for i in range(12)]
+    adata.write_h5ad(tmp_path / "zero_genes.h5ad")
+    backed = ad.read_h5ad(tmp_path / "zero_genes.h5ad", backed="r")
+    for data in (adata, backed):
+        with pytest.warns(UserWarning, match=r"2 of 12 gene\(s\) have no counts"):
+            model = DGD(data, n_latent=2, hidden=[8], n_components=2)
+        model.train(max_epochs=2, device="cpu", progress=False, early_stopping=False)
+        mean = model.decode_latent(model.get_latent_representation()[:4])
+        mean = mean.detach().cpu().numpy() if hasattr(mean, "detach") else np.asarray(mean)
+        assert np.all(np.isfinite(mean)) and mean[:, [3, 7]].mean() < mean[:, [0]].mean()
+    backed.file.close()
+
+
+def test_object_dtype_and_no_cells_are_named():
+    with pytest.raises(TypeError, match="convert it to a numeric dtype"):
+        RowMatrix(np.array([[1, "a"], [2, 3]], dtype=object))
+    with pytest.raises(CountValidationError, match="Too few cells"):
+        validate_counts(RowMatrix(np.zeros((0, 3))))
 
 
 def test_validate_counts_does_not_modify_the_input(counts):

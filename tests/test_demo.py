@@ -37,6 +37,10 @@ def test_demo_writes_every_promised_file(demo):
                  "features.csv", "feature_summary.csv", "steering_genes.csv", "steering_enrichment.csv",
                  "summary.json", "report.html"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    marker = json.loads((out / ".dgdlens-output.json").read_text())
+    assert marker["written_by"] == "dgdlens demo" and "report.html" in marker["files"]
+    leftovers = [p.name for p in out.rglob("*") if ".tmp" in p.name or p.name.endswith(".old")]
+    assert leftovers == []  # every file was written whole, through a temporary file renamed into place
     for step in range(1, 8):
         assert f"[{step}/7]" in printed
     assert "dgdlens demo finished in" in printed and "report.html" in printed

@@ -39,7 +39,7 @@ def _new_cells(adata) -> ad.AnnData:
 
 def _worker(data_path: str, out: str) -> None:
     torch.set_num_threads(1)
-    from dgdlens import distributed
+    from dgdlens import _dist as distributed
 
     out = Path(out)
     rank = int(os.environ["RANK"])
@@ -70,8 +70,8 @@ def _worker(data_path: str, out: str) -> None:
     np.save(out / f"latent{rank}.npy", model.get_latent_representation())
     np.save(out / f"heldout{rank}.npy", heldout)
     with open(out / f"rank{rank}.json", "w") as fh:
-        json.dump({"owned": list(map(str, owned)), "history": model.history.drop(columns="time").to_dict("list"),
-                   "resumed": resumed.history.drop(columns="time").to_dict("list"),
+        json.dump({"owned": list(map(str, owned)), "history": model.history_.drop(columns="time").to_dict("list"),
+                   "resumed": resumed.history_.drop(columns="time").to_dict("list"),
                    "world_size": distributed.world_size()}, fh)
 
 
@@ -103,10 +103,10 @@ def test_two_processes_reach_the_single_process_loss(run):
     single = DGD(ad.read_h5ad(data, backed="r"), **MODEL).train(max_epochs=EPOCHS, **TRAIN)
     other_order = DGD(ad.read_h5ad(data, backed="r"), **MODEL).train(max_epochs=EPOCHS, **{**TRAIN, "seed": 99})
     dist_loss = ranks[0]["history"]["train_loss"][-1]
-    ref = single.history["train_loss"].iloc[-1]
-    noise = abs(other_order.history["train_loss"].iloc[-1] - ref)  # what another batch order changes
+    ref = single.history_["train_loss"].iloc[-1]
+    noise = abs(other_order.history_["train_loss"].iloc[-1] - ref)  # what another batch order changes
     print(f"final train loss per cell: 2 processes {dist_loss:.4f}, 1 process {ref:.4f}, "
-          f"1 process with another batch order {other_order.history['train_loss'].iloc[-1]:.4f}")
+          f"1 process with another batch order {other_order.history_['train_loss'].iloc[-1]:.4f}")
     assert abs(dist_loss - ref) <= max(3 * noise, 0.01 * ref), (dist_loss, ref, noise)
     assert dist_loss < ranks[0]["history"]["train_loss"][0]  # and it learned
 
@@ -123,7 +123,7 @@ def test_saved_model_loads_in_one_process_with_every_cell_once(run):
         np.testing.assert_array_equal(z.loc[ranks[r]["owned"]].to_numpy(), np.load(tmp / f"shard{r}.npy"))
         np.testing.assert_array_equal(np.load(tmp / f"latent{r}.npy"), z.to_numpy())  # complete on every rank
     assert np.all(np.abs(z.loc[train_names].to_numpy()).sum(1) > 0)  # no row left at its zero start
-    assert model.is_trained and len(model.history) == len(ranks[0]["history"]["epoch"])
+    assert model.is_trained_ and len(model.history_) == len(ranks[0]["history"]["epoch"])
 
 
 def test_sharded_heldout_inference_matches_one_process(run):

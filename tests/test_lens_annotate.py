@@ -12,6 +12,7 @@ import scipy.sparse as sp
 from scipy import stats
 
 import dgdlens.lens as lens
+from dgdlens import tl
 
 
 @pytest.fixture(scope="module")
@@ -143,21 +144,54 @@ def test_paper_mode_reproduces_the_reference_statistics(planted):
     assert np.mean([top.get(f) == truth.loc[f, "term"] for f in truth.index]) >= 0.8
 
 
-def test_annotate_adata_writes_uns_that_survives_h5ad(planted, tmp_path):
+def test_annotate_features_writes_uns_that_survives_h5ad(planted, tmp_path):
+    """The AnnData verb is dl.tl.annotate_features: obsm[use_rep] in, uns[key_added] out, equal to lens.annotate."""
     adata = ad.AnnData(planted.counts)
     adata.var_names = list(planted.gene_names)
     adata.obsm["X_sae"] = planted.activations
-    res = lens.annotate_adata(adata, "X_sae", gene_sets="hallmark", min_set_size=5, features=np.arange(40))
+    assert tl.annotate_features(adata, use_rep="X_sae", gene_sets="hallmark", min_set_size=5,
+                                features=np.arange(40)) is None
     stored = adata.uns["dgdlens_lens"]
     assert set(stored) == {"results", "features", "settings", "gene_sets"}
     assert len(stored["features"]) == 40 and stored["gene_sets"]["name"] == "hallmark"
+    assert stored["settings"]["use_rep"] == "X_sae" and stored["settings"]["layer"] == "None"
+    res, feats = lens.annotate(planted.activations, planted.counts, planted.gene_names, "hallmark",
+                               min_set_size=5, features=np.arange(40), return_features=True)
+    pd.testing.assert_frame_equal(stored["results"], res)
+    pd.testing.assert_frame_equal(stored["features"], feats)
     adata.write_h5ad(tmp_path / "a.h5ad")
     back = ad.read_h5ad(tmp_path / "a.h5ad").uns["dgdlens_lens"]
     pd.testing.assert_frame_equal(
         back["results"].reset_index(drop=True), res.reset_index(drop=True), check_dtype=False,
         check_index_type=False)
-    with pytest.raises(ValueError, match="obsm has no"):
-        lens.annotate_adata(adata, "X_missing")
+    with pytest.raises(ValueError, match="not in adata.obsm"):
+        tl.annotate_features(adata, use_rep="X_missing")
+    assert not hasattr(lens, "annotate_adata")  # one AnnData verb, not two
+
+
+def test_annotate_features_layer_raw_reads_adata_raw(planted):
+    """layer="raw" means adata.raw.X (and raw's genes), the one raw-data convention; copy=True leaves adata alone."""
+    counts = sp.csr_matrix(planted.counts)
+    adata = ad.AnnData(counts)
+    adata.var_names = list(planted.gene_names)
+    adata.raw = adata.copy()
+    adata = adata[:, :500].copy()  # X has fewer genes than raw
+    adata.X = sp.csr_matrix(adata.shape)
+    adata.layers["counts"] = counts[:, :500]
+    adata.obsm["X_sae"] = planted.activations
+    out = tl.annotate_features(adata, gene_sets="hallmark", layer="raw", min_set_size=5, features=np.arange(10),
+                               copy=True)
+    assert "dgdlens_lens" not in adata.uns
+    direct = lens.annotate(planted.activations, counts, planted.gene_names, "hallmark", min_set_size=5,
+                           features=np.arange(10))
+    pd.testing.assert_frame_equal(out.uns["dgdlens_lens"]["results"], direct)
+    tl.annotate_features(adata, gene_sets="hallmark", layer="counts", min_set_size=5, features=np.arange(10),
+                         key_added="lens_counts")
+    layer_direct = lens.annotate(planted.activations, counts[:, :500], planted.gene_names[:500], "hallmark",
+                                 min_set_size=5, features=np.arange(10))
+    pd.testing.assert_frame_equal(adata.uns["lens_counts"]["results"], layer_direct)
+    with pytest.raises(ValueError, match="not found"):
+        tl.annotate_features(adata, layer="missing")
 
 
 def test_classify_local_and_global_features():

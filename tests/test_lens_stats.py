@@ -9,7 +9,7 @@ import scipy.sparse as sp
 from scipy import stats
 
 from dgdlens.lens import differential_expression, hypergeom_pvalues, make_feature_groups, prepare_expression
-from dgdlens.lens._stats import bh_adjust, bh_adjust_grouped, binom_test_two_sided
+from dgdlens.stats import bh_adjust, bh_adjust_grouped, binom_test_two_sided
 from dgdlens.lens.groups import column_percentiles
 
 

@@ -13,7 +13,11 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from sklearn.metrics import adjusted_rand_score
 
+from dgdlens import evaluate as ev
 from dgdlens import plotting as pl
+from dgdlens import tl
+from dgdlens.plotting.embedding import _activation_columns
+from dgdlens.sae import activations as sae_activations
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +47,7 @@ def test_training_curves_panels_best_epoch_and_log_scale():
     axes = fig.axes
     assert [a.get_title() for a in axes] == ["loss", "recon"]
     expected_best = int(hist["epoch"][hist["val_loss"].idxmin()])
-    assert pl.find_best_epoch(hist) == expected_best
+    assert ev.find_best_epoch(hist) == expected_best
     for ax in axes:
         assert ax.get_yscale() == "log"  # values span more than a factor of 10
         curves = {line.get_label(): line for line in ax.get_lines()}
@@ -69,6 +73,15 @@ def test_training_curves_on_given_axes_and_dict_input():
     ax = fig.add_subplot()
     out = pl.training_curves(_history().to_dict(orient="list"), ax=ax, log_scale=False)
     assert out is fig and len(fig.axes) == 1 and ax.get_yscale() == "linear"
+
+
+def test_training_curves_accepts_a_list_of_epoch_dicts():
+    """SAE histories are per-epoch dicts: the same plot and best epoch as the DataFrame."""
+    hist = _history(with_recon=False)
+    records = hist.to_dict(orient="records")
+    assert ev.find_best_epoch(records) == ev.find_best_epoch(hist)
+    fig = pl.training_curves(records)
+    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), hist["train_loss"])
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -139,12 +152,12 @@ def test_embedding_rejects_bad_input(coords, color, message):
         pl.embedding(coords, color=color)
 
 
-def test_compute_umap_is_seeded_and_keeps_planted_groups_apart():
+def test_tl_umap_is_seeded_and_keeps_planted_groups_apart():
     rng = np.random.default_rng(3)
     groups = np.repeat([0, 1, 2], 60)
     latent = rng.normal(0, 10, (3, 8))[groups] + rng.normal(size=(180, 8))
-    first = pl.compute_umap(latent, seed=7)
-    again = pl.compute_umap(latent, seed=7)
+    first = tl.umap(latent, seed=7)
+    again = tl.umap(latent, seed=7)
     assert first.shape == (180, 2)
     np.testing.assert_array_equal(first, again)
     # Each cell's nearest UMAP neighbour belongs to the same planted group.
@@ -152,7 +165,7 @@ def test_compute_umap_is_seeded_and_keeps_planted_groups_apart():
     np.fill_diagonal(d, np.inf)
     assert (groups[d.argmin(axis=1)] == groups).mean() > 0.98
     with pytest.raises(ValueError, match="NaN"):
-        pl.compute_umap(np.full((10, 3), np.nan))
+        tl.umap(np.full((10, 3), np.nan))
 
 
 def test_feature_activations_only_densifies_requested_columns():
@@ -162,11 +175,37 @@ def test_feature_activations_only_densifies_requested_columns():
     fig = pl.feature_activations(coords, acts, [3, 10, 499], titles=["a", "b", "c"], ncols=2)
     visible = [a for a in fig.axes if a.get_visible() and a.get_title()]
     assert [a.get_title() for a in visible] == ["a", "b", "c"]
-    np.testing.assert_allclose(pl.activation_columns(acts, [10, 3]), acts[:, [10, 3]].toarray())
+    np.testing.assert_allclose(_activation_columns(acts, [10, 3]), acts[:, [10, 3]].toarray())
     with pytest.raises(ValueError, match="out of range"):
         pl.feature_activations(coords, acts, [500])
     with pytest.raises(ValueError, match="rows but coords"):
         pl.feature_activations(coords[:10], acts, [0])
+
+
+def test_plots_read_anndata_keys():
+    """pl reads what tl wrote: coordinates from obsm[basis], activations from an obsm key, steering from uns."""
+    rng = np.random.default_rng(9)
+    adata = ad.AnnData(np.zeros((40, 3), dtype=np.float32))
+    adata.obsm["X_umap"] = rng.normal(size=(40, 2))
+    adata.obsm["X_sae"] = sp.random(40, 30, density=0.1, random_state=9, format="csr")
+    fig = pl.feature_activations(adata, "X_sae", [2, 5])
+    direct = pl.feature_activations(adata.obsm["X_umap"], adata.obsm["X_sae"], [2, 5])
+    for got, want in zip(fig.axes, direct.axes):
+        assert len(got.collections) == len(want.collections)
+        for g, w in zip(got.collections, want.collections):
+            np.testing.assert_allclose(g.get_offsets(), w.get_offsets())
+            if w.get_array() is not None:
+                np.testing.assert_allclose(g.get_array(), w.get_array())
+    freq = pl.activation_frequency(adata)
+    assert freq.axes[0].get_title() == pl.activation_frequency(adata.obsm["X_sae"]).axes[0].get_title()
+    with pytest.raises(ValueError, match="obsm has no 'X_other'"):
+        pl.activation_frequency(adata, basis="X_other")
+    genes = pd.DataFrame({"gene": ["A", "B", "C"], "log2fc": [1.0, -2.0, 0.5]})
+    adata.uns["dgdlens_steer"] = {"genes": genes}
+    labels = [t.get_text() for t in pl.steering_lfc(adata).axes[0].get_yticklabels()]
+    assert labels == [t.get_text() for t in pl.steering_lfc(genes).axes[0].get_yticklabels()]
+    with pytest.raises(ValueError, match="dl.tl.steer"):
+        pl.steering_lfc(adata, key="missing")
 
 
 # ----------------------------------------------------------------------------------------- clusters
@@ -178,25 +217,25 @@ def test_contingency_table_matches_crosstab_and_normalises_rows():
     labels[:7] = np.nan
     keep = ~pd.isna(labels)
     expected = pd.crosstab(clusters[keep], labels[keep].astype(str))
-    table = pl.contingency_table(clusters, labels)
+    table = ev.contingency_table(clusters, labels)
     np.testing.assert_array_equal(table.to_numpy(), expected.to_numpy())
     assert list(table.columns) == list(expected.columns) and list(table.index) == list(expected.index)
-    rows = pl.contingency_table(clusters, labels, normalize="rows")
+    rows = ev.contingency_table(clusters, labels, normalize="rows")
     np.testing.assert_allclose(rows.sum(axis=1), 1.0)
 
 
 def test_cluster_agreement_known_values():
     labels = np.repeat(["a", "b", "c"], 50)
     renamed = np.repeat([7, 3, 5], 50)  # same partition, other names
-    perfect = pl.cluster_agreement(renamed, labels)
+    perfect = ev.cluster_agreement(renamed, labels)
     assert perfect["ari"] == pytest.approx(1.0) and perfect["nmi"] == pytest.approx(1.0)
     assert perfect["n_cells"] == 150
     # By hand, table [[2, 0], [1, 2]] (n = 5): index = sum C(n_ij, 2) = 2; rows C(2,2)+C(3,2) = 4;
     # columns C(3,2)+C(2,2) = 4; expected = 4*4/C(5,2) = 1.6; max = 4 -> ARI = 0.4 / 2.4 = 1/6.
-    small = pl.cluster_agreement([0, 0, 1, 1, 1], ["x", "x", "x", "y", "y"])
+    small = ev.cluster_agreement([0, 0, 1, 1, 1], ["x", "x", "x", "y", "y"])
     assert small["ari"] == pytest.approx(1 / 6)
     rng = np.random.default_rng(6)
-    noise = pl.cluster_agreement(rng.integers(0, 5, 3000), rng.integers(0, 5, 3000))
+    noise = ev.cluster_agreement(rng.integers(0, 5, 3000), rng.integers(0, 5, 3000))
     assert abs(noise["ari"]) < 0.02 and noise["nmi"] < 0.02
 
 
@@ -209,12 +248,12 @@ def test_contingency_heatmap_annotates_counts_and_orders_diagonal():
     texts = sorted(int(t.get_text()) for t in ax.texts)
     assert texts == sorted([30, 20, 10, 2])
     ari = adjusted_rand_score(labels, clusters)
-    assert ax.get_title() == f"ARI {ari:.2f}, NMI {pl.cluster_agreement(clusters, labels)['nmi']:.2f}"
+    assert ax.get_title() == f"ARI {ari:.2f}, NMI {ev.cluster_agreement(clusters, labels)['nmi']:.2f}"
 
 
 def test_contingency_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="3 values but there are 4 cells"):
-        pl.contingency_table([0, 1, 1, 0], ["a", "b", "c"])
+        ev.contingency_table([0, 1, 1, 0], ["a", "b", "c"])
 
 
 # ----------------------------------------------------------------------------------------- SAE
@@ -226,16 +265,16 @@ def test_firing_rates_and_summary_match_numpy_for_dense_and_sparse():
     dense[:, 4] = 1.0  # dense
     expected_rates = (dense > 0.5).mean(axis=0)
     for form in (dense, sp.csr_matrix(dense), sp.coo_matrix(dense)):
-        np.testing.assert_allclose(pl.firing_rates(form, threshold=0.5, chunk_size=37), expected_rates)
-    summary = pl.activation_summary(sp.csc_matrix(dense))
+        np.testing.assert_allclose(sae_activations.firing_rates(form, threshold=0.5, chunk_size=37), expected_rates)
+    summary = sae_activations.activation_summary(sp.csc_matrix(dense))
     assert summary["l0"] == pytest.approx((dense > 0).sum(axis=1).mean())
     assert summary["dead_fraction"] == pytest.approx(4 / 50)
     assert summary["dense_fraction"] == pytest.approx(((dense > 0).mean(axis=0) > 0.1).mean())
-    assert pl.activation_summary(dense, chunk_size=11) == summary
+    assert sae_activations.activation_summary(dense, chunk_size=11) == summary
     with pytest.raises(ValueError, match="threshold"):
-        pl.firing_rates(dense, threshold=-1.0)
+        sae_activations.firing_rates(dense, threshold=-1.0)
     with pytest.raises(ValueError, match="2-D"):
-        pl.firing_rates(np.zeros(5))
+        sae_activations.firing_rates(np.zeros(5))
 
 
 def test_activation_frequency_reports_dead_features():
@@ -271,11 +310,11 @@ def test_steering_lfc_shows_the_extreme_genes_in_order():
 
 def test_as_lfc_series_accepts_tables_and_rejects_junk():
     df = pd.DataFrame({"gene": ["A", "B"], "log2fc": [1.0, -2.0]})
-    pd.testing.assert_series_equal(pl.as_lfc_series(df), pd.Series([1.0, -2.0], index=["A", "B"]),
+    pd.testing.assert_series_equal(ev.as_lfc_series(df), pd.Series([1.0, -2.0], index=["A", "B"]),
                                    check_names=False)
     with pytest.raises(ValueError, match="one of the columns"):
-        pl.as_lfc_series(pd.DataFrame({"x": [1.0]}))
+        ev.as_lfc_series(pd.DataFrame({"x": [1.0]}))
     with pytest.raises(ValueError, match="numbers"):
-        pl.as_lfc_series(pd.Series(["up"], index=["A"]))
+        ev.as_lfc_series(pd.Series(["up"], index=["A"]))
     with pytest.raises(ValueError, match="Series"):
-        pl.as_lfc_series([1.0, 2.0])
+        ev.as_lfc_series([1.0, 2.0])

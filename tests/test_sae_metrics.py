@@ -22,8 +22,8 @@ def data():
 
 @pytest.fixture(scope="module")
 def relu_sae(data):
-    return S.train_sae(data, kind="relu", n_latents=40, l1_coef=0.5, epochs=3, seed=0, progress=False, num_threads=1,
-                       dense_threshold=0.3)
+    return S.train_sae(data, kind="relu", n_latents=40, l1_coef=0.5, max_epochs=3, seed=0, device="cpu",
+                       progress=False, num_threads=1, dense_threshold=0.3)
 
 
 def test_metrics_match_numpy(relu_sae, data):

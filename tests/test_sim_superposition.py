@@ -116,7 +116,7 @@ def test_split_is_disjoint_and_seeded(sim):
 
 def test_embedding_autoencoder_encodes_the_masked_programs(sim):
     train, test = sim.split(0.2, seed=0)
-    emb = embed_superposition(train, n_latent=30, epochs=15, batch_size=128, patience=5, seed=0, num_threads=1)
+    emb = embed_superposition(train, n_latent=30, max_epochs=15, batch_size=128, patience=5, seed=0, num_threads=1)
     assert emb.latent.shape == (3200, 30)
     Z = emb.transform(test)
     assert Z.shape == (800, 30) and np.isfinite(Z).all()

@@ -37,7 +37,7 @@ def setup():
     rng = np.random.default_rng(0)
     Z = rng.standard_normal((400, 16)).astype(np.float32)
     sae = dgdlens.sae.train_sae(
-        Z, kind="topk", n_latents=24, k=3, epochs=20, device="cpu", seed=0, progress=False
+        Z, kind="topk", n_latents=24, k=3, max_epochs=20, device="cpu", seed=0, progress=False
     )
     F = sae.encode(Z)
     active = np.asarray((F != 0).sum(0)).ravel()
@@ -140,7 +140,7 @@ def test_steering_a_trained_dgd_through_anndata(tmp_path):
         model.train(max_epochs=2, progress=False, early_stopping=False)
     Z = model.get_latent_representation()
     sae = dgdlens.sae.train_sae(
-        Z, kind="topk", n_latents=8, k=2, epochs=3, device="cpu", seed=0, progress=False
+        Z, kind="topk", n_latents=8, k=2, max_epochs=3, device="cpu", seed=0, progress=False
     )
     res = steer(model, sae, adata, feature=0, mode="clamp", value=1.0, gene_sets=None)
     np.testing.assert_allclose(res.expression.sum(1), counts.sum(1), rtol=1e-3)  # the cells' library sizes

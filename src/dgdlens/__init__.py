@@ -7,14 +7,14 @@
 >>> result = dl.steer(model, sae, adata, feature=3, mode="add", value=2.0)
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
-from . import data, lens, models, nn, plotting, report, sae, sim  # noqa: E402
+from . import data, evaluate, lens, models, nn, plotting, report, sae, sim, tl  # noqa: E402
 from .models import DGD, Autoencoder, DecoderOnly  # noqa: E402
 from .steer import steer  # noqa: E402
 
 # scanpy-style aliases: plotting is also reachable as dl.pl
 pl = plotting
 
-__all__ = ["DGD", "DecoderOnly", "Autoencoder", "steer", "data", "lens", "models", "nn", "plotting", "pl",
-           "report", "sae", "sim", "__version__"]
+__all__ = ["DGD", "DecoderOnly", "Autoencoder", "steer", "data", "evaluate", "lens", "models", "nn", "plotting",
+           "pl", "report", "sae", "sim", "tl", "__version__"]

@@ -75,8 +75,35 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
                    help="show progress bars")
 
 
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _device_arg(text) -> str:
+    """``--device``: checked when the command line is read, not after the data are loaded."""
+    value = str(text).strip().lower()
+    if not _DEVICE.match(value):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N.")
+    return value
+
+
+def _positive_int(text) -> int:
+    """A whole number >= 1 (epochs, sizes, checkpoint intervals)."""
+    if isinstance(text, float) and text.is_integer():
+        text = int(text)
+    try:
+        value = int(text) if not isinstance(text, float) else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r} (a positive integer is needed)")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
-    p.add_argument("--device", default=default, metavar="DEVICE", help=f"where to compute: {DEVICE_HELP}")
+    p.add_argument("--device", default=default, type=_device_arg, metavar="DEVICE",
+                   help=f"where to compute: {DEVICE_HELP}")
 
 
 def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
@@ -99,13 +126,13 @@ def _train_parser(sub, common) -> None:
     p.add_argument("--labels", "--labels-key", metavar="OBS_KEY",
                    help="obs column of cell labels; sets the number of mixture components when "
                         "--n-components is not given (never used in training)")
-    p.add_argument("--n-latent", type=int, metavar="N", default=20, help="latent dimensions")
-    p.add_argument("--n-components", type=int, metavar="K",
+    p.add_argument("--n-latent", type=_positive_int, metavar="N", default=20, help="latent dimensions")
+    p.add_argument("--n-components", type=_positive_int, metavar="K",
                    help="mixture components (default: one per label category, else about log2(cells))")
     p.add_argument("--hidden", type=int, nargs="+", default=[100, 100, 100], metavar="WIDTH",
                    help="widths of the decoder's hidden layers")
-    p.add_argument("--epochs", type=int, default=500, metavar="N", help="maximum number of epochs")
-    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="cells per mini-batch")
+    p.add_argument("--epochs", type=_positive_int, default=500, metavar="N", help="maximum number of epochs")
+    p.add_argument("--batch-size", type=_positive_int, default=256, metavar="N", help="cells per mini-batch")
     p.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=True,
                    help="stop when the validation loss stops improving and keep the best epoch")
     p.add_argument("--patience", type=int, metavar="N",
@@ -118,13 +145,15 @@ def _train_parser(sub, common) -> None:
     p.add_argument("--backed", action="store_true",
                    help="read DATA.h5ad from disk batch by batch (backed='r') instead of loading it")
     p.add_argument("--checkpoint", metavar="FILE",
-                   help="write a resumable checkpoint to FILE during training")
+                   help="write a resumable checkpoint to FILE during training (and on Ctrl-C)")
+    p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+                   help="epochs between checkpoints (default: 50; needs --checkpoint)")
     p.add_argument("--resume", metavar="FILE",
                    help="continue training from a checkpoint written by --checkpoint")
     p.add_argument("--latents", metavar="FILE",
                    help="also write the training cells' latents: .h5ad (DATA plus obsm X_dgd and obs "
                         "dgd_cluster), .npy or .csv")
-    _add_overwrite(p, "MODEL_DIR (and --latents)")
+    _add_overwrite(p, "MODEL_DIR (only a dgdlens model folder), --latents and --checkpoint")
     _add_progress(p)
     p.set_defaults(handler=_cmd_train, required=("data", "out"))
 
@@ -143,8 +172,8 @@ def _embed_parser(sub, common) -> None:
                         "(required)")
     p.add_argument("--layer", metavar="LAYER",
                    help="layer holding the raw counts (default: the one the model was trained on)")
-    p.add_argument("--n-steps", type=int, default=200, metavar="N", help="optimisation steps per cell")
-    p.add_argument("--batch-size", type=int, default=1024, metavar="N", help="cells embedded together")
+    p.add_argument("--n-steps", type=_positive_int, default=200, metavar="N", help="optimisation steps per cell")
+    p.add_argument("--batch-size", type=_positive_int, default=1024, metavar="N", help="cells embedded together")
     p.add_argument("--latent-key", default="X_dgd", metavar="KEY", help="obsm key for the latents")
     p.add_argument("--cluster-key", default="dgd_cluster", metavar="KEY",
                    help="obs key for the mixture clusters")
@@ -275,17 +304,20 @@ def _demo_parser(sub, common) -> None:
     p.add_argument("-o", "--out", default="dgdlens-demo", metavar="DIR", help="output directory")
     p.add_argument("--quick", action="store_true",
                    help="a fast, rough run (few epochs) to check that everything works")
-    p.add_argument("--epochs", type=int, metavar="N",
+    p.add_argument("--epochs", type=_positive_int, metavar="N",
                    help="maximum DGD epochs (default: 500 with early stopping; 15 with --quick)")
     _add_device(p)
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty folder the demo did not write (only the demo's own files "
+                        "are replaced; nothing else is deleted)")
     _add_progress(p)
     p.set_defaults(handler=_cmd_demo, required=())
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dgdlens`` command (subcommands in ``parser.subcommands``)."""
-    from . import __version__
+    from ._version import __version__
 
     common = _common_options()
     parser = argparse.ArgumentParser(
@@ -337,11 +369,12 @@ def _coerce_one(action: argparse.Action, value, where: str):
     if isinstance(value, bool) or isinstance(value, (list, dict)):
         raise CLIError(f"{where} = {value!r} is not a valid value.")
     convert = action.type or str
-    if convert is int and isinstance(value, float) and not value.is_integer():
+    integer = convert in (int, _positive_int)
+    if integer and isinstance(value, float) and not value.is_integer():
         raise CLIError(f"{where} must be a whole number, got {value!r}.")
     try:
-        out = convert(int(value) if convert is int and isinstance(value, float) else value)
-    except (TypeError, ValueError) as err:
+        out = convert(int(value) if integer and isinstance(value, float) else value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
         raise CLIError(f"{where} = {value!r} is not a valid value ({err}).") from None
     if action.choices is not None and out not in action.choices:
         raise CLIError(f"{where} = {value!r} is not one of {', '.join(map(str, action.choices))}.")
@@ -430,12 +463,25 @@ def _model_dir(path, what: str) -> Path:
     return path
 
 
-def _output_path(path, overwrite: bool, *, is_dir: bool = False, suffixes: tuple[str, ...] = ()) -> Path:
-    """Check an output location before any work is done (no surprise after an hour of training)."""
+def _output_path(path, overwrite: bool, *, is_dir: bool = False, suffixes: tuple[str, ...] = (),
+                 inputs=(), model_dir: bool = False, what: str = "output") -> Path:
+    """Check an output location before any work is done (no surprise after an hour of training).
+
+    Refused: an unsupported suffix; a file where a folder is needed (or the other way round); a path
+    that is one of ``inputs``; a parent that is a file or not writable; an existing output without
+    ``--overwrite``. A ``model_dir`` is replaced only if it is a dgdlens model folder with nothing else
+    in it and none of ``inputs`` inside (see :func:`dgdlens._io.check_model_dir_replaceable`).
+    """
+    from ._io import OutputWriteError, check_model_dir_replaceable, check_output_location
+
     path = Path(path)
     if suffixes and path.suffix.lower() not in suffixes:
         raise CLIError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
                        f"use one of {', '.join(suffixes)}.")
+    try:
+        check_output_location(path, what=what, inputs=inputs)
+    except OutputWriteError as err:
+        raise CLIError(str(err)) from None
     if path.exists():
         if is_dir and path.is_file():
             raise CLIError(f"{path} is a file; the output must be a directory.")
@@ -443,7 +489,31 @@ def _output_path(path, overwrite: bool, *, is_dir: bool = False, suffixes: tuple
             raise CLIError(f"{path} is a directory; the output must be a file.")
         if not overwrite and (not is_dir or any(path.iterdir())):
             raise CLIError(f"{path} already exists; pass --overwrite to replace it, or choose another path.")
+        if model_dir:
+            try:
+                check_model_dir_replaceable(path, inputs=inputs)
+            except FileExistsError as err:
+                raise CLIError(f"--overwrite refused: {err}") from None
     return path
+
+
+def _distinct_outputs(outputs: dict[str, Path | None], model_dirs: dict[str, Path | None] | None = None) -> None:
+    """Two outputs may not be the same path, and no other output may be written into a model folder
+    (``model_dirs``: an output model folder or an input one; it would no longer be replaceable)."""
+    given = {flag: Path(p).resolve() for flag, p in outputs.items() if p is not None}
+    flags = list(given)
+    for i, a in enumerate(flags):
+        for b in flags[i + 1:]:
+            if given[a] == given[b]:
+                raise CLIError(f"{a} and {b} are the same path ({outputs[a]}); give each output its own path.")
+    for d, folder in (model_dirs or {}).items():
+        if folder is None:
+            continue
+        folder = Path(folder).resolve()
+        for flag, p in given.items():
+            if flag != d and (p == folder or folder in p.parents):
+                raise CLIError(f"{flag} {outputs[flag]} is inside the model folder {d} {folder}; write it "
+                               "next to the model folder instead.")
 
 
 def read_h5ad(path, *, backed: bool = False):
@@ -496,37 +566,56 @@ def read_matrix(spec: str, what: str):
                 raise CLIError(f"{path} has no obsm[{key!r}]; available: {available}.")
             value = adata.obsm[key]
             matrix = value if sp.issparse(value) else np.asarray(value)
-            return matrix, adata.obs_names.copy()
+            return _checked_matrix(matrix, path, what), adata.obs_names.copy()
         finally:
             adata.file.close()
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:
             is_sparse = {"format", "indptr", "indices", "data", "shape"} <= set(archive.files)
         if is_sparse:
-            return sp.load_npz(path).tocsr(), None
+            return _checked_matrix(sp.load_npz(path).tocsr(), path, what), None
     try:
         matrix, cells = load_embedding(path, key=key)
     except (KeyError, OSError, RuntimeError, EOFError) as err:
         raise CLIError(f"could not read {what} from {path} ({type(err).__name__}: {err}).") from None
-    return matrix, cells
+    return _checked_matrix(matrix, path, what), cells
+
+
+def _checked_matrix(matrix, path, what: str):
+    """A cells x dims matrix of numbers, or one line that says what is wrong with the file."""
+    import numpy as np
+
+    shape = getattr(matrix, "shape", ())
+    if len(shape) != 2:
+        hint = (" (one value per cell: save it as x.reshape(-1, 1))" if len(shape) == 1 else "")
+        raise CLIError(f"{what} in {path} has shape {tuple(shape)}; expected a 2-D matrix of cells x dims{hint}.")
+    dtype = getattr(matrix, "dtype", None)
+    if dtype is not None and not (np.issubdtype(dtype, np.number) or dtype == bool):
+        raise CLIError(f"{what} in {path} has dtype {dtype}, not numbers; convert it to a numeric dtype "
+                       "(e.g. x.astype(np.float32)) and save it again.")
+    return matrix
 
 
 def write_matrix(path: Path, matrix, cells=None) -> None:
-    """``.npz`` (sparse), ``.npy`` or ``.csv`` (cell names in the first column)."""
+    """``.npz`` (sparse), ``.npy`` or ``.csv`` (cell names in the first column), written whole or not at
+    all (a temporary file renamed into place, see :func:`dgdlens._io.atomic_path`)."""
     import numpy as np
     import pandas as pd
     import scipy.sparse as sp
 
+    from ._io import atomic_path
+
+    path = Path(path)
     suffix = path.suffix.lower()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".npz":
-        sp.save_npz(path, sp.csr_matrix(matrix))
-        return
-    dense = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
-    if suffix == ".npy":
-        np.save(path, dense)
-    else:
-        pd.DataFrame(dense, index=None if cells is None else pd.Index(cells, name="cell")).to_csv(path)
+    with atomic_path(path) as tmp:
+        if suffix == ".npz":
+            sp.save_npz(tmp, sp.csr_matrix(matrix))
+            return
+        dense = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
+        if suffix == ".npy":
+            np.save(tmp, dense)
+        else:
+            pd.DataFrame(dense, index=None if cells is None else pd.Index(cells, name="cell")).to_csv(tmp)
 
 
 def _gene_sets_arg(value: str):
@@ -540,17 +629,15 @@ def _gene_sets_arg(value: str):
 # ----------------------------------------------------------------------------------------------- commands
 
 def _cmd_train(args) -> None:
-    from . import distributed
+    from . import _dist as distributed
     from .models import DGD
 
     # under torchrun: join the process group first, so that "cuda" means this process's GPU
     distributed.init(device=args.device)
-    out = _output_path(args.out, args.overwrite, is_dir=True)
-    if args.latents:
-        _output_path(args.latents, args.overwrite, suffixes=(".h5ad", ".npy", ".csv"))
+    _check_train_outputs(args)
+    out = Path(args.out)
     if args.resume:  # under torchrun every process resumes from its own shard of the checkpoint
-        own = (distributed.checkpoint_shard_path(args.resume) if distributed.is_distributed()
-               else args.resume)
+        own = distributed.shard_file(args.resume)
         _existing_file(own, "checkpoint")
     adata = read_h5ad(args.data, backed=args.backed)
     backed = " (backed)" if args.backed else ""
@@ -560,19 +647,62 @@ def _cmd_train(args) -> None:
                 seed=args.seed)
     _echo(f"Training {model}.")
     extra = {} if args.patience is None else {"patience": args.patience}
+    if args.checkpoint_every is not None:
+        extra["checkpoint_every"] = args.checkpoint_every
     model.train(max_epochs=args.epochs, batch_size=args.batch_size, early_stopping=args.early_stopping,
                 device=args.device, checkpoint_path=args.checkpoint, resume_from=args.resume,
                 progress=args.progress, **extra)
     model.save(out, overwrite=args.overwrite)
     if args.latents:
         distributed.run_on_main(_write_latents, Path(args.latents), model, adata)
-    s = model.train_summary
-    last = model.history.iloc[-1]
+    s, history = fitted(model, "train_summary"), fitted(model, "history")
+    last = history.iloc[-1]
     losses = ", ".join(f"{k.replace('_', ' ')} {last[k]:.4g}"
                        for k in ("train_recon", "val_recon") if k in last)
     _echo(f"Done: {s['epochs_run']} epochs in {s['fit_time_s']:.0f} s (best epoch {s['best_epoch']}"
           f"{', stopped early' if s['stopped_early'] else ''}); last epoch: {losses} (nats per cell).")
     _echo(f"Saved the model to {out}/" + (f"; latents to {args.latents}." if args.latents else "."))
+
+
+def _check_train_outputs(args) -> None:
+    """Every output of ``train`` (--out, --latents, --checkpoint) is checked before the data are read,
+    so a run is never lost to a path that cannot be written."""
+    if args.checkpoint_every is not None and not args.checkpoint:
+        raise CLIError("--checkpoint-every needs --checkpoint FILE (where to write the checkpoints).")
+    inputs = [p for p in (args.data, args.resume) if p]
+    _output_path(args.out, args.overwrite, is_dir=True, inputs=inputs, model_dir=True, what="--out")
+    if args.latents:
+        _output_path(args.latents, args.overwrite, suffixes=(".h5ad", ".npy", ".csv"), inputs=inputs,
+                     what="--latents")
+    if args.checkpoint:
+        same_as_resume = args.resume and Path(args.checkpoint).resolve() == Path(args.resume).resolve()
+        _output_path(args.checkpoint, args.overwrite or bool(same_as_resume), inputs=[args.data],
+                     what="--checkpoint")
+    _distinct_outputs({"--out": Path(args.out), "--latents": args.latents, "--checkpoint": args.checkpoint},
+                      model_dirs={"--out": Path(args.out)})
+
+
+def _resume_command(args, argv: list[str]) -> str:
+    """The command line that continues an interrupted ``train`` from its checkpoint."""
+    import shlex
+
+    kept, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = True
+            continue
+        if a.startswith("--resume="):
+            continue
+        kept.append(a)
+    return shlex.join([PROG, *kept, "--resume", str(args.checkpoint)])
+
+
+def fitted(model, name: str):
+    """A fitted attribute by its new name (``train_summary_``, ``history_``) or its old one."""
+    return getattr(model, f"{name}_") if hasattr(model, f"{name}_") else getattr(model, name)
 
 
 def _write_latents(path: Path, model, adata) -> None:
@@ -586,19 +716,23 @@ def _write_latents(path: Path, model, adata) -> None:
 
 
 def _cmd_embed(args) -> None:
-    from . import distributed
+    from . import _dist as distributed
     from .data.matrix import write_h5ad_out_of_core
     from .models import DGD
 
     # under torchrun: join the process group first, so that "cuda" means this process's GPU
     distributed.init(device=args.device)
-    out = _output_path(args.out, args.overwrite, suffixes=(".h5ad", ".npy", ".csv"))
-    if out.resolve() == Path(args.data).resolve():
-        raise CLIError(f"--out {out} is the input file; write to a new file.")
+    out = _output_path(args.out, args.overwrite, suffixes=(".h5ad", ".npy", ".csv"), inputs=[args.data],
+                       what="--out")
+    _distinct_outputs({"--out": out}, model_dirs={"MODEL_DIR": args.model})
     model = DGD.load(_model_dir(args.model, "model directory"), device=args.device)
     adata = read_h5ad(args.data, backed=args.backed)
     _echo(f"Embedding {adata.n_obs:,} cells of {args.data} with {model}.")
-    model.add_to_adata(adata, latent_key=args.latent_key, cluster_key=args.cluster_key, layer=args.layer,
+    import inspect
+
+    # the models name the obsm key ``key_added`` (``latent_key`` before the training rewrite)
+    key_arg = "key_added" if "key_added" in inspect.signature(model.add_to_adata).parameters else "latent_key"
+    model.add_to_adata(adata, **{key_arg: args.latent_key}, cluster_key=args.cluster_key, layer=args.layer,
                        n_steps=args.n_steps, batch_size=args.batch_size, progress=args.progress)
     if out.suffix.lower() == ".h5ad":  # one process writes (under torchrun all hold the gathered latents)
         distributed.run_on_main(write_h5ad_out_of_core, adata, out)
@@ -610,18 +744,25 @@ def _cmd_embed(args) -> None:
 
 
 def _cmd_sae(args) -> None:
-    from .models._engine import resolve_device
+    from ._device import resolve_device
     from .sae import metrics, train_sae
 
-    out = _output_path(args.out, args.overwrite, is_dir=True)
+    embeddings = split_spec(args.embeddings)[0]
+    out = _output_path(args.out, args.overwrite, is_dir=True, inputs=[embeddings], model_dir=True, what="--out")
     if args.activations:
-        _output_path(args.activations, args.overwrite, suffixes=(".npz", ".npy", ".csv"))
+        _output_path(args.activations, args.overwrite, suffixes=(".npz", ".npy", ".csv"), inputs=[embeddings],
+                     what="--activations")
+    _distinct_outputs({"--out": out, "--activations": args.activations}, model_dirs={"--out": out})
     X, cells = read_matrix(args.embeddings, "embeddings")
     _echo(f"Read {args.embeddings}: {X.shape[0]:,} cells x {X.shape[1]:,} dimensions.")
-    options = {k: getattr(args, k) for k in ("n_latents", "k", "epochs", "batch_size", "lr", "l1_coef",
-                                             "preset", "patience") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in ("n_latents", "k", "batch_size", "lr", "l1_coef", "preset",
+                                             "patience") if getattr(args, k) is not None}
+    if args.epochs is not None:
+        options["max_epochs"] = args.epochs
+    if args.patience is not None:  # patience means early stopping (on the validation cells, if any)
+        options["early_stopping"] = True
     device = resolve_device(args.device)
-    sae = train_sae(X, kind=args.kind, device=device, seed=args.seed, val_fraction=args.val_fraction,
+    sae = train_sae(X, kind=args.kind, device=device, seed=args.seed, validation_fraction=args.val_fraction,
                     progress=args.progress, **options)
     sae.save(out, overwrite=args.overwrite)
     quality = metrics(sae, X)
@@ -643,7 +784,13 @@ def _aligned_activations(A, cells, adata, spec: str):
             raise CLIError(f"{spec} has {A.shape[0]:,} rows but the expression has {adata.n_obs:,} cells; "
                            "they must be the same cells in the same order.")
         return A
-    indexer = pd.Index(cells).get_indexer(adata.obs_names)
+    cells = pd.Index(cells)
+    for names, where in ((cells, spec), (pd.Index(adata.obs_names), "the expression's obs_names")):
+        if names.has_duplicates:
+            dup = ", ".join(map(str, names[names.duplicated()].unique()[:3]))
+            raise CLIError(f"{where} has duplicated cell names (e.g. {dup}), so activations cannot be matched to "
+                           "cells by name; call adata.obs_names_make_unique() before computing and saving them.")
+    indexer = cells.get_indexer(adata.obs_names)
     if (indexer < 0).any():
         missing = adata.obs_names[indexer < 0]
         raise CLIError(f"{len(missing):,} of the expression's {adata.n_obs:,} cells have no activations in "
@@ -656,9 +803,12 @@ def _cmd_annotate(args) -> None:
 
     from .lens import annotate
 
-    out = _output_path(args.out, args.overwrite, suffixes=(".csv", ".tsv"))
+    inputs = [split_spec(args.activations)[0], args.expression]
+    out = _output_path(args.out, args.overwrite, suffixes=(".csv", ".tsv"), inputs=inputs, what="--out")
     if args.features_summary:
-        _output_path(args.features_summary, args.overwrite, suffixes=(".csv", ".tsv"))
+        _output_path(args.features_summary, args.overwrite, suffixes=(".csv", ".tsv"), inputs=inputs,
+                     what="--features-summary")
+    _distinct_outputs({"--out": out, "--features-summary": args.features_summary})
     A, cells = read_matrix(args.activations, "activations")
     adata = read_h5ad(args.expression)
     A = _aligned_activations(A, cells, adata, args.activations)
@@ -706,8 +856,11 @@ def _top_terms(results, n: int) -> list[str]:
 
 
 def _write_table(df, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", index=False)
+    from ._io import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, sep="\t" if path.suffix.lower() == ".tsv" else ",", index=False)
 
 
 def _cell_mask(adata, spec: str | None):
@@ -728,9 +881,15 @@ def _cell_mask(adata, spec: str | None):
 def _cmd_steer(args) -> None:
     from .models import DGD
     from .sae import SAE
-    from .steer import steer
+    from ._io import atomic_write_text
+    from .steer import steer, steering_summary
 
-    out = _output_path(args.out, args.overwrite, is_dir=True)
+    inputs = [args.model, args.sae, args.data]
+    out = _output_path(args.out, args.overwrite, is_dir=True, inputs=inputs, what="--out")
+    for name in ("genes.csv", "enrichment.csv", "control_genes.csv", "summary.json"):
+        _output_path(Path(args.out) / name, True, inputs=inputs, what="--out")
+    _distinct_outputs({"--out": Path(args.out) / "genes.csv"}, model_dirs={"MODEL_DIR": args.model,
+                                                                           "SAE_DIR": args.sae})
     model = DGD.load(_model_dir(args.model, "model directory"), device=args.device)
     sae = SAE.load(_model_dir(args.sae, "SAE directory"), device=model.device)
     adata = read_h5ad(args.data)
@@ -749,25 +908,11 @@ def _cmd_steer(args) -> None:
     if result.control is not None:
         _write_table(result.control.genes, out / "control_genes.csv")
     summary = steering_summary(result)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     _echo(f"{summary['genes_up']} genes up, {summary['genes_down']} down (padj < 0.05, |log2FC| >= 0.25); "
           f"cells moved {summary['mean_shift']:.3g} in latent space on average. Wrote {out}/.")
     for line in _steered_genes(result.genes, 5):
         _echo("  " + line)
-
-
-def steering_summary(result) -> dict:
-    """Numbers that describe a steering result (also used by the demo)."""
-    genes = result.genes
-    summary = {"feature": int(result.feature), "mode": result.mode, "value": result.value,
-               "n_cells": int(len(result.cells)), "mean_shift": float(result.shift.mean()),
-               "genes_up": int((genes["direction"] == "up").sum()),
-               "genes_down": int((genes["direction"] == "down").sum()),
-               "enriched_terms": int(len(result.enrichment))}
-    if result.control is not None:
-        control = result.control.genes
-        summary["control_genes_changed"] = int(control["direction"].isin(["up", "down"]).sum())
-    return summary
 
 
 def _steered_genes(genes, n: int) -> list[str]:
@@ -779,7 +924,7 @@ def _cmd_demo(args) -> None:
     from .demo import run_demo
 
     run_demo(args.out, quick=args.quick, epochs=args.epochs, device=args.device, seed=args.seed,
-             progress=args.progress, num_threads=args.threads or 1, echo=_echo)
+             progress=args.progress, num_threads=args.threads or 1, echo=_echo, overwrite=args.overwrite)
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -827,6 +972,9 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted.", file=sys.stderr)
+        if args.command == "train" and args.checkpoint and Path(args.checkpoint).exists():
+            print(f"{PROG} train: the last checkpoint is {args.checkpoint}; continue with:\n  "
+                  f"{_resume_command(args, argv)}", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the whole point: one line instead of a traceback
         if args.debug:

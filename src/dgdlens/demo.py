@@ -10,6 +10,11 @@
 7. Write ``adata.h5ad``, ``dgd/``, ``sae/``, ``features.csv``, ``steering_genes.csv``,
    ``steering_enrichment.csv``, ``summary.json`` and ``report.html``.
 
+Every file is written whole (a temporary file renamed into place). The folder gets a marker,
+``.dgdlens-output.json``, so that a later run recognises it as the demo's own and replaces only the
+demo's files; a non-empty folder without the marker is refused unless ``overwrite=True``, and even
+then only files with the demo's names are replaced: nothing else in it is touched.
+
 :func:`run_demo` does all of it and returns a :class:`DemoResult`; ``quick=True`` is a rough run of
 under a minute of compute, for checking that everything works.
 """
@@ -25,9 +30,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["run_demo", "DemoResult", "DEMO_SETTINGS", "QUICK_SETTINGS"]
+__all__ = ["run_demo", "DemoResult", "DEMO_SETTINGS", "QUICK_SETTINGS", "MARKER", "DEMO_FILES"]
 
 LABELS_KEY = "bulk_labels"
+#: Written first into the output folder: it marks the folder as the demo's own.
+MARKER = ".dgdlens-output.json"
+#: Everything the demo writes into its folder (the only names it ever replaces).
+DEMO_FILES = ("adata.h5ad", "dgd", "sae", "features.csv", "feature_summary.csv", "steering_genes.csv",
+              "steering_enrichment.csv", "summary.json", "report.html", MARKER)
+_MODEL_DIRS = ("dgd", "sae")
 
 #: The full demo: model defaults; an SAE sized for 700 cells whose 20-d latents form about ten clusters
 #: (64 features left two thirds of them dead, 32 about a third); DE groups sized for a small data set.
@@ -109,6 +120,64 @@ def _choose_steering(activations, features: pd.DataFrame, alpha: float = 0.05) -
     return feature, active
 
 
+def _is_demo_folder(out: Path) -> bool:
+    try:
+        marker = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("written_by") == "dgdlens demo"
+
+
+def prepare_output_folder(out, *, overwrite: bool = False) -> Path:
+    """Check (before any work) that the demo may write into ``out``; raises, changing nothing, if not.
+
+    Fine: a missing or empty folder, a folder with the demo's marker, or any folder with
+    ``overwrite=True``, as long as the demo's ``dgd/`` and ``sae/`` there are dgdlens model folders
+    (see :func:`dgdlens._io.check_model_dir_replaceable`) and none of its file names is a folder.
+    """
+    from ._io import OutputWriteError, check_model_dir_replaceable, check_output_location
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; the demo writes into a folder, choose another --out.")
+    try:
+        check_output_location(out / MARKER, what="--out")
+    except OutputWriteError as err:
+        raise FileExistsError(str(err)) from None
+    if not out.exists():
+        return out
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and not _is_demo_folder(out) and not overwrite:
+        foreign = [e for e in entries if e not in DEMO_FILES] or entries
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise FileExistsError(
+            f"{out} is not empty ({shown}) and was not written by the demo; nothing was changed. Choose a new "
+            "--out, or pass --overwrite to add the demo's files there (only files with the demo's names are "
+            "replaced, nothing else is deleted).")
+    for name in _MODEL_DIRS:
+        try:
+            check_model_dir_replaceable(out / name)
+        except FileExistsError as err:
+            raise FileExistsError(f"the demo would replace {out / name}, but: {err}") from None
+    for name in DEMO_FILES:
+        if name not in _MODEL_DIRS and (out / name).is_dir():
+            raise FileExistsError(f"{out / name} is a folder; the demo writes a file there. Choose a new --out.")
+    return out
+
+
+def _write_marker(out: Path) -> None:
+    from ._version import __version__
+    from ._io import atomic_write_text
+
+    atomic_write_text(out / MARKER, json.dumps({"written_by": "dgdlens demo", "dgdlens_version": __version__,
+                                                "files": list(DEMO_FILES)}, indent=2))
+
+
+def _fitted(model, name: str):
+    """A fitted attribute by its new name (``train_summary_``, ``history_``) or its old one."""
+    return getattr(model, f"{name}_") if hasattr(model, f"{name}_") else getattr(model, name)
+
+
 def _jsonable(obj):
     from ._io import to_jsonable
 
@@ -125,8 +194,13 @@ def run_demo(
     progress: bool = True,
     num_threads: int | None = 1,
     echo: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> DemoResult:
     """Run the demo pipeline and write its outputs to ``out`` (created; the demo's own files are replaced).
+
+    ``out`` may be missing, empty, or a folder an earlier demo wrote (it holds the marker
+    :data:`MARKER`). A non-empty folder without the marker is refused (``FileExistsError``, before
+    any work) unless ``overwrite=True``; only the files named in :data:`DEMO_FILES` are ever replaced.
 
     Parameters
     ----------
@@ -148,8 +222,14 @@ def run_demo(
         when the cores are busy, and no slower when they are idle.
     echo
         Receives the step messages and the final summary (``print`` by default).
+    overwrite
+        Also write into a non-empty folder that the demo did not write.
     """
     import torch
+
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1):
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}.")
+    prepare_output_folder(out, overwrite=overwrite)
 
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
@@ -164,23 +244,20 @@ def _run(out, *, quick, epochs, device, seed, progress, echo) -> DemoResult:
     import scipy.sparse as sp
 
     from . import lens
+    from ._io import atomic_write_text
     from .data.datasets import pbmc68k_counts
     from .models import DGD
-    from .models._engine import resolve_device
+    from ._device import resolve_device
     from .sae import metrics as sae_metrics
     from .sae import train_sae
     from .steer import steer
 
     settings = dict(QUICK_SETTINGS if quick else DEMO_SETTINGS)
     if epochs is not None:
-        if epochs < 1:
-            raise ValueError(f"epochs must be a positive integer, got {epochs}.")
         settings["dgd_epochs"] = int(epochs)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file; the demo writes into a folder, choose another --out.")
-    out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
+    _write_marker(out)
     t_start = time.perf_counter()
     steps = _Steps(7, echo)
 
@@ -218,7 +295,7 @@ def _run(out, *, quick, epochs, device, seed, progress, echo) -> DemoResult:
     steps.start("sae", f"Training a {settings['sae_kind']} SAE ({settings['sae_latents']} features, "
                        f"k={settings['sae_k']}) on the training cells' latents ...")
     sae = train_sae(z[train_idx], kind=settings["sae_kind"], n_latents=settings["sae_latents"],
-                    k=settings["sae_k"], epochs=settings["sae_epochs"], device=dev, seed=seed,
+                    k=settings["sae_k"], max_epochs=settings["sae_epochs"], device=dev, seed=seed,
                     progress=progress)
     activations = sp.csr_matrix(sae.encode(z))
     adata.obsm["X_sae"] = activations
@@ -246,7 +323,7 @@ def _run(out, *, quick, epochs, device, seed, progress, echo) -> DemoResult:
     steps.stop()
     summary["time_s"] = round(time.perf_counter() - t_start, 1)
     files["summary"] = out / "summary.json"
-    files["summary"].write_text(json.dumps(_jsonable({**summary, "timings_s": steps.timings}), indent=2))
+    atomic_write_text(files["summary"], json.dumps(_jsonable({**summary, "timings_s": steps.timings}), indent=2))
     for line in summary_lines(summary, out):
         echo(line)
     return DemoResult(out=out, files=files, summary=summary, timings=steps.timings)
@@ -261,23 +338,26 @@ def _write_outputs(out: Path, adata, model, sae, features, feature_summary, stee
     adata.uns["dgdlens_demo"] = {"labels_key": LABELS_KEY, "latent_key": "X_dgd",
                                  "cluster_key": "dgd_cluster", "activations_key": "X_sae",
                                  "steered_feature": int(steering.feature)}
-    adata.write_h5ad(files["adata"])
-    model.save(files["dgd"], overwrite=True)
+    from ._io import atomic_path
+
+    with atomic_path(files["adata"]) as tmp:
+        adata.write_h5ad(tmp)
+    model.save(files["dgd"], overwrite=True)  # replaces only a dgdlens model folder (checked up front)
     sae.save(files["sae"], overwrite=True)
-    features.to_csv(files["features"], index=False)
-    feature_summary.to_csv(files["feature_summary"], index=False)
-    steering.genes.to_csv(files["steering_genes"], index=False)
-    steering.enrichment.to_csv(files["steering_enrichment"], index=False)
+    for key, table in (("features", features), ("feature_summary", feature_summary),
+                       ("steering_genes", steering.genes), ("steering_enrichment", steering.enrichment)):
+        with atomic_path(files[key]) as tmp:
+            table.to_csv(tmp, index=False)
     return files
 
 
 def _summary(adata, model, quality, features, feature_summary, steering, recon_train, recon_held,
              settings, dev) -> dict:
-    from .cli import steering_summary
-    from .plotting import cluster_agreement
+    from .evaluate import cluster_agreement
+    from .steer import steering_summary
 
     agreement = cluster_agreement(adata.obs["dgd_cluster"], adata.obs[LABELS_KEY])
-    s = model.train_summary
+    s = _fitted(model, "train_summary")
     n_ok = int((feature_summary["status"] == "ok").sum())
     top = features.sort_values(["padj", "pval"], kind="stable").drop_duplicates("feature").head(3)
     return {
@@ -385,7 +465,7 @@ def _write_report(path: Path, adata, model, quality, activations, features, stee
         summary={"cells": adata.n_obs, "genes": adata.n_vars, "held-out cells":
                  int((adata.obs["dgd_split"] == "held-out").sum()), "latent dimensions": model.n_latent,
                  "mixture components": model.n_components, "SAE features": activations.shape[1]},
-        params=params, history=model.history, best_epoch=d["best_epoch"], latent=adata.obsm["X_dgd"],
+        params=params, history=_fitted(model, "history"), best_epoch=d["best_epoch"], latent=adata.obsm["X_dgd"],
         clusters=adata.obs["dgd_cluster"], labels=labels, labels_name="cell type (bulk_labels)",
         sae_metrics=quality, activations=activations, features=features, steering=steering_view,
         attribution=attribution, notes=notes, seed=model.params["seed"])

@@ -27,10 +27,10 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .lens._stats import bh_adjust, t_pvalues
-from .models._engine import resolve_device
+from .stats import bh_adjust, t_pvalues
+from ._device import resolve_device
 
-__all__ = ["steer", "SteerResult", "STEER_MODES"]
+__all__ = ["steer", "SteerResult", "STEER_MODES", "steering_summary"]
 
 STEER_MODES = ("clamp", "add", "scale", "ablate")
 
@@ -309,3 +309,17 @@ def _cell_indices(cells, n: int) -> np.ndarray:
     if idx.size == 0:
         raise ValueError("No cells selected to steer.")
     return idx
+
+
+def steering_summary(result: SteerResult) -> dict:
+    """Numbers that describe a steering result (``summary.json`` of ``dgdlens steer`` and the demo)."""
+    genes = result.genes
+    summary = {"feature": int(result.feature), "mode": result.mode, "value": result.value,
+               "n_cells": int(len(result.cells)), "mean_shift": float(result.shift.mean()),
+               "genes_up": int((genes["direction"] == "up").sum()),
+               "genes_down": int((genes["direction"] == "down").sum()),
+               "enriched_terms": int(len(result.enrichment))}
+    if result.control is not None:
+        control = result.control.genes
+        summary["control_genes_changed"] = int(control["direction"].isin(["up", "down"]).sum())
+    return summary

@@ -47,8 +47,16 @@ def var_names_for(adata, layer: str | None) -> pd.Index:
     return pd.Index(adata.var_names)
 
 
+#: A label column with more categories than this (or than half the cells) looks like an id, not a cell type.
+MAX_LABEL_CATEGORIES = 100
+
+
 def check_labels_key(adata, labels_key: str | None) -> pd.Categorical | None:
-    """The label column as a categorical, or None; a clear error when the column does not exist."""
+    """The label column as a categorical, or None; a clear error when the column does not exist.
+
+    Labels set the number of mixture components (one per category), so a column that looks
+    continuous (non-integer numbers) or has very many categories (an id column) gets a warning.
+    """
     if labels_key is None:
         return None
     if labels_key not in adata.obs.columns:
@@ -56,7 +64,26 @@ def check_labels_key(adata, labels_key: str | None) -> pd.Categorical | None:
             f"labels_key {labels_key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}). "
             "Pass an existing column name or labels_key=None."
         )
-    labels = pd.Categorical(adata.obs[labels_key].astype("object").where(adata.obs[labels_key].notna(), None))
+    column = adata.obs[labels_key]
+    labels = pd.Categorical(column.astype("object").where(column.notna(), None))
+    n_cats, n_obs = len(labels.categories), len(column)
+    if pd.api.types.is_float_dtype(column.dtype):
+        values = column.dropna().to_numpy()
+        if values.size and not np.all(values == np.round(values)):
+            warnings.warn(
+                f"labels_key {labels_key!r} holds continuous numbers (e.g. {values[values != np.round(values)][0]:g}), "
+                f"not categories, which gives {n_cats} mixture components; pass a categorical column such as "
+                "cell type, or labels_key=None with n_components.",
+                UserWarning, stacklevel=3,
+            )
+            return labels
+    if n_cats > MAX_LABEL_CATEGORIES or (n_obs >= 20 and n_cats > n_obs / 2):
+        warnings.warn(
+            f"labels_key {labels_key!r} has {n_cats} categories for {n_obs} cells (it looks like an id, not a "
+            f"cell type), which gives {n_cats} mixture components; pass a column with fewer categories, "
+            "or labels_key=None with n_components.",
+            UserWarning, stacklevel=3,
+        )
     return labels
 
 

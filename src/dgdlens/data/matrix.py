@@ -12,6 +12,7 @@ and :func:`validate_counts` checks a count matrix chunk by chunk with errors tha
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -76,6 +77,12 @@ class RowMatrix:
             raise TypeError(f"Unsupported matrix type {type(X).__name__}; pass a numpy array, scipy sparse matrix or AnnData.")
         if len(X.shape) != 2:
             raise ValueError(f"Expected a 2-D matrix (cells x features), got shape {X.shape}")
+        dtype = getattr(X, "dtype", None)
+        if dtype is not None and not (np.issubdtype(np.dtype(dtype), np.number) or np.dtype(dtype) == bool):
+            raise TypeError(
+                f"The data matrix has dtype {dtype}, not numbers (often strings or mixed values read from a "
+                "table); convert it to a numeric dtype first, e.g. adata.X = adata.X.astype(np.float32)."
+            )
         self.X = X
         self.shape = (int(X.shape[0]), int(X.shape[1]))
 
@@ -191,14 +198,31 @@ def validate_counts(
     what: str = "the count matrix",
     require_integer: bool = True,
     allow_empty_cells: bool = False,
-    allow_empty_genes: bool = True,
+    empty_genes: str = "warn",
+    min_cells: int = 1,
     chunk_size: int = 10_000,
 ) -> dict:
     """Check that ``matrix`` holds non-negative, finite (integer) counts, chunk by chunk.
 
     Returns ``{"row_sums": ..., "col_sums": ...}`` computed on the way, so callers need no second pass.
-    Raises :class:`CountValidationError` (a ``ValueError``) naming the problem and the fix.
+    Raises :class:`CountValidationError` (a ``ValueError``) naming the problem and the fix: too few
+    cells (fewer than ``min_cells``), no genes, NaN/infinite, negative or non-integer values, cells
+    without counts (unless ``allow_empty_cells``).
+
+    Genes without a single count are normal (after subsetting cells; in a backed atlas that is not
+    rewritten to filter them) and are never an error: ``empty_genes="warn"`` (the default) issues a
+    ``UserWarning`` saying how many there are (a negative-binomial model learns their mean to ~0),
+    ``"ignore"`` says nothing.
     """
+    if empty_genes not in ("warn", "ignore"):
+        raise ValueError(f"empty_genes must be 'warn' or 'ignore', got {empty_genes!r}.")
+    if matrix.n_obs < min_cells:
+        raise CountValidationError(
+            f"Too few cells: {what} has {matrix.n_obs} cell(s), at least {min_cells} needed. Check that the cell "
+            "filter or subset before this step kept the cells you meant."
+        )
+    if matrix.n_vars == 0:
+        raise CountValidationError(f"{what} has no genes (0 columns); pass the AnnData with its genes.")
     row_sums = np.empty(matrix.n_obs, dtype=np.float64)
     col_sums = np.zeros(matrix.n_vars, dtype=np.float64)
     for start, stop, block in matrix.iter_chunks(chunk_size):
@@ -229,11 +253,13 @@ def validate_counts(
             f"{what} has {n_empty} cell(s) with no counts (e.g. row {int(np.flatnonzero(row_sums == 0)[0])}). "
             "Remove them first, e.g. sc.pp.filter_cells(adata, min_counts=1)."
         )
-    if not allow_empty_genes and np.any(col_sums == 0):
-        n_empty = int(np.sum(col_sums == 0))
-        raise CountValidationError(
-            f"{what} has {n_empty} gene(s) with no counts in any cell. Remove them first, "
-            "e.g. sc.pp.filter_genes(adata, min_counts=1)."
+    n_empty_genes = int(np.sum(col_sums == 0))
+    if n_empty_genes and empty_genes == "warn":
+        warnings.warn(
+            f"{what}: {n_empty_genes} of {matrix.n_vars} gene(s) have no counts in any cell; that is fine, "
+            "their negative-binomial mean will learn to ~0 (filter them with "
+            "sc.pp.filter_genes(adata, min_counts=1) to save a little time).",
+            UserWarning, stacklevel=3,
         )
     return {"row_sums": row_sums, "col_sums": col_sums}
 
@@ -243,8 +269,15 @@ def write_h5ad_in_chunks(path, chunks, var_names, obs_names=None) -> int:
 
     ``chunks`` yields scipy sparse row blocks (cells x genes) in order; ``obs_names`` defaults to
     ``cell0, cell1, ...``. The file opens with ``anndata.read_h5ad(path, backed="r")``. Returns the
-    number of cells written.
+    number of cells written. The file is written whole or not at all (see :func:`dgdlens._io.atomic_path`).
     """
+    from .._io import atomic_path
+
+    with atomic_path(path) as tmp:
+        return _write_h5ad_in_chunks(tmp, chunks, var_names, obs_names)
+
+
+def _write_h5ad_in_chunks(path, chunks, var_names, obs_names) -> int:
     import anndata
     import h5py
     import pandas as pd
@@ -278,27 +311,33 @@ def write_h5ad_in_chunks(path, chunks, var_names, obs_names=None) -> int:
 def write_h5ad_out_of_core(adata, path) -> None:
     """Write ``adata`` to a new ``path``. For a backed AnnData the file is copied on disk and only the
     in-memory parts (``obs``, ``var``, ``obsm``, ``uns``) are rewritten, so ``X`` is never loaded
-    (``AnnData.write_h5ad`` reads a backed ``X`` whole)."""
+    (``AnnData.write_h5ad`` reads a backed ``X`` whole).
+
+    Either way the file is written to a temporary file next to ``path`` and renamed into place, so a
+    full disk or a crash never leaves a partial ``.h5ad`` (see :func:`dgdlens._io.atomic_path`)."""
     import shutil
     from pathlib import Path
 
     import h5py
     from anndata.io import write_elem
 
+    from .._io import atomic_path
+
     if not getattr(adata, "isbacked", False):
-        adata.write_h5ad(path)
+        with atomic_path(path) as tmp:
+            adata.write_h5ad(tmp)
         return
     src, dst = Path(adata.filename).resolve(), Path(path).resolve()
     if src == dst:
         raise ValueError(f"{path} is the backed input file itself; write the results to a new file.")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
-    with h5py.File(dst, "a") as f:
-        for key in ("obs", "var", "obsm", "uns"):
-            if key in f:
-                del f[key]
-            value = getattr(adata, key)
-            write_elem(f, key, value if key in ("obs", "var") else dict(value))
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+        with h5py.File(tmp, "a") as f:
+            for key in ("obs", "var", "obsm", "uns"):
+                if key in f:
+                    del f[key]
+                value = getattr(adata, key)
+                write_elem(f, key, value if key in ("obs", "var") else dict(value))
 
 
 def read_zarr_backed(path, layer: str | None = None):

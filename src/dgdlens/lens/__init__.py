@@ -3,7 +3,7 @@
 >>> import dgdlens as dl
 >>> F = sae.encode(Z)                                   # cells x features, sparse
 >>> res = dl.lens.annotate(F, adata.X, gene_names=adata.var_names, gene_sets="go_bp")
->>> dl.lens.annotate_adata(adata, "X_sae")             # results in adata.uns["dgdlens_lens"]
+>>> dl.tl.annotate_features(adata, use_rep="X_sae")   # the AnnData verb: adata.uns["dgdlens_lens"]
 >>> dl.lens.gene_sets("hallmark"), dl.lens.read_gmt("my.gmt"), dl.lens.enrich(genes, universe)
 >>> dl.lens.classify_features(F, adata.obs["cell_type"])   # local / global features
 
@@ -11,7 +11,7 @@ Bundled collections (offline, human symbols): ``go_bp``, ``go_mf``, ``go_cc`` (G
 ``hallmark`` and ``reactome_wp_pid`` (MSigDB v7.5.1); see :func:`available_gene_sets` for attribution.
 """
 
-from .annotate import annotate, annotate_adata
+from .annotate import annotate
 from .classify import classify_features
 from .de import differential_expression
 from .enrichment import GeneSetIndex, enrich, hypergeom_pvalues, index_gene_sets
@@ -30,7 +30,7 @@ from .groups import make_feature_groups
 from .simulate import PlantedData, planted_data
 
 __all__ = [
-    "annotate", "annotate_adata", "classify_features", "differential_expression", "enrich",
+    "annotate", "classify_features", "differential_expression", "enrich",
     "hypergeom_pvalues", "index_gene_sets", "GeneSetIndex", "prepare_expression", "make_feature_groups",
     "GeneSets", "gene_sets", "available_gene_sets", "read_gmt", "write_gmt", "gene_aliases",
     "ensembl_to_symbol", "map_gene_names", "planted_data", "PlantedData",

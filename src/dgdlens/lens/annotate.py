@@ -12,6 +12,9 @@ For each feature (all at once, in chunks of features):
    genes against every set, BH within each feature (``padj``) and over everything (``padj_global``).
 
 ``compat="paper"`` swaps steps 2-3 for the reference scFeatureLens statistics (:mod:`.paper`).
+
+This is the array-level function; :func:`dgdlens.tl.annotate_features` is the AnnData verb (reads
+``obsm[use_rep]`` and ``layer``, writes ``uns[key_added]``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .expression import prepare_expression
 from .groups import make_feature_groups
 from .paper import PAPER_SETTINGS, PaperAccumulator
 
-__all__ = ["annotate", "annotate_adata"]
+__all__ = ["annotate"]
 
 _COMPAT = (None, "paper")
 
@@ -212,65 +215,3 @@ class _Clock:
             self.sink[name] = self.sink.get(name, 0.0) + now - self.t
             self.sink[name + "_cpu"] = self.sink.get(name + "_cpu", 0.0) + cpu - self.c
         self.t, self.c = now, cpu
-
-
-def _expression_from_adata(adata, layer, use_raw):
-    if use_raw:
-        if adata.raw is None:
-            raise ValueError("use_raw=True but adata.raw is None.")
-        if layer is not None:
-            raise ValueError("Pass either layer or use_raw, not both.")
-        return adata.raw.X, adata.raw.var_names
-    if layer is not None:
-        if layer not in adata.layers:
-            raise ValueError(f"Layer {layer!r} not found; available layers: {list(adata.layers)}.")
-        return adata.layers[layer], adata.var_names
-    return adata.X, adata.var_names
-
-
-def annotate_adata(
-    adata, activations="X_sae", *, layer: str | None = None, use_raw: bool = False,
-    gene_symbols: str | None = None, gene_sets="go_bp", key_added: str = "dgdlens_lens", **kwargs
-) -> pd.DataFrame:
-    """Run :func:`annotate` on an AnnData and store the results in ``adata.uns[key_added]``.
-
-    Parameters
-    ----------
-    adata
-        Cells x genes. Expression comes from ``X``, ``layers[layer]`` or ``raw`` (``use_raw``).
-    activations
-        Key of ``adata.obsm`` holding the SAE activations (e.g. ``adata.obsm["X_sae"] = sae.encode(Z)``),
-        or the activation matrix itself.
-    gene_symbols
-        Column of ``var`` with gene symbols, when ``var_names`` are other identifiers.
-    key_added
-        ``adata.uns[key_added]`` receives ``{"results": DataFrame, "features": DataFrame,
-        "settings": dict, "gene_sets": dict}`` (all writable to ``.h5ad``).
-    **kwargs
-        Passed to :func:`annotate`.
-
-    Returns
-    -------
-    The results DataFrame (as :func:`annotate`).
-    """
-    if isinstance(activations, str):
-        if activations not in adata.obsm:
-            raise ValueError(
-                f"adata.obsm has no {activations!r}; available keys: {list(adata.obsm)}. Store the SAE activations "
-                "first, e.g. adata.obsm['X_sae'] = sae.encode(adata.obsm['X_dgd'])."
-            )
-        activations = adata.obsm[activations]
-    expression, var_names = _expression_from_adata(adata, layer, use_raw)
-    if gene_symbols is not None:
-        if gene_symbols not in adata.var:
-            raise ValueError(f"adata.var has no column {gene_symbols!r}.")
-        if use_raw:
-            raise ValueError("gene_symbols with use_raw=True is not supported; use raw.var_names.")
-        var_names = adata.var[gene_symbols].astype(str).to_numpy()
-    kwargs["return_features"] = True
-    results, features = annotate(activations, expression, np.asarray(var_names), gene_sets, **kwargs)
-    adata.uns[key_added] = {
-        "results": results.copy(), "features": features.copy(),
-        "settings": dict(results.attrs.get("settings", {})),
-        "gene_sets": dict(results.attrs.get("gene_sets", {}))}
-    return results

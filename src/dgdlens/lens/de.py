@@ -41,7 +41,7 @@ import scipy.sparse as sp
 from scipy import special, stats
 
 from ._kernels import group_moments, welch_from_moments
-from ._stats import bh_adjust, bh_adjust_grouped, t_pvalues, welch_t
+from ..stats import bh_adjust, bh_adjust_grouped, t_pvalues, welch_t
 from .expression import PreparedExpression, prepare_expression
 from .groups import FeatureGroups, make_feature_groups
 

@@ -8,7 +8,7 @@ All selections x all sets are handled together:
 
 1. the sets become a sparse (sets x genes) membership matrix over the universe, built once;
 2. the overlaps ``K`` of every selection with every set are one sparse product (selections x sets);
-3. each distinct ``(K, n, k)`` triple is evaluated once (:func:`~dgdlens.lens._stats.hypergeom_logsf`),
+3. each distinct ``(K, n, k)`` triple is evaluated once (:func:`~dgdlens.stats.hypergeom_logsf`),
    because thousands of (selection, set) pairs share their counts.
 
 **Universe.** (genes tested) ∩ (genes annotated anywhere in the collection); old symbols and Ensembl IDs
@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._stats import bh_adjust_grouped, hypergeom_logsf
+from ..stats import bh_adjust_grouped, hypergeom_logsf
 from .genesets import GeneMapping, GeneSets, map_gene_names, resolve_gene_sets
 
 __all__ = [

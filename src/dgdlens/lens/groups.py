@@ -24,6 +24,7 @@ Features with fewer than ``min_active_cells`` active cells, or with a group smal
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +67,13 @@ def as_activation_matrix(activations, *, max_dense_entries: int = 200_000_000) -
     if not np.all(np.isfinite(values)):
         raise ValueError("activations contain NaN or infinite values; check the SAE encoding / embeddings.")
     has_negative = bool(np.any(values < 0)) if np.size(values) else False
+    if has_negative:
+        warnings.warn(
+            f"activations contain negative values (min {float(np.min(values)):.3g}); SAE activations are "
+            "non-negative, so these look like raw latents or pre-activations. Zeros then count as ordinary "
+            "values in the percentiles and groups; pass sae.encode(Z) if you meant the SAE features.",
+            UserWarning, stacklevel=3,
+        )
     if A is None:
         if has_negative:
             A = _dense_to_full_csc(np.asarray(values, dtype=np.float64))

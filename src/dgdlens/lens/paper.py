@@ -28,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import special, stats
 
-from ._stats import bh_adjust_grouped, binom_test_two_sided, t_pvalues
+from ..stats import bh_adjust_grouped, binom_test_two_sided, t_pvalues
 from .de import DEChunk
 from .enrichment import GeneSetIndex, ORAAccumulator
 

@@ -1,14 +1,16 @@
 """The Deep Generative Decoder (DGD) for single-cell RNA counts, on AnnData.
 
 The user-facing class is thin: it validates and splits the data, builds a
-:class:`~dgdlens.models._engine.DecoderOnlyModule` (MLP decoder, negative-binomial output scaled by
-library size, Gaussian-mixture prior) and hands training and held-out inference to the shared engine.
+:class:`~dgdlens.nn.DecoderOnlyModule` (MLP decoder, negative-binomial output scaled by library size,
+Gaussian-mixture prior) and hands training to the shared runner (:class:`~dgdlens.train.DecoderOnlyPlan`,
+the same plan as :class:`~dgdlens.models.DecoderOnly`) and held-out inference to
+:mod:`dgdlens.train.inference`. Under ``torchrun`` nothing here changes: the runner's strategy shards the
+cells over the processes.
 """
 
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from collections.abc import Sequence
 
@@ -17,20 +19,24 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .. import distributed
-from .._io import load_model_dir, save_model_dir
+from .._device import resolve_device
 from ..data.anndata import align_genes, check_labels_key, get_matrix, var_names_for
 from ..data.loader import BatchLoader
 from ..data.matrix import RowMatrix, validate_counts
+from ..data.split import train_validation_split
 from ..nn.decoders import MLP
 from ..nn.likelihoods import NegativeBinomial
+from ..nn.module import DecoderOnlyModule
 from ..nn.priors import GaussianMixture
 from ..nn.representation import RepresentationTable
-from ._engine import DecoderOnlyModule, TrainConfig, Trainer, resolve_device
+from ..train.decoder_only_plan import DecoderOnlyPlan, DecoderOnlyPlanConfig
+from ..train.inference import infer_latents_sharded
+from .base import BaseModel, names_digest
 
 __all__ = ["DGD", "default_n_components"]
 
 MODEL_KIND = "DGD"
+_SCALINGS = {"sum", "max", "mean", "none"}
 
 
 def default_n_components(n_cells: int, n_label_categories: int | None = None) -> int:
@@ -62,7 +68,7 @@ def _library_sizes(matrix: RowMatrix, scaling: str, row_sums: np.ndarray) -> np.
     raise ValueError(f"scaling must be 'sum', 'max', 'mean' or 'none', got {scaling!r}")
 
 
-class DGD:
+class DGD(BaseModel):
     """Deep Generative Decoder: MAP estimation of a decoder, one latent vector per cell and a
     Gaussian-mixture prior, for raw single-cell RNA counts.
 
@@ -124,31 +130,30 @@ class DGD:
         validation_fraction: float = 0.1,
         seed: int = 0,
     ) -> None:
-        if n_latent < 1:
-            raise ValueError(f"n_latent must be a positive integer, got {n_latent}")
+        _check_positive_int("n_latent", n_latent)
         if not 0 <= validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-        if scaling not in {"sum", "max", "mean", "none"}:
-            raise ValueError(f"scaling must be 'sum', 'max', 'mean' or 'none', got {scaling!r}")
+        if scaling not in _SCALINGS:
+            raise ValueError(f"scaling must be one of {sorted(_SCALINGS)}, got {scaling!r}")
         self.adata = adata
         self.layer = layer
         self.labels_key = labels_key
-        self.history: pd.DataFrame = pd.DataFrame()
-        self.is_trained = False
+        self._init_fitted_state()
         self.device = torch.device("cpu")
-        self.train_config: dict | None = None
         if adata is None:
             raise ValueError("adata is None; pass an AnnData with raw counts, or use DGD.load(path).")
 
         matrix = get_matrix(adata, layer)
         stats = validate_counts(matrix, what=f"adata.{'X' if layer is None else f'layers[{layer!r}]'}",
-                                allow_empty_cells=False, allow_empty_genes=False)
+                                allow_empty_cells=False, empty_genes="warn")
         labels = check_labels_key(adata, labels_key)
         n_cats = None if labels is None else len(labels.categories)
         if n_components is None:
             n_components = default_n_components(matrix.n_obs, n_cats)
-        if n_components < 1:
-            raise ValueError(f"n_components must be a positive integer, got {n_components}")
+        _check_positive_int("n_components", n_components)
+        if n_components > matrix.n_obs:
+            warnings.warn(f"n_components={n_components} is more than the {matrix.n_obs} cells; most mixture "
+                          "components will stay empty. Use fewer components.", stacklevel=2)
 
         self.var_names = var_names_for(adata, layer)
         if self.var_names.has_duplicates:
@@ -164,19 +169,11 @@ class DGD:
             "validation_fraction": float(validation_fraction), "seed": int(seed),
         }
         self.labels = labels
-        self.train_idx, self.val_idx = self._split(matrix.n_obs, validation_fraction, seed)
+        self.train_idx, self.val_idx = train_validation_split(matrix.n_obs, validation_fraction, seed)
         self._matrix = matrix
         self._build(len(self.var_names))
 
     # ------------------------------------------------------------------ construction
-    @staticmethod
-    def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        n_val = int(round(n * fraction))
-        if fraction > 0 and n_val < 2:
-            n_val = 0  # too few cells for a useful validation split
-        order = np.random.default_rng(seed).permutation(n)
-        return np.sort(order[n_val:]), np.sort(order[:n_val])
-
     def _build(self, n_genes: int) -> None:
         p = self.params
         with torch.random.fork_rng(devices=[]):
@@ -207,69 +204,46 @@ class DGD:
         return self.module.prior
 
     def __repr__(self) -> str:
-        status = "trained" if self.is_trained else "not trained"
+        status = "trained" if self.is_trained_ else "not trained"
         return (f"DGD({len(self.obs_names)} cells x {len(self.var_names)} genes, n_latent={self.n_latent}, "
                 f"n_components={self.n_components}, {status})")
 
     # ------------------------------------------------------------------ training
-    def train(
-        self,
-        max_epochs: int = 500,
-        batch_size: int = 256,
-        early_stopping: bool = True,
-        *,
-        device: str | torch.device = "auto",
-        resume_from: str | None = None,
-        checkpoint_path: str | None = None,
-        progress: bool = True,
-        **train_kwargs,
-    ) -> DGD:
-        """Fit decoder, mixture and per-cell latents by MAP; see :class:`~dgdlens.models._engine.TrainConfig`
-        for every option (learning rates, ``rep_step``, ``hyperprior``, ``patience``, ...).
+    _model_kind = MODEL_KIND
+    _default_max_epochs = 500
+    _default_batch_size = 256
 
-        ``checkpoint_path`` writes a resumable checkpoint every ``checkpoint_every`` epochs;
-        ``resume_from`` continues a run from such a file (pass the same ``max_epochs``).
+    def train(self, max_epochs: int | None = None, batch_size: int | None = None, early_stopping: bool = True,
+              **kwargs) -> DGD:
+        """Fit decoder, mixture and per-cell latents by MAP.
+
+        Takes every option of :meth:`BaseModel.train <dgdlens.models.base.BaseModel.train>` (``device``,
+        ``checkpoint_path``, ``checkpoint_every``, ``resume_from``, ``patience``, ``min_epochs``, ...) and
+        of :class:`~dgdlens.train.DecoderOnlyPlanConfig` (learning rates, ``rep_step``, ``hyperprior``,
+        ``lr_decay_epoch``, ``refit_prior_at_end``, ``polish_steps``, ...). Defaults: 500 epochs, batches of
+        256, early stopping on the validation cells' reconstruction NLL.
         """
         self._require_data("train")
-        train_kwargs.setdefault("seed", self.params["seed"])
-        cfg = TrainConfig.from_kwargs(max_epochs=max_epochs, batch_size=batch_size, early_stopping=early_stopping,
-                                      checkpoint_path=checkpoint_path, progress=progress, **train_kwargs)
-        if cfg.early_stopping and self.val_rep is None:
-            warnings.warn("No validation split (validation_fraction=0 or too few cells): early stopping "
-                          "monitors the training loss instead.", stacklevel=2)
-        if distributed.is_distributed():  # under torchrun: cells sharded over processes, see dgdlens.distributed
-            trainer = distributed.train_distributed(self, cfg, device, resume_from)
-        else:
-            dev = resolve_device(device)
-            self._to(dev)
-            trainer = self._make_trainer(cfg, dev)
-            trainer.fit(resume_from=resume_from)
-        self._after_training(trainer, cfg)
-        return self
+        return super().train(max_epochs, batch_size, early_stopping, **kwargs)
 
-    def _make_trainer(self, cfg: TrainConfig, dev: torch.device, **kwargs) -> Trainer:
-        lib = self.library_size
-        train_loader = BatchLoader(self._matrix, self.train_idx, None if lib is None else lib[self.train_idx],
-                                   batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, device=dev,
-                                   block_size=cfg.shuffle_block_size)
-        val_loader = None
-        if self.val_rep is not None:
-            val_loader = BatchLoader(self._matrix, self.val_idx, None if lib is None else lib[self.val_idx],
-                                     batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed + 1, device=dev,
-                                     block_size=cfg.shuffle_block_size)
-        return Trainer(self.module, train_loader, val_loader, self.train_rep, self.val_rep, cfg, dev, **kwargs)
+    def _make_plan(self, *, batch_size: int, seed: int, **options) -> DecoderOnlyPlan:
+        unknown = sorted(set(options) - DecoderOnlyPlanConfig.names())
+        if unknown:
+            raise TypeError(f"Unknown training option(s) {unknown}; valid options: "
+                            f"{sorted(DecoderOnlyPlanConfig.names() - {'batch_size', 'seed'})} and the runner's "
+                            "(patience, min_delta, min_epochs, restore_best, checkpoint_every, seed).")
+        cfg = DecoderOnlyPlanConfig(batch_size=batch_size, seed=seed, **options)
+        return DecoderOnlyPlan(self.module, self._matrix, self.library_size, self.train_idx, self.val_idx,
+                               self.train_rep, self.val_rep, cfg)
 
-    def _after_training(self, trainer: Trainer, cfg: TrainConfig) -> None:
-        new = pd.DataFrame(trainer.history)
-        if self.is_trained and len(self.history) and len(new) and new["epoch"].iloc[0] == 0:
-            # a second train() call continues the model: keep the earlier epochs, number on from them
-            new["epoch"] += int(self.history["epoch"].iloc[-1]) + 1
-            new = pd.concat([self.history, new], ignore_index=True)
-        self.history = new
-        self.train_config = cfg.to_dict()
-        self.train_summary = {"best_epoch": int(trainer.best["epoch"]), "stopped_early": trainer.stopped_early,
-                              "epochs_run": len(trainer.history), "fit_time_s": float(getattr(trainer, "fit_time", 0.0))}
-        self.is_trained = True
+    def _collect_training(self, plan: DecoderOnlyPlan) -> None:
+        self.train_rep, self.val_rep = plan.full_train_table, plan.full_val_table
+
+    def _fingerprint(self) -> dict:
+        return {"n_obs": int(self._matrix.n_obs), "n_vars": int(self._matrix.n_vars),
+                "n_train": int(len(self.train_idx)), "n_val": int(len(self.val_idx)),
+                "genes": names_digest(self.var_names), "cells": names_digest(self.obs_names),
+                "n_latent": self.n_latent, "n_components": self.n_components}
 
     def _to(self, dev: torch.device) -> None:
         self.module.to(dev)
@@ -299,7 +273,7 @@ class DGD:
         names = var_names_for(adata, layer)
         if not names.equals(self.var_names):
             matrix = matrix.subset_columns(align_genes(names, self.var_names))
-        stats = validate_counts(matrix, what="the new cells' counts", allow_empty_cells=False, allow_empty_genes=True)
+        stats = validate_counts(matrix, what="the new cells' counts", allow_empty_cells=False, empty_genes="ignore")
         return matrix, _library_sizes(matrix, self.params["scaling"], stats["row_sums"])
 
     def _is_training_data(self, adata) -> bool:
@@ -314,8 +288,7 @@ class DGD:
         return self.get_latent_representation(adata, layer=layer, **infer_kwargs)
 
     def _check_trained(self) -> None:
-        if not self.is_trained:
-            warnings.warn("The model has not been trained yet; results come from its initial weights.", stacklevel=3)
+        self._warn_if_untrained()
 
     # ------------------------------------------------------------------ outputs
     def get_latent_representation(self, adata=None, *, layer: str | None = None, n_steps: int = 200,
@@ -340,7 +313,7 @@ class DGD:
         matrix, lib = self._new_data(adata, layer)
         dev = self.device if device is None else resolve_device(device)
         self._to(dev)
-        z, loss = distributed.infer_latents_sharded(self.module, matrix, lib, self.n_latent, batch_size=batch_size,
+        z, loss = infer_latents_sharded(self.module, matrix, lib, self.n_latent, batch_size=batch_size,
                                                     n_steps=n_steps, lr=lr, select_by=select_by,
                                                     candidate_steps=candidate_steps, progress=progress, device=dev)
         self._last_inference_loss = loss
@@ -430,11 +403,12 @@ class DGD:
         return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(self.var_names)))
 
     def get_reconstruction_error(self, adata=None, *, z=None, layer: str | None = None, batch_size: int = 1024,
-                                 per_cell: bool = False, **infer_kwargs):
+                                 per_sample: bool = False, per_feature: bool = False, **infer_kwargs):
         """Mean over cells of the NB negative log-likelihood summed over genes (nats per cell).
 
-        For new cells their latents are inferred first (decoder frozen). ``per_cell=True`` returns
-        the per-cell values instead of the mean.
+        For new cells their latents are inferred first (decoder frozen). ``per_sample=True`` returns
+        the per-cell values instead of the mean; ``per_feature=True`` divides by the number of genes
+        (NLL per count entry), the unit :class:`~dgdlens.models.DecoderOnly` reports for images.
         """
         if self._is_training_data(adata):
             self._require_data("get_reconstruction_error")
@@ -450,12 +424,14 @@ class DGD:
                 pos = batch.index.cpu().numpy()
                 zt = torch.from_numpy(z[pos]).to(self.device)
                 nll[pos] = self.module.recon_nll(batch.x, zt, batch.scale).double().cpu().numpy()
-        return nll if per_cell else float(nll.mean())
+        if per_feature:
+            nll = nll / len(self.var_names)
+        return nll if per_sample else float(nll.mean())
 
-    def add_to_adata(self, adata=None, *, latent_key: str = "X_dgd", cluster_key: str = "dgd_cluster",
+    def add_to_adata(self, adata=None, *, key_added: str = "X_dgd", cluster_key: str = "dgd_cluster",
                      responsibilities_key: str | None = "dgd_responsibilities", uns_key: str = "dgd",
                      layer: str | None = None, **infer_kwargs):
-        """Write latents to ``obsm[latent_key]``, mixture clusters to ``obs[cluster_key]`` (categorical),
+        """Write latents to ``obsm[key_added]``, mixture clusters to ``obs[cluster_key]`` (categorical),
         responsibilities to ``obsm[responsibilities_key]`` and the model summary to ``uns[uns_key]``.
 
         Without ``adata`` this writes into the training AnnData (you asked for it); returns the AnnData.
@@ -464,22 +440,30 @@ class DGD:
         if target is None:
             raise ValueError("No AnnData to write to: pass adata=...")
         z = self.get_latent_representation(adata, layer=layer, **infer_kwargs)
-        target.obsm[latent_key] = z
+        target.obsm[key_added] = z
         clusters = self.get_cluster_assignments(z=z)
         target.obs[cluster_key] = pd.Categorical(clusters.astype(str), categories=[str(k) for k in range(self.n_components)])
         if responsibilities_key:
             target.obsm[responsibilities_key] = self.get_responsibilities(z=z)
         target.uns[uns_key] = {"params": {k: v for k, v in self.params.items() if v is not None},
-                               "latent_key": latent_key, "cluster_key": cluster_key}
+                               "key_added": key_added, "cluster_key": cluster_key}
         return target
 
     # ------------------------------------------------------------------ save / load
     def save(self, path, overwrite: bool = False, *, save_representations: bool = True) -> None:
         """Save to a directory: ``weights.safetensors`` (decoder, likelihood, mixture, latents, library
         sizes, split) + ``config.json`` (format version, parameters, gene names, cell names, history).
-        Loading needs no training data."""
+        Loading needs no training data. ``save_representations=False`` leaves out the per-cell state."""
+        self._save_representations = bool(save_representations)
+        try:
+            super().save(path, overwrite)
+        finally:
+            del self._save_representations
+
+    def _payload(self) -> tuple[dict, dict]:
+        with_reps = getattr(self, "_save_representations", True)
         tensors = {f"module.{k}": v for k, v in self.module.state_dict().items()}
-        if save_representations:
+        if with_reps:
             tensors["representation.train"] = self.train_rep.z.detach()
             if self.val_rep is not None:
                 tensors["representation.val"] = self.val_rep.z.detach()
@@ -493,60 +477,48 @@ class DGD:
             "labels_key": self.labels_key,
             "label_categories": None if self.labels is None else list(map(str, self.labels.categories)),
             "var_names": list(map(str, self.var_names)),
-            "obs_names": list(map(str, self.obs_names)) if save_representations else None,
-            "is_trained": self.is_trained,
-            "train_config": self.train_config,
-            "train_summary": getattr(self, "train_summary", None),
-            "history": self.history.to_dict(orient="list"),
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "obs_names": list(map(str, self.obs_names)) if with_reps else None,
         }
-        distributed.run_on_main(save_model_dir, path, tensors, config, kind=MODEL_KIND, overwrite=overwrite)
+        return tensors, config
 
     @classmethod
     def load(cls, path, adata=None, *, layer: str | None = None, device: str | torch.device = "cpu") -> DGD:
         """Load a model saved with :meth:`save`. ``adata`` (optional) re-attaches the training data
         (needed only for :meth:`train` and training-set reconstruction error); it must have the
         same cells and genes."""
-        tensors, config = load_model_dir(path, kind=MODEL_KIND)
-        obj = cls.__new__(cls)
-        try:
-            p = config["params"]
-            obj.params = p
-            obj.layer = config.get("layer") if layer is None else layer
-            obj.labels_key = config.get("labels_key")
-            cats = config.get("label_categories")
-            obj.labels = None
-            obj.var_names = pd.Index(config["var_names"])
-            obj.obs_names = pd.Index(config["obs_names"] or [])
-            has_reps = "representation.train" in tensors
-            obj.train_idx = tensors["split.train"].numpy() if has_reps else np.arange(0)
-            obj.val_idx = tensors["split.val"].numpy() if has_reps else np.arange(0)
-            obj.library_size = tensors["library_size"].numpy() if "library_size" in tensors else None
-            obj._build(len(obj.var_names))
-            state = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
-            obj.module.load_state_dict(state, strict=True)
-            if has_reps:
-                with torch.no_grad():
-                    obj.train_rep.z.copy_(tensors["representation.train"])
-                    if obj.val_rep is not None:
-                        obj.val_rep.z.copy_(tensors["representation.val"])
-            else:
-                obj.train_rep = None
-        except (KeyError, RuntimeError, TypeError) as err:
-            from .._io import ModelFormatError
+        return super().load(path, device=device, adata=adata, layer=layer)
 
-            raise ModelFormatError(f"{path} does not hold a complete DGD ({err}); save the model again.") from err
-        obj.is_trained = bool(config.get("is_trained"))
-        obj.train_config = config.get("train_config")
-        obj.train_summary = config.get("train_summary")
-        obj.history = pd.DataFrame(config.get("history") or {})
+    @classmethod
+    def _from_payload(cls, tensors: dict, config: dict, *, adata=None, layer: str | None = None) -> DGD:
+        _validate_params(config["params"])
+        obj = cls.__new__(cls)
+        obj._init_fitted_state()
+        obj.params = config["params"]
+        obj.layer = config.get("layer") if layer is None else layer
+        obj.labels_key = config.get("labels_key")
+        obj.labels = None
+        obj._label_categories = config.get("label_categories")
+        obj.var_names = pd.Index(config["var_names"])
+        obj.obs_names = pd.Index(config["obs_names"] or [])
+        has_reps = "representation.train" in tensors
+        obj.train_idx = tensors["split.train"].numpy() if has_reps else np.arange(0)
+        obj.val_idx = tensors["split.val"].numpy() if has_reps else np.arange(0)
+        obj.library_size = tensors["library_size"].numpy() if "library_size" in tensors else None
+        obj._build(len(obj.var_names))
+        state = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
+        obj.module.load_state_dict(state, strict=True)
+        if has_reps:
+            with torch.no_grad():
+                obj.train_rep.z.copy_(tensors["representation.train"])
+                if obj.val_rep is not None:
+                    obj.val_rep.z.copy_(tensors["representation.val"])
+        else:
+            obj.train_rep = None
         obj.device = torch.device("cpu")
-        obj._label_categories = cats
         obj.adata = None
         obj._matrix = None
         if adata is not None:
             obj._attach(adata)
-        obj._to(resolve_device(device))
         return obj
 
     def _attach(self, adata) -> None:
@@ -560,6 +532,26 @@ class DGD:
         self.adata = adata
         self._matrix = get_matrix(adata, self.layer)
         self.labels = check_labels_key(adata, self.labels_key) if self.labels_key in adata.obs else None
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _validate_params(params: dict) -> None:
+    """Refuse a saved config this version cannot build (an edited or foreign file). The decoder,
+    likelihood and prior constructors check their own choices (activation, dispersion, covariance)."""
+    from .._io import ModelFormatError
+
+    if params.get("scaling") not in _SCALINGS:
+        raise ModelFormatError(f"The saved DGD has scaling={params.get('scaling')!r}, not one of {sorted(_SCALINGS)}; "
+                               "the config was edited or is damaged, save the model again.")
+    for key in ("n_latent", "n_components"):
+        value = params.get(key)
+        if not isinstance(value, int) or value < 1:
+            raise ModelFormatError(f"The saved DGD has {key}={value!r}; it must be a positive integer. "
+                                   "The config was edited or is damaged, save the model again.")
 
 
 def _nb_sample(likelihood: NegativeBinomial, raw: torch.Tensor, scale, gen: torch.Generator) -> torch.Tensor:

@@ -10,13 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
-__all__ = ["new_axes", "as_vector", "as_coords", "categorical_palette", "as_categories", "MISSING_COLOR"]
+from ..evaluate import as_categories, as_vector
+
+__all__ = ["new_axes", "as_vector", "as_coords", "categorical_palette", "as_categories", "obsm_matrix",
+           "MISSING_COLOR"]
 
 MISSING_COLOR = "#d3d3d3"
 
@@ -31,21 +33,18 @@ def new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axe
     return fig, fig.add_subplot()
 
 
-def as_vector(values, name: str, *, n: int | None = None) -> np.ndarray:
-    """Convert a per-cell 1-D input (list, array, Series, Categorical) to a numpy array of length ``n``."""
-    if values is None:
-        raise ValueError(f"{name} is required.")
-    if isinstance(values, (pd.Series, pd.Index, pd.Categorical)):
-        arr = np.asarray(values, dtype=object) if isinstance(values.dtype, pd.CategoricalDtype) else np.asarray(values)
-    else:
-        arr = np.asarray(values)
-    if arr.ndim == 2 and 1 in arr.shape:
-        arr = arr.reshape(-1)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be one value per cell (1-D), got shape {arr.shape}.")
-    if n is not None and arr.shape[0] != n:
-        raise ValueError(f"{name} has {arr.shape[0]} values but there are {n} cells; pass one value per cell.")
-    return arr
+def is_anndata(obj) -> bool:
+    return type(obj).__name__ == "AnnData" and hasattr(obj, "obsm") and hasattr(obj, "obs")
+
+
+def obsm_matrix(data, basis: str):
+    """``data.obsm[basis]`` for an AnnData (a clear error naming the available keys), else ``data``."""
+    if not is_anndata(data):
+        return data
+    if basis not in data.obsm:
+        raise ValueError(f"adata.obsm has no {basis!r}; available: {list(data.obsm.keys())}. "
+                         "Compute it first (e.g. dl.tl.umap, dl.tl.sae) or pass basis=.")
+    return data.obsm[basis]
 
 
 def as_coords(coords, name: str = "coords") -> np.ndarray:
@@ -59,30 +58,6 @@ def as_coords(coords, name: str = "coords") -> np.ndarray:
         bad = int((~np.isfinite(arr)).any(axis=1).sum())
         raise ValueError(f"{name} contains NaN or infinite values in {bad} cells; remove or recompute them.")
     return arr
-
-
-def as_categories(values, name: str, *, n: int | None = None) -> tuple[np.ndarray, list, np.ndarray]:
-    """Encode categorical values as integer codes.
-
-    Returns ``(codes, categories, missing)``: ``codes[i]`` indexes ``categories`` (-1 where missing),
-    categories keep a pandas Categorical's order, otherwise they are sorted (numbers numerically).
-    """
-    if isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype):
-        cat = values.array
-    elif isinstance(values, pd.Categorical):
-        cat = values
-    else:
-        arr = as_vector(values, name, n=n)
-        try:
-            cat = pd.Categorical(arr)
-        except TypeError:  # mixed types (e.g. ints and strings) cannot be sorted together
-            cat = pd.Categorical(np.where(pd.isna(arr), None, arr.astype(str)))
-    if n is not None and len(cat) != n:
-        raise ValueError(f"{name} has {len(cat)} values but there are {n} cells; pass one value per cell.")
-    # Drop categories no cell carries so that legends and tables only list what is present.
-    cat = cat.remove_unused_categories()
-    codes = np.asarray(cat.codes, dtype=np.int64)
-    return codes, list(cat.categories), codes < 0
 
 
 def categorical_palette(n: int) -> list[str]:

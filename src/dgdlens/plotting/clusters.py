@@ -1,64 +1,16 @@
-"""Mixture components (or any clustering) against given labels: contingency table, agreement scores
-(ARI / NMI) and an annotated heatmap."""
+"""Mixture components (or any clustering) against given labels: an annotated heatmap of the contingency
+table, titled with the agreement scores (computed by :mod:`dgdlens.evaluate`)."""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ._utils import as_categories, new_axes
+from ..evaluate import cluster_agreement, contingency_table
+from ._utils import new_axes
 
-__all__ = ["contingency_table", "cluster_agreement", "contingency_heatmap"]
-
-
-def _paired(clusters, labels) -> tuple[np.ndarray, list, np.ndarray, list, int]:
-    """Integer codes of clusters and labels over cells where both are present, and the dropped count."""
-    c_codes, c_cats, c_missing = as_categories(clusters, "clusters")
-    l_codes, l_cats, l_missing = as_categories(labels, "labels", n=len(c_codes))
-    keep = ~(c_missing | l_missing)
-    if not keep.any():
-        raise ValueError("no cell has both a cluster and a label; check for missing values.")
-    return c_codes[keep], c_cats, l_codes[keep], l_cats, int((~keep).sum())
-
-
-def contingency_table(clusters, labels, *, normalize: str | None = None) -> pd.DataFrame:
-    """Cells per (cluster, label) pair: rows are clusters, columns labels.
-
-    Cells with a missing cluster or label are left out. ``normalize="rows"`` divides each row by its
-    total (the label composition of each cluster), ``"columns"`` each column, ``None`` keeps counts.
-    Clusters and labels that no remaining cell carries are dropped.
-    """
-    if normalize not in (None, "rows", "columns"):
-        raise ValueError(f"normalize must be None, 'rows' or 'columns', got {normalize!r}.")
-    c_codes, c_cats, l_codes, l_cats, _ = _paired(clusters, labels)
-    counts = np.zeros((len(c_cats), len(l_cats)), dtype=np.int64)
-    np.add.at(counts, (c_codes, l_codes), 1)
-    rows, cols = counts.sum(axis=1) > 0, counts.sum(axis=0) > 0
-    table = pd.DataFrame(counts[rows][:, cols], index=pd.Index([c for c, k in zip(c_cats, rows) if k], name="cluster"),
-                         columns=pd.Index([c for c, k in zip(l_cats, cols) if k], name="label"))
-    if normalize == "rows":
-        return table.div(table.sum(axis=1), axis=0)
-    if normalize == "columns":
-        return table.div(table.sum(axis=0), axis=1)
-    return table
-
-
-def cluster_agreement(clusters, labels) -> dict[str, float]:
-    """Adjusted Rand index and normalised mutual information (arithmetic mean) between clusters and labels.
-
-    Computed with scikit-learn over the cells that have both; also returns ``n_cells`` used.
-    Both scores are 1 for identical partitions (whatever the names) and about 0 for unrelated ones.
-    """
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-    c_codes, _, l_codes, _, _ = _paired(clusters, labels)
-    return {
-        "ari": float(adjusted_rand_score(l_codes, c_codes)),
-        "nmi": float(normalized_mutual_info_score(l_codes, c_codes)),
-        "n_cells": int(c_codes.size),
-    }
+__all__ = ["contingency_heatmap"]
 
 
 def _diagonal_order(fractions: np.ndarray) -> np.ndarray:

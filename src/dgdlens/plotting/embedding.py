@@ -1,5 +1,5 @@
-"""2-D embeddings of cells: computing a UMAP of a latent space and scatter plots coloured by a
-category (clusters, labels) or a value per cell (a feature's activation)."""
+"""2-D embeddings of cells: scatter plots coloured by a category (clusters, labels) or a value per cell
+(a feature's activation). The coordinates come from elsewhere, e.g. :func:`dgdlens.tl.umap`."""
 
 from __future__ import annotations
 
@@ -20,64 +20,18 @@ from ._utils import (
     as_vector,
     categorical_palette,
     default_point_size,
+    is_anndata,
     new_axes,
+    obsm_matrix,
 )
 
-__all__ = ["compute_umap", "embedding", "feature_activations", "activation_columns"]
-
-
-def compute_umap(
-    latent,
-    *,
-    n_neighbors: int = 15,
-    min_dist: float = 0.5,
-    metric: str = "euclidean",
-    seed: int = 0,
-) -> np.ndarray:
-    """UMAP coordinates (cells x 2) of a latent space, computed with scanpy (kNN graph + UMAP).
-
-    Parameters
-    ----------
-    latent
-        Cells x dimensions, finite values (numpy array or anything ``np.asarray`` accepts).
-    n_neighbors, min_dist, metric
-        Passed to ``scanpy.pp.neighbors`` / ``scanpy.tl.umap``. ``n_neighbors`` is capped at
-        ``n_cells - 1`` so tiny inputs still work.
-    seed
-        Random state of the kNN search and the layout; the same seed gives the same coordinates.
-    """
-    import anndata as ad
-    import scanpy as sc
-
-    z = np.asarray(latent, dtype=np.float32)
-    if z.ndim != 2:
-        raise ValueError(f"latent must be a 2-D array (cells x dimensions), got shape {z.shape}.")
-    if z.shape[0] < 3:
-        raise ValueError(f"UMAP needs at least 3 cells, got {z.shape[0]}.")
-    if not np.isfinite(z).all():
-        raise ValueError("latent contains NaN or infinite values; UMAP cannot place those cells.")
-    if n_neighbors < 2:
-        raise ValueError(f"n_neighbors must be >= 2, got {n_neighbors}.")
-    # A throw-away AnnData keeps the caller's objects untouched; X is empty, the latent sits in obsm.
-    holder = ad.AnnData(X=np.zeros((z.shape[0], 0), dtype=np.float32))
-    holder.obsm["X_latent"] = z
-    sc.pp.neighbors(holder, use_rep="X_latent", n_neighbors=min(n_neighbors, z.shape[0] - 1),
-                    metric=metric, random_state=seed)
-    sc.tl.umap(holder, min_dist=min_dist, random_state=seed)
-    return np.asarray(holder.obsm["X_umap"], dtype=np.float64)
+__all__ = ["embedding", "feature_activations"]
 
 
 def _resolve_input(data, color, basis: str):
     """Accept coordinates or an AnnData (coordinates in ``obsm[basis]``, ``color`` may name an obs column)."""
-    try:
-        import anndata as ad
-    except ImportError:  # pragma: no cover - anndata is a dependency
-        ad = None
-    if ad is not None and isinstance(data, ad.AnnData):
-        if basis not in data.obsm:
-            raise ValueError(f"adata.obsm has no {basis!r}; available: {list(data.obsm.keys())}. "
-                             "Compute it first (e.g. compute_umap) or pass basis=.")
-        coords = as_coords(data.obsm[basis], f"adata.obsm[{basis!r}]")
+    if is_anndata(data):
+        coords = as_coords(obsm_matrix(data, basis), f"adata.obsm[{basis!r}]")
         if isinstance(color, str):
             if color not in data.obs.columns:
                 raise ValueError(f"color={color!r} is not a column of adata.obs "
@@ -210,7 +164,7 @@ def embedding(
     return fig
 
 
-def activation_columns(activations, columns: Sequence[int]) -> np.ndarray:
+def _activation_columns(activations, columns: Sequence[int]) -> np.ndarray:
     """Dense (cells x len(columns)) values of a few features; the full matrix is never densified."""
     if sp.issparse(activations):
         matrix = activations if activations.format in ("csr", "csc") else sp.csc_matrix(activations)
@@ -226,6 +180,7 @@ def feature_activations(
     activations,
     features: Sequence[int],
     *,
+    basis: str = "X_umap",
     titles: Sequence[str] | None = None,
     ncols: int = 3,
     cmap: str = "viridis",
@@ -237,14 +192,19 @@ def feature_activations(
     Parameters
     ----------
     coords
-        Cells x 2 embedding coordinates.
+        Cells x 2 embedding coordinates, or an AnnData with them in ``obsm[basis]``.
     activations
-        Cells x features, dense array or scipy sparse matrix (only the requested columns are densified).
+        Cells x features, dense array or scipy sparse matrix (only the requested columns are densified);
+        with an AnnData also the ``obsm`` key holding them (e.g. ``"X_sae"`` from :func:`dgdlens.tl.sae`).
     features
         Column indices of the features to show.
     titles
         One title per feature (default ``"feature <index>"``).
     """
+    if is_anndata(coords):
+        if isinstance(activations, str):
+            activations = obsm_matrix(coords, activations)
+        coords = obsm_matrix(coords, basis)
     coords = as_coords(coords)
     n_features_total = activations.shape[1] if hasattr(activations, "shape") and len(activations.shape) == 2 else None
     if n_features_total is None:
@@ -261,7 +221,7 @@ def feature_activations(
         raise ValueError(f"titles has {len(titles)} entries for {len(features)} features.")
     if ncols < 1:
         raise ValueError(f"ncols must be >= 1, got {ncols}.")
-    values = activation_columns(activations, features)
+    values = _activation_columns(activations, features)
     ncols = min(ncols, len(features))
     nrows = -(-len(features) // ncols)
     fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows), layout="constrained")

@@ -1,83 +1,16 @@
-"""Sparse-autoencoder quality: how often each feature fires, dead and dense features, mean L0."""
+"""Sparse-autoencoder quality: a histogram of how often each feature fires (rates from
+:func:`dgdlens.sae.activations.firing_rates`)."""
 
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ._utils import new_axes
+from ..sae.activations import firing_rates
+from ._utils import new_axes, obsm_matrix
 
-__all__ = ["firing_rates", "activation_summary", "activation_frequency"]
-
-
-def _check_activations(activations):
-    if sp.issparse(activations):
-        if len(activations.shape) != 2:
-            raise ValueError(f"activations must be 2-D (cells x features), got shape {activations.shape}.")
-        return activations
-    arr = np.asarray(activations)
-    if arr.ndim != 2:
-        raise ValueError(f"activations must be 2-D (cells x features), got shape {arr.shape}.")
-    if arr.dtype.kind not in "fiub":
-        raise ValueError(f"activations must be numeric, got dtype {arr.dtype}.")
-    return arr
-
-
-def _active_counts(activations, threshold: float, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature and per-cell counts of activations above ``threshold``, in row chunks."""
-    if threshold < 0:
-        raise ValueError(f"threshold must be >= 0 (an activation above it counts as firing), got {threshold}.")
-    A = _check_activations(activations)
-    n_cells, n_features = A.shape
-    if n_cells == 0 or n_features == 0:
-        raise ValueError(f"activations is empty (shape {A.shape}).")
-    if sp.issparse(A):
-        # Only stored entries can exceed a threshold >= 0, so the comparison stays sparse.
-        A = A.tocsr() if A.format != "csr" else A
-        above = A.copy()
-        above.data = (above.data > threshold).astype(np.int64)
-        above.eliminate_zeros()
-        return np.asarray(above.sum(axis=0)).ravel(), np.asarray(above.sum(axis=1)).ravel()
-    per_feature = np.zeros(n_features, dtype=np.int64)
-    per_cell = np.empty(n_cells, dtype=np.int64)
-    # Chunks bound the boolean temporary for (cells x features) inputs of any size.
-    for start in range(0, n_cells, chunk_size):
-        block = A[start:start + chunk_size] > threshold
-        per_feature += block.sum(axis=0)
-        per_cell[start:start + chunk_size] = block.sum(axis=1)
-    return per_feature, per_cell
-
-
-def firing_rates(activations, *, threshold: float = 0.0, chunk_size: int = 8192) -> np.ndarray:
-    """Fraction of cells in which each feature is active (activation > ``threshold``).
-
-    ``activations`` is cells x features, a numpy array or scipy sparse matrix; dense inputs are
-    processed ``chunk_size`` rows at a time.
-    """
-    per_feature, per_cell = _active_counts(activations, threshold, chunk_size)
-    return per_feature / per_cell.shape[0]
-
-
-def activation_summary(
-    activations, *, threshold: float = 0.0, dense_threshold: float = 0.1, chunk_size: int = 8192
-) -> dict[str, float]:
-    """Sparsity summary computed from activations alone.
-
-    Returns ``l0`` (mean number of active features per cell), ``dead_fraction`` (features never
-    active), ``dense_fraction`` (features active in more than ``dense_threshold`` of cells),
-    ``n_features`` and ``n_cells``.
-    """
-    per_feature, per_cell = _active_counts(activations, threshold, chunk_size)
-    rates = per_feature / per_cell.shape[0]
-    return {
-        "l0": float(per_cell.mean()),
-        "dead_fraction": float((per_feature == 0).mean()),
-        "dense_fraction": float((rates > dense_threshold).mean()),
-        "n_features": int(per_feature.shape[0]),
-        "n_cells": int(per_cell.shape[0]),
-    }
+__all__ = ["activation_frequency"]
 
 
 def activation_frequency(
@@ -85,6 +18,7 @@ def activation_frequency(
     *,
     rates: np.ndarray | None = None,
     n_cells: int | None = None,
+    basis: str = "X_sae",
     threshold: float = 0.0,
     dense_threshold: float = 0.1,
     bins: int = 40,
@@ -93,9 +27,10 @@ def activation_frequency(
 ) -> Figure:
     """Histogram of feature firing rates on a log10 axis, with dead features counted in the title.
 
-    Pass either ``activations`` (cells x features, dense or sparse) or precomputed ``rates``
-    (fraction of cells per feature) with ``n_cells``. Dead features (rate 0) cannot sit on a log
-    axis; their number is reported instead. The dashed line marks ``dense_threshold``.
+    Pass either ``activations`` (cells x features, dense or sparse, or an AnnData with them in
+    ``obsm[basis]``) or precomputed ``rates`` (fraction of cells per feature) with ``n_cells``.
+    Dead features (rate 0) cannot sit on a log axis; their number is reported instead. The dashed
+    line marks ``dense_threshold``.
 
     Returns
     -------
@@ -104,6 +39,7 @@ def activation_frequency(
     if (activations is None) == (rates is None):
         raise ValueError("pass exactly one of activations= or rates=.")
     if rates is None:
+        activations = obsm_matrix(activations, basis)
         rates = firing_rates(activations, threshold=threshold)
         n_cells = activations.shape[0]
     else:

@@ -7,49 +7,16 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from ._utils import new_axes
+from ..evaluate import top_changed_genes
+from ._utils import is_anndata, new_axes
 
-__all__ = ["as_lfc_series", "top_changed_genes", "steering_lfc"]
-
-_LFC_COLUMNS = ("lfc", "log2fc", "log2_fold_change", "logfoldchange", "lfc_mean")
-
-
-def as_lfc_series(lfc) -> pd.Series:
-    """Per-gene log fold changes as a float Series indexed by gene name, non-finite entries dropped.
-
-    Accepts a Series indexed by gene, a dict ``{gene: lfc}``, or a DataFrame with one of the columns
-    ``lfc, log2fc, log2_fold_change, logfoldchange, lfc_mean`` (genes in the index or a ``gene`` column).
-    """
-    if isinstance(lfc, dict):
-        lfc = pd.Series(lfc, dtype=np.float64)
-    if isinstance(lfc, pd.DataFrame):
-        col = next((c for c in _LFC_COLUMNS if c in lfc.columns), None)
-        if col is None:
-            raise ValueError(f"the fold-change table needs one of the columns {list(_LFC_COLUMNS)}; "
-                             f"got {list(lfc.columns)}.")
-        index = lfc["gene"].astype(str) if "gene" in lfc.columns else lfc.index.astype(str)
-        lfc = pd.Series(lfc[col].to_numpy(), index=index)
-    if not isinstance(lfc, pd.Series):
-        raise ValueError(f"lfc must be a pandas Series indexed by gene name, got {type(lfc).__name__}.")
-    try:
-        values = pd.to_numeric(lfc, errors="raise").astype(np.float64)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"lfc must hold numbers: {err}") from None
-    values.index = values.index.astype(str)
-    return values[np.isfinite(values.to_numpy())]
-
-
-def top_changed_genes(lfc, *, n_up: int = 15, n_down: int = 15) -> tuple[pd.Series, pd.Series]:
-    """The ``n_up`` largest positive and ``n_down`` most negative fold changes (ties broken by gene order)."""
-    values = as_lfc_series(lfc)
-    up = values[values > 0].sort_values(ascending=False, kind="stable").head(n_up)
-    down = values[values < 0].sort_values(ascending=True, kind="stable").head(n_down)
-    return up, down
+__all__ = ["steering_lfc"]
 
 
 def steering_lfc(
     lfc,
     *,
+    key: str = "dgdlens_steer",
     n_up: int = 15,
     n_down: int = 15,
     xlabel: str = "log2 fold change (steered / original)",
@@ -61,12 +28,23 @@ def steering_lfc(
 
     The strongest increase is at the top, the strongest decrease at the bottom.
 
+    Parameters
+    ----------
+    lfc
+        Per-gene log fold changes (see :func:`dgdlens.evaluate.as_lfc_series`: a Series indexed by
+        gene, a dict, or a table such as ``SteerResult.genes``), or an AnnData on which
+        :func:`dgdlens.tl.steer` stored its result under ``uns[key]``.
+
     Returns
     -------
     The figure drawn on (``ax.figure`` when ``ax`` is given).
     """
     if n_up < 0 or n_down < 0:
         raise ValueError("n_up and n_down must be >= 0.")
+    if is_anndata(lfc):
+        if key not in lfc.uns or "genes" not in lfc.uns[key]:
+            raise ValueError(f"adata.uns has no steering result under {key!r}; run dl.tl.steer first or pass key=.")
+        lfc = lfc.uns[key]["genes"]
     up, down = top_changed_genes(lfc, n_up=n_up, n_down=n_down)
     shown = pd.concat([up, down.iloc[::-1]])  # top to bottom: +max ... smallest |lfc| ... -max
     fig, ax = new_axes(ax, figsize or (5.6, 1.0 + 0.22 * max(len(shown), 4)))

@@ -2,80 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-__all__ = ["training_curves", "history_metrics", "find_best_epoch"]
+from ..evaluate import as_history, find_best_epoch, history_epochs, history_metrics
 
-_SPLITS = {"train": ("train_", "#1f77b4", "training"), "val": ("val_", "#d62728", "validation")}
+__all__ = ["training_curves"]
 
-
-def _as_history(history) -> pd.DataFrame:
-    if isinstance(history, pd.DataFrame):
-        df = history
-    elif isinstance(history, Mapping):
-        df = pd.DataFrame(dict(history))
-    else:
-        raise ValueError(
-            f"history must be a pandas DataFrame (or a dict of columns), got {type(history).__name__}."
-        )
-    if len(df) == 0:
-        raise ValueError("history is empty: there are no epochs to plot.")
-    return df
-
-
-def history_metrics(history) -> dict[str, dict[str, str]]:
-    """Group history columns by metric: ``{"loss": {"train": "train_loss", "val": "val_loss"}, ...}``.
-
-    Columns named ``train_<m>`` / ``val_<m>`` are paired by ``<m>``; a bare ``loss`` column counts as
-    the training loss. ``"loss"`` comes first, other metrics follow in column order.
-    """
-    df = _as_history(history)
-    metrics: dict[str, dict[str, str]] = {}
-    for col in df.columns:
-        name = str(col)
-        for split, (prefix, _, _) in _SPLITS.items():
-            if name.startswith(prefix) and len(name) > len(prefix):
-                metrics.setdefault(name[len(prefix):], {})[split] = col
-    if "loss" in df.columns and "train" not in metrics.get("loss", {}):
-        metrics.setdefault("loss", {})["train"] = "loss"
-    if not metrics:
-        raise ValueError(
-            "history has no loss columns: expected columns such as 'train_loss' and 'val_loss' "
-            f"(got {list(map(str, df.columns))})."
-        )
-    for metric, cols in metrics.items():
-        for col in cols.values():
-            if not pd.api.types.is_numeric_dtype(df[col]):
-                raise ValueError(f"history column {col!r} must be numeric, got dtype {df[col].dtype}.")
-    ordered = sorted(metrics, key=lambda m: (m != "loss", list(metrics).index(m)))
-    return {m: metrics[m] for m in ordered}
-
-
-def _epochs(df: pd.DataFrame) -> np.ndarray:
-    if "epoch" in df.columns:
-        epochs = df["epoch"].to_numpy()
-        if not pd.api.types.is_numeric_dtype(df["epoch"]) or pd.isna(epochs).any():
-            raise ValueError("history['epoch'] must hold numbers without missing values.")
-        return epochs
-    return np.arange(1, len(df) + 1)
-
-
-def find_best_epoch(history, *, column: str = "val_loss"):
-    """Epoch with the lowest value of ``column`` (ignoring NaN); ``None`` if the column is absent or all NaN."""
-    df = _as_history(history)
-    if column not in df.columns:
-        return None
-    values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
-    if not np.isfinite(values).any():
-        return None
-    idx = int(np.nanargmin(np.where(np.isfinite(values), values, np.nan)))
-    epoch = _epochs(df)[idx]
-    return epoch.item() if hasattr(epoch, "item") else epoch
+_SPLITS = {"train": ("#1f77b4", "training"), "val": ("#d62728", "validation")}
 
 
 def _use_log(values: Sequence[np.ndarray]) -> bool:
@@ -98,8 +35,8 @@ def training_curves(
     Parameters
     ----------
     history
-        DataFrame (or dict of columns) with one row per epoch: an optional ``epoch`` column and
-        ``train_<metric>`` / ``val_<metric>`` columns (e.g. ``train_loss, val_loss, train_recon,
+        DataFrame (``model.history_``), dict of columns or list of per-epoch dicts, one row per
+        epoch: an optional ``epoch`` column and ``train_<metric>`` / ``val_<metric>`` columns (e.g. ``train_loss, val_loss, train_recon,
         val_recon``). NaN entries (epochs without validation) are skipped.
     metrics
         Metrics to draw, one panel each (default: all, ``loss`` first). With ``ax`` only the first
@@ -116,7 +53,7 @@ def training_curves(
     -------
     The figure drawn on (``ax.figure`` when ``ax`` is given).
     """
-    df = _as_history(history)
+    df = as_history(history)
     groups = history_metrics(df)
     if metrics is not None:
         missing = [m for m in metrics if m not in groups]
@@ -129,7 +66,7 @@ def training_curves(
         best_epoch = find_best_epoch(df)
     if log_scale not in (True, False, "auto"):
         raise ValueError(f"log_scale must be True, False or 'auto', got {log_scale!r}.")
-    epochs = _epochs(df)
+    epochs = history_epochs(df)
 
     if ax is None:
         n = len(groups)
@@ -141,7 +78,7 @@ def training_curves(
     for axis, (metric, cols) in zip(axes, groups.items()):
         drawn = []
         for split, col in cols.items():
-            _, color, label = _SPLITS[split]
+            color, label = _SPLITS[split]
             y = df[col].to_numpy(dtype=np.float64)
             keep = np.isfinite(y)
             if not keep.any():

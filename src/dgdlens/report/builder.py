@@ -19,7 +19,11 @@ import pandas as pd
 import scipy.sparse as sp
 from matplotlib.figure import Figure
 
+from .. import evaluate as ev
+from .._version import __version__
 from .. import plotting as pl
+from .. import tl
+from ..sae.activations import activation_summary
 from .html import Report, Section, format_value
 
 __all__ = ["build_report", "rank_features", "REQUIRED_FEATURE_COLUMNS", "SAE_METRIC_DESCRIPTIONS"]
@@ -177,15 +181,13 @@ def _scalar(value):
 def _software_versions(used_scanpy: bool) -> dict[str, str]:
     from importlib import metadata
 
-    import dgdlens
-
     def version(dist: str) -> str:
         try:
             return metadata.version(dist)
         except metadata.PackageNotFoundError:
             return "unknown"
 
-    versions = {"dgdlens": getattr(dgdlens, "__version__", "unknown"), "python": platform.python_version()}
+    versions = {"dgdlens": __version__, "python": platform.python_version()}
     for dist in ("numpy", "pandas", "matplotlib"):
         versions[dist] = version(dist)
     # Only what this run actually loaded: listing torch or scanpy when they were not used would mislead.
@@ -216,9 +218,9 @@ def _training_section(history, best_epoch, dpi: int) -> Section:
     if history is None:
         return section.add_note("Skipped: no training history was given (history=).")
     df = history if isinstance(history, pd.DataFrame) else pd.DataFrame(dict(history))
-    metrics = pl.history_metrics(df)
+    metrics = ev.history_metrics(df)
     if best_epoch == "auto":
-        best_epoch = pl.find_best_epoch(df)
+        best_epoch = ev.find_best_epoch(df)
     fig = pl.training_curves(df, best_epoch=best_epoch)
     facts = []
     loss = metrics.get("loss", next(iter(metrics.values())))
@@ -267,7 +269,7 @@ def _contingency_section(clusters, labels, labels_name, dpi) -> Section:
         missing = [n for v, n in ((clusters, "mixture components (clusters=)"), (labels, "labels (labels=)"))
                    if v is None]
         return section.add_note("Skipped: no " + " and no ".join(missing) + " given.")
-    scores = pl.cluster_agreement(clusters, labels)
+    scores = ev.cluster_agreement(clusters, labels)
     fig = pl.contingency_heatmap(clusters, labels, label_name=labels_name)
     n_total = len(clusters)
     left_out = n_total - scores["n_cells"]
@@ -286,7 +288,7 @@ def _sae_section(sae_metrics, activations, dpi) -> Section:
     for key, value in dict(sae_metrics or {}).items():
         canonical = _METRIC_ALIASES.get(str(key).lower(), str(key).lower())
         given[canonical] = _scalar(value)
-    derived = pl.activation_summary(activations) if activations is not None else {}
+    derived = activation_summary(activations) if activations is not None else {}
     filled = [k for k in derived if k not in given]
     rows = []
     for key in list(SAE_METRIC_DESCRIPTIONS) + [k for k in given if k not in SAE_METRIC_DESCRIPTIONS]:
@@ -466,7 +468,7 @@ def _steering_section(steering, features, alpha, n_genes, n_terms, dpi) -> Secti
         lfc = _get(steering, "genes")
     if lfc is None:
         raise ValueError("steering needs 'lfc': per-gene log fold changes (a pandas Series indexed by gene).")
-    lfc = pl.as_lfc_series(lfc)
+    lfc = ev.as_lfc_series(lfc)
     feature, mode, value = _get(steering, "feature"), _get(steering, "mode"), _get(steering, "value")
     n_cells = _get(steering, "n_cells")
     if n_cells is None and _get(steering, "cells") is not None:
@@ -486,7 +488,7 @@ def _steering_section(steering, features, alpha, n_genes, n_terms, dpi) -> Secti
     if description:
         section.add_paragraph(str(description))
     fig = pl.steering_lfc(lfc, n_up=n_genes, n_down=n_genes)
-    up, down = pl.top_changed_genes(lfc, n_up=n_genes, n_down=n_genes)
+    up, down = ev.top_changed_genes(lfc, n_up=n_genes, n_down=n_genes)
     section.add_figure(fig, dpi=dpi, caption=(
         f"The {len(up)} most increased and {len(down)} most decreased of {len(lfc):,} genes."))
     enrichment = _get(steering, "enrichment")
@@ -615,7 +617,7 @@ def build_report(
     n_top_features, terms_per_feature, n_feature_panels, n_steering_genes, n_steering_terms
         Sizes of the tables and figures.
     umap_kwargs
-        Options for :func:`dgdlens.plotting.compute_umap` (``n_neighbors``, ``min_dist``, ``metric``).
+        Options for :func:`dgdlens.tl.umap` (``n_neighbors``, ``min_dist``, ``metric``).
     seed
         Seed of the UMAP computation.
     dpi
@@ -660,7 +662,7 @@ def build_report(
         coords, umap_note = umap_arr, "UMAP coordinates as supplied."
     elif latent_arr is not None:
         options = {"n_neighbors": 15, "min_dist": 0.5, **dict(umap_kwargs or {})}
-        coords = pl.compute_umap(latent_arr, seed=seed, **options)
+        coords = tl.umap(latent_arr, seed=seed, **options)
         used_scanpy = True
         umap_note = (f"UMAP of the {latent_arr.shape[1]}-dimensional latent representation (scanpy; "
                      f"{options['n_neighbors']} neighbours, min_dist {options['min_dist']}, seed {seed}).")
@@ -699,8 +701,7 @@ def build_report(
 
     for line in _lines(attribution):
         report.add_footer(line)
-    import dgdlens
 
-    report.add_footer(f"Made with dgdlens {getattr(dgdlens, '__version__', 'unknown')}. This file is "
+    report.add_footer(f"Made with dgdlens {__version__}. This file is "
                       "self-contained: every figure is embedded, and it opens without a network connection.")
     return report.write(path, overwrite=overwrite)

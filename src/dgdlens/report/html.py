@@ -276,21 +276,14 @@ class Report:
         )
 
     def write(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-        """Write the page (UTF-8) atomically: a reader never sees a half-written file."""
+        """Write the page (UTF-8) atomically: a temporary file next to ``path`` renamed into place, so a
+        reader never sees a half-written file and a failure (a full disk) leaves ``path`` as it was."""
+        from .._io import atomic_write_text
+
         path = Path(path)
         if path.exists() and path.is_dir():
             raise ValueError(f"{path} is a directory; pass a file path such as {path / 'report.html'}.")
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.to_html()
-        # A plain open() (not mkstemp) so the file gets the usual umask permissions, readable by others.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, self.to_html())
         return path

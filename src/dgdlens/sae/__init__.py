@@ -1,9 +1,11 @@
 """Sparse autoencoders on cell embeddings, and metrics for what they recover.
 
 >>> import dgdlens as dl
->>> sae = dl.sae.train_sae(Z, kind="topk", n_latents=2000, k=8, epochs=50, device="cpu", seed=0)
+>>> sae = dl.sae.train_sae(Z, kind="topk", n_latents=2000, k=8, max_epochs=50, seed=0)
+>>> sae = dl.sae.train_sae(adata, use_rep="X_dgd", kind="topk", k=8, validation_fraction=0.1, early_stopping=True)
 >>> F = sae.encode(Z)              # scipy.sparse.csr_matrix, cells x latents
 >>> dl.sae.metrics(sae, Z)         # FVU, MSE, cosine, L0, dead and dense fractions
+>>> dl.pl.training_curves(sae.history_)  # per-epoch loss, FVU, L0 (a DataFrame)
 >>> sae.save("my_sae"); sae = dl.sae.SAE.load("my_sae")
 
 Variants (one class each, shared :class:`SAEConfig`): ``relu`` (ReLU + L1), ``topk``, ``batchtopk``,
@@ -23,7 +25,8 @@ from .metrics import (
     recovery_report,
     structure_identification,
 )
-from .train import geometric_median, train_sae
+from .init import geometric_median
+from .train import train_sae
 from .variants import SAE, VARIANTS, BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE, make_sae
 
 __all__ = [

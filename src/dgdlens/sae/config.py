@@ -68,8 +68,9 @@ class SAEConfig:
 
     Training
     --------
-    epochs, batch_size, lr, adam_betas, adam_eps
-        Adam optimiser settings. ``lr=None`` picks ``2e-4 / sqrt(n_latents / 2**14)`` (sparsify's rule),
+    max_epochs, batch_size, lr, adam_betas, adam_eps
+        Passes over the training cells (the learning-rate and sparsity schedules span all of them, also
+        when early stopping ends training sooner) and the Adam optimiser settings. ``lr=None`` picks ``2e-4 / sqrt(n_latents / 2**14)`` (sparsify's rule),
         capped at 2e-3.
     lr_warmup, lr_decay
         Fractions of all training steps for a linear learning-rate warm-up from 0 and a linear decay to 0
@@ -105,7 +106,7 @@ class SAEConfig:
     init: str = "transpose"
     b_dec_init: str = "geometric_median"
     # training
-    epochs: int = 50
+    max_epochs: int = 50
     batch_size: int = 256
     lr: float | None = None
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -141,11 +142,13 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> SAEConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} | {"epochs"}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"Saved SAE config has unknown fields {unknown}; it was written by a newer dgdlens.")
         data = dict(data)
+        if "epochs" in data and "max_epochs" not in data:  # configs saved before the rename
+            data["max_epochs"] = data.pop("epochs")
         if "adam_betas" in data:
             data["adam_betas"] = tuple(data["adam_betas"])
         return cls(**data)
@@ -187,7 +190,7 @@ class SAEConfig:
             if int(self.k) != self.k or not 1 <= self.k <= self.n_latents:
                 raise ValueError(f"k must be an integer in [1, n_latents={self.n_latents}], got {self.k!r}.")
             self.k = int(self.k)
-        for name in ("epochs", "batch_size"):
+        for name in ("max_epochs", "batch_size"):
             value = getattr(self, name)
             if int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -242,7 +245,7 @@ def paper_config(d_in: int | None = None) -> SAEConfig:
     """
     return SAEConfig(
         kind="relu", d_in=d_in, n_latents=10_000, k=None, bias="untied", decoder_norm="none", normalize="none",
-        init="pytorch", b_dec_init="pytorch", epochs=500, batch_size=128, lr=1e-4, lr_warmup=0.0, lr_decay=0.0,
+        init="pytorch", b_dec_init="pytorch", max_epochs=500, batch_size=128, lr=1e-4, lr_warmup=0.0, lr_decay=0.0,
         l1_coef=1e-3, l1_warmup=0.0, mse_convention="mean", auxk_alpha=0.0,
     )
 

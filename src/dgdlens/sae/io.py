@@ -27,21 +27,22 @@ def _is_anndata(obj) -> bool:
     return type(obj).__name__ == "AnnData" and hasattr(obj, "obs") and hasattr(obj, "obsm")
 
 
-def _from_anndata(adata, obsm_key: str | None, what: str):
-    if obsm_key is None:
+def _from_anndata(adata, use_rep: str | None, what: str, argument: str = "use_rep"):
+    """The matrix ``use_rep`` names: an ``obsm`` key, or ``"X"`` for ``adata.X`` (scanpy's convention)."""
+    if use_rep is None:
         keys = list(adata.obsm.keys())
         raise ValueError(
-            f"{what} is an AnnData; say which embedding to use with obsm_key= (available in obsm: {keys or 'none'}), "
-            "or obsm_key='X' to use adata.X."
+            f"{what} is an AnnData; say which embedding to use with {argument}= (available in obsm: "
+            f"{keys or 'none'}), or {argument}='X' to use adata.X."
         )
-    if obsm_key == "X":
+    if use_rep == "X":
         return adata.X
-    if obsm_key not in adata.obsm:
+    if use_rep not in adata.obsm:
         raise ValueError(
-            f"obsm_key {obsm_key!r} is not in {what}.obsm (available: {list(adata.obsm.keys()) or 'none'}); "
-            "pass one of those, or obsm_key='X' for adata.X."
+            f"{argument} {use_rep!r} is not in {what}.obsm (available: {list(adata.obsm.keys()) or 'none'}); "
+            f"pass one of those, or {argument}='X' for adata.X."
         )
-    value = adata.obsm[obsm_key]
+    value = adata.obsm[use_rep]
     if isinstance(value, pd.DataFrame):
         value = value.to_numpy()
     return value
@@ -53,18 +54,18 @@ class EmbeddingRows:
     Parameters
     ----------
     X
-        numpy array, torch tensor, scipy sparse matrix, pandas DataFrame, or AnnData (with ``obsm_key``).
-    obsm_key
+        numpy array, torch tensor, scipy sparse matrix, pandas DataFrame, or AnnData (with ``use_rep``).
+    use_rep
         For AnnData: the ``obsm`` key holding the embedding (``"X"`` for ``adata.X``).
     what
         Name of the argument, used in error messages.
     """
 
-    def __init__(self, X, obsm_key: str | None = None, *, what: str = "X") -> None:
+    def __init__(self, X, use_rep: str | None = None, *, what: str = "X") -> None:
         if _is_anndata(X):
-            X = _from_anndata(X, obsm_key, what)
-        elif obsm_key is not None:
-            raise ValueError(f"obsm_key={obsm_key!r} was given but {what} is a {type(X).__name__}, not an AnnData.")
+            X = _from_anndata(X, use_rep, what)
+        elif use_rep is not None:
+            raise ValueError(f"use_rep={use_rep!r} was given but {what} is a {type(X).__name__}, not an AnnData.")
         if X is None:
             raise ValueError(f"{what} is None; pass a cells x dimensions matrix.")
         if isinstance(X, pd.DataFrame):
@@ -95,11 +96,17 @@ class EmbeddingRows:
             raise ValueError(f"{what} is empty (shape {shape}); it needs at least one cell and one dimension.")
 
     # ------------------------------------------------------------------ reading
-    def rows(self, index: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Rows ``index`` as a float32 tensor on ``device``."""
+    def rows(self, index, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Rows ``index`` (numpy integers, or an int64 tensor: already on the data's device, it costs no
+        host transfer) as a float32 tensor on ``device``."""
         if self.tensor is not None:
-            idx = torch.as_tensor(np.asarray(index, dtype=np.int64), device=self.tensor.device)
+            if isinstance(index, torch.Tensor):
+                idx = index.to(self.tensor.device)
+            else:
+                idx = torch.as_tensor(np.asarray(index, dtype=np.int64), device=self.tensor.device)
             return self.tensor.index_select(0, idx).to(device=device, dtype=torch.float32)
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
         return torch.from_numpy(self.matrix.rows(index, dtype=np.float32)).to(device)
 
     def slice(self, start: int, stop: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -116,6 +123,23 @@ class EmbeddingRows:
         for start in range(0, self.n_obs, batch_size):
             stop = min(start + batch_size, self.n_obs)
             yield start, stop, self.slice(start, stop, device)
+
+    @property
+    def on_device(self) -> torch.device | None:
+        """The device holding the rows as one tensor (``None``: rows are read from a matrix or file)."""
+        return None if self.tensor is None else self.tensor.device
+
+    def fingerprint(self, n_rows: int = 4) -> dict:
+        """Shape and a SHA-256 of the first and last ``n_rows`` rows (float32 bytes): cheap, and enough for a
+        checkpoint to tell other data from this."""
+        import hashlib
+
+        digest = hashlib.sha256(f"{self.n_obs}x{self.n_vars}".encode())
+        head = np.arange(min(n_rows, self.n_obs))
+        tail = np.arange(max(self.n_obs - n_rows, 0), self.n_obs)
+        for index in (head, tail):
+            digest.update(np.ascontiguousarray(self.rows(index).numpy()).tobytes())
+        return {"n_obs": self.n_obs, "n_vars": self.n_vars, "rows_sha256": digest.hexdigest()[:32]}
 
     def to_device(self, device: torch.device | str) -> EmbeddingRows:
         """A view whose rows already live on ``device`` when the data are dense and small enough.
@@ -152,11 +176,11 @@ class EmbeddingRows:
             )
 
 
-def as_rows(X, obsm_key: str | None = None, *, what: str = "X") -> EmbeddingRows:
+def as_rows(X, use_rep: str | None = None, *, what: str = "X") -> EmbeddingRows:
     """:class:`EmbeddingRows` for ``X`` (returned unchanged if it already is one)."""
     if isinstance(X, EmbeddingRows):
         return X
-    return EmbeddingRows(X, obsm_key, what=what)
+    return EmbeddingRows(X, use_rep, what=what)
 
 
 def load_embedding(path, *, key: str | None = None) -> tuple[np.ndarray, pd.Index | None]:
@@ -197,7 +221,7 @@ def load_embedding(path, *, key: str | None = None) -> tuple[np.ndarray, pd.Inde
         import anndata
 
         adata = anndata.read_h5ad(path)
-        value = _from_anndata(adata, key, str(path))
+        value = _from_anndata(adata, key, str(path), argument="key")
         value = value.toarray() if sp.issparse(value) else np.asarray(value)
         return value, pd.Index(adata.obs_names)
     raise ValueError(f"Unsupported embedding file type {suffix!r} for {path}; use .npy, .npz, .pt, .csv, .tsv or .h5ad.")

@@ -35,7 +35,7 @@ __all__ = [
 
 # ---------------------------------------------------------------------- quality
 @torch.no_grad()
-def metrics(sae, X, *, obsm_key: str | None = None, batch_size: int = 4096, dense_threshold: float | None = None
+def metrics(sae, X, *, use_rep: str | None = None, batch_size: int = 4096, dense_threshold: float | None = None
             ) -> dict:
     """Reconstruction and sparsity metrics of ``sae`` on ``X`` (all cells, streamed in batches).
 
@@ -49,7 +49,7 @@ def metrics(sae, X, *, obsm_key: str | None = None, batch_size: int = 4096, dens
     - ``dead_fraction``: latents never active on ``X``; ``dense_fraction``: latents active on more than
       ``dense_threshold`` (default: the SAE's, 0.1) of the cells; ``n_live``, ``n_cells``.
     """
-    rows = as_rows(X, obsm_key)
+    rows = as_rows(X, use_rep)
     rows.check_dim(sae.d_in)
     if dense_threshold is None:
         dense_threshold = sae.config.dense_threshold
@@ -463,7 +463,7 @@ def _bh(p: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------- everything at once
 def recovery_report(sae_or_activations, X=None, *, continuous: dict | None = None, categorical: dict | None = None,
-                    threshold: float = 0.9, obsm_key: str | None = None, batch_size: int = 2048) -> dict:
+                    threshold: float = 0.9, use_rep: str | None = None, batch_size: int = 2048) -> dict:
     """Recovery of every ground-truth group, plus the SAE's quality metrics when an SAE is given.
 
     Parameters
@@ -484,8 +484,8 @@ def recovery_report(sae_or_activations, X=None, *, continuous: dict | None = Non
     if hasattr(sae_or_activations, "encode") and hasattr(sae_or_activations, "W_dec"):
         if X is None:
             raise ValueError("recovery_report(sae, X, ...) needs the held-out inputs X when given an SAE.")
-        activations = sae_or_activations.encode(X, obsm_key=obsm_key, batch_size=batch_size)
-        quality = metrics(sae_or_activations, X, obsm_key=obsm_key)
+        activations = sae_or_activations.encode(X, use_rep=use_rep, batch_size=batch_size)
+        quality = metrics(sae_or_activations, X, use_rep=use_rep)
     else:
         activations = sae_or_activations
     rows, cont, cat = [], {}, {}

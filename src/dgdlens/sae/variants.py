@@ -10,6 +10,12 @@ Every variant computes, for an input ``x`` (cells x ``d_in``)::
 
 with ``W_enc`` and ``W_dec`` both stored as ``(n_latents, d_in)``.
 
+**Training hooks.** :class:`~dgdlens.train.sae_plan.SAEPlan` trains every variant the same way; what
+differs is a method of the variant: :meth:`SAE.auxiliary_loss` (AuxK for TopK and BatchTopK),
+:meth:`SAE.training_statistics` and :meth:`SAE.end_training_epoch` (BatchTopK's running inference
+threshold), :meth:`SAE.after_training` (BatchTopK's threshold calibration), and the data-dependent start
+(:meth:`SAE.init_variant_from_sample`, :meth:`SAE.scale_encoder_`).
+
 **Units.** ``train_sae`` folds the normalisation (and, for unconstrained decoders, the decoder row
 norms) into the weights when it finishes, so a trained or loaded SAE has ``x_mean = 0``, ``x_scale = 1``
 and unit-norm rows of ``W_dec`` *in the original input space*: ``decode(f) = f @ W_dec + b_dec``
@@ -30,21 +36,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import _dist
 from .._io import ModelFormatError, load_model_dir, save_model_dir
+from ..train.fitted import FittedState
 from .config import SAEConfig, canonical_kind
-from .io import as_rows
+from .init import init_from_data, normalisation_statistics
+from .io import EmbeddingRows, as_rows
 
 __all__ = ["SAE", "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "make_sae", "VARIANTS"]
 
 MODEL_KIND = "sae"
 
 
-class SAE(nn.Module):
+class SAE(nn.Module, FittedState):
     """Base class of all SAE variants (use :func:`dgdlens.sae.train_sae` to make one).
 
     Public attributes: ``config`` (:class:`SAEConfig`), ``n_latents``, ``d_in``, ``W_enc``, ``b_enc``,
-    ``W_dec`` (``n_latents x d_in``, unit-norm rows in input units once trained), ``b_dec``,
-    ``history`` (one dict per training epoch) and ``training_info``.
+    ``W_dec`` (``n_latents x d_in``, unit-norm rows in input units once trained), ``b_dec``, and the
+    fitted state every trained dgdlens object has: ``is_trained_``, ``history_`` (a DataFrame, one row
+    per epoch; ``dl.pl.training_curves(sae.history_)``), ``train_summary_`` and ``train_config_``.
+    (The SAE is a torch module, so its training verb is the function ``train_sae``: ``nn.Module.train``
+    is torch's mode switch.)
     """
 
     kind: ClassVar[str] = "base"
@@ -62,8 +74,7 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d))
         self.register_buffer("x_mean", torch.zeros(d))
         self.register_buffer("x_scale", torch.ones(()))
-        self.history: list[dict] = []
-        self.training_info: dict = {}
+        self._init_fitted_state()
         self.reset_parameters(seed=0)
 
     # ------------------------------------------------------------------ shape
@@ -115,6 +126,49 @@ class SAE(nn.Module):
     def _reset_variant_parameters(self) -> None:
         """Variant-specific parameters (thresholds)."""
 
+    # ------------------------------------------------------------------ training hooks
+    @torch.no_grad()
+    def prepare_for_training(self, data: EmbeddingRows, train_idx: np.ndarray, local_idx: np.ndarray, seed: int,
+                             reduce_sum=None) -> tuple[np.ndarray, float]:
+        """Set the input normalisation from the training cells and initialise from the data.
+
+        ``local_idx``: this process's training rows (all of ``train_idx`` in one process); ``reduce_sum``
+        sums the normalisation statistics over processes. Returns the training mean and scale.
+        """
+        mode = self.config.normalize
+        mean, scale = normalisation_statistics(data, local_idx, mode, n_total=len(train_idx), reduce_sum=reduce_sum)
+        self.x_mean.copy_(torch.as_tensor(mean if mode in ("center", "center_scale") else 0.0,
+                                          dtype=torch.float32, device=self.device).expand_as(self.x_mean))
+        self.x_scale.fill_(scale)
+        init_from_data(self, data, train_idx, seed)
+        return mean, scale
+
+    def init_variant_from_sample(self, x_n: torch.Tensor) -> None:
+        """Variant-specific start from a sample of normalised training rows (after ``b_dec`` is set)."""
+
+    @torch.no_grad()
+    def scale_encoder_(self, scale: float) -> None:
+        """Multiply the encoder by ``scale`` (and whatever must scale along with it)."""
+        self.W_enc.mul_(scale)
+        self.b_enc.mul_(scale)
+
+    def auxiliary_loss(self, pre: torch.Tensor, x_n: torch.Tensor, x_hat: torch.Tensor,
+                       dead: torch.Tensor) -> torch.Tensor | None:
+        """An extra training loss (already weighted), or ``None``. ``dead``: boolean mask of the latents that
+        have not fired recently. Must not synchronise with the host (no ``int()``/``float()`` of tensors)."""
+        return None
+
+    def training_statistics(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra per-step sums (device tensors) the runner adds up over the epoch and processes."""
+        return {}
+
+    def end_training_epoch(self, sums: dict[str, torch.Tensor]) -> None:
+        """Use the epoch's summed statistics (every process gets the same ones)."""
+
+    def after_training(self, batches, reduce_sum) -> None:
+        """Work with the final weights: ``batches`` yields this process's share of full-size training batches
+        (input units), ``reduce_sum`` sums a tensor over processes."""
+
     # ------------------------------------------------------------------ core maths (normalised units)
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.x_mean) / self.x_scale
@@ -155,15 +209,16 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------------ public numpy / scipy API
     @torch.no_grad()
-    def encode(self, X, *, obsm_key: str | None = None, batch_size: int = 2048, progress: bool = False
+    def encode(self, X, *, use_rep: str | None = None, batch_size: int = 2048, progress: bool = False
                ) -> sp.csr_matrix:
         """Sparse activations (cells x latents, CSR, float32) of ``X``, computed batch by batch.
 
-        ``X``: numpy array, torch tensor, scipy sparse matrix or AnnData (with ``obsm_key``). Only one
+        ``X``: numpy array, torch tensor, scipy sparse matrix or AnnData (``use_rep``: the ``obsm`` key of
+        the embedding, or ``"X"``). Only one
         batch of activations is ever dense, so 100k cells x 10k latents fit in memory whenever the
         non-zeros do.
         """
-        rows = self._input_rows(X, obsm_key)
+        rows = self._input_rows(X, use_rep)
         indptr = [np.zeros(1, dtype=np.int64)]
         indices, values = [], []
         offset = 0
@@ -212,24 +267,24 @@ class SAE(nn.Module):
         return out
 
     @torch.no_grad()
-    def reconstruct(self, X, *, obsm_key: str | None = None, batch_size: int = 2048) -> np.ndarray:
+    def reconstruct(self, X, *, use_rep: str | None = None, batch_size: int = 2048) -> np.ndarray:
         """``decode(encode(X))`` without building the sparse matrix (cells x ``d_in`` numpy)."""
-        rows = self._input_rows(X, obsm_key)
+        rows = self._input_rows(X, use_rep)
         out = np.empty((rows.n_obs, self.d_in), dtype=np.float32)
         for start, stop, x in rows.iter_slices(_check_batch_size(batch_size), self.device):
             out[start:stop] = self.forward(x)[0].cpu().numpy()
         return out
 
-    def reconstruction_error(self, X, *, obsm_key: str | None = None, batch_size: int = 2048) -> np.ndarray:
+    def reconstruction_error(self, X, *, use_rep: str | None = None, batch_size: int = 2048) -> np.ndarray:
         """The SAE error term ``X - reconstruct(X)`` (keep it when steering so only the edit changes)."""
-        rows = self._input_rows(X, obsm_key)
+        rows = self._input_rows(X, use_rep)
         out = self.reconstruct(rows, batch_size=batch_size)
         for start, stop, x in rows.iter_slices(65_536, "cpu"):
             out[start:stop] = x.numpy() - out[start:stop]
         return out
 
-    def _input_rows(self, X, obsm_key):
-        rows = as_rows(X, obsm_key)
+    def _input_rows(self, X, use_rep):
+        rows = as_rows(X, use_rep)
         rows.check_dim(self.d_in)
         return rows
 
@@ -287,13 +342,12 @@ class SAE(nn.Module):
         return self
 
     def save(self, path, *, overwrite: bool = False) -> Path:
-        """Save to the directory ``path`` (``weights.safetensors`` + ``config.json``), weights folded."""
-        config = {
-            "sae": self.config.to_dict(),
-            "history": self.history,
-            "training": self.training_info,
-        }
-        return save_model_dir(path, self.folded_state(), config, kind=MODEL_KIND, overwrite=overwrite)
+        """Save to the directory ``path`` (``weights.safetensors`` + ``config.json``), weights folded, with
+        the fitted state (``is_trained_``, ``history_``, ``train_summary_``, ``train_config_``)."""
+        config = {"sae": self.config.to_dict(), **self._fitted_config()}
+        # under torchrun rank 0 writes and the others wait (an error there is raised everywhere)
+        return Path(_dist.run_on_main(save_model_dir, path, self.folded_state(), config, kind=MODEL_KIND,
+                                      overwrite=overwrite) or path)
 
     @classmethod
     def load(cls, path, *, device: str | torch.device = "cpu") -> SAE:
@@ -315,8 +369,11 @@ class SAE(nn.Module):
                 f"n_latents={config.n_latents} (expected {expected}); the directory mixes files from different models."
             )
         model.load_state_dict(tensors)
-        model.history = list(meta.get("history") or [])
-        model.training_info = dict(meta.get("training") or {})
+        if "is_trained" in meta:
+            model._restore_fitted_config(meta)
+        else:  # saved before the fitted state: "history" a list of per-epoch dicts, "training" a dict
+            model._restore_fitted_config({"is_trained": bool(meta.get("history") or meta.get("training")),
+                                          "history": meta.get("history"), "train_summary": meta.get("training")})
         return model.to(device).eval()
 
 
@@ -343,7 +400,36 @@ def _topk_per_sample(pre: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(pre).scatter(1, index, torch.relu(values))
 
 
-class TopKSAE(SAE):
+class _AuxK:
+    """The AuxK loss of Gao et al. (2024), for the TopK variants."""
+
+    def auxiliary_loss(self, pre, x_n, x_hat, dead):
+        """Reconstruct the residual with the ``k_aux`` largest dead latents, normalised by its variance and
+        weighted by ``auxk_alpha * min(n_dead / k_aux, 1)``.
+
+        No host synchronisation on an accelerator: live latents are masked to ``-inf`` (their ReLU is 0), so
+        the top ``min(k_aux, n_latents)`` holds every dead latent that would have been picked and zeros
+        otherwise, and the weight is a tensor (0 when nothing is dead). On the CPU, where a host read is free,
+        nothing dead skips the computation (``None``; the same training either way).
+        """
+        cfg = self.config
+        if not cfg.auxk_alpha > 0:
+            return None
+        if pre.device.type == "cpu" and not bool(dead.any()):
+            return None  # on the CPU reading a flag costs nothing and skips the work (the result is the same)
+        k_aux_cfg = cfg.effective_k_aux()
+        masked = pre.masked_fill(~dead, float("-inf"))
+        values, index = masked.topk(min(k_aux_cfg, pre.shape[1]), dim=1, sorted=False)
+        f_aux = torch.zeros_like(pre).scatter(1, index, torch.relu(values))
+        residual = (x_n - x_hat).detach()  # the aux latents fit what the live ones miss, not the reverse
+        residual_hat = f_aux @ self.W_dec
+        denom = (residual - residual.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
+        aux = (residual_hat - residual).pow(2).sum(1).mean() / denom
+        weight = (dead.sum().double() / k_aux_cfg).clamp(max=1.0) * cfg.auxk_alpha
+        return aux * weight.to(aux.dtype)
+
+
+class TopKSAE(_AuxK, SAE):
     """TopK (Gao et al. 2024): the ``k`` largest pre-activations per sample, ReLU'd; no sparsity penalty."""
 
     kind = "topk"
@@ -352,7 +438,7 @@ class TopKSAE(SAE):
         return _topk_per_sample(pre, self.config.k)
 
 
-class BatchTopKSAE(SAE):
+class BatchTopKSAE(_AuxK, SAE):
     """BatchTopK (Bussmann et al. 2024): during training the ``k * batch`` largest activations of the whole
     batch are kept, so L0 varies per sample with mean ``k``; at inference each latent fires above a
     threshold calibrated on the training data (``threshold``, per latent, in normalised units)."""
@@ -375,6 +461,33 @@ class BatchTopKSAE(SAE):
 
     def _fold_variant_state(self, scale):
         return {"threshold": self.threshold.double() * scale}
+
+    # running estimate of the inference threshold during training: the mean over steps of the smallest
+    # activation the batch kept (summed on the device, read once per epoch)
+    def training_statistics(self, f):
+        smallest = torch.where(f > 0, f, torch.full_like(f, float("inf"))).amin()
+        kept = torch.isfinite(smallest)
+        return {"threshold_sum": torch.where(kept, smallest, torch.zeros_like(smallest)).double(),
+                "threshold_steps": kept.double()}
+
+    @torch.no_grad()
+    def end_training_epoch(self, sums):
+        if float(sums["threshold_steps"]) > 0:
+            self.threshold.fill_(float(sums["threshold_sum"]) / float(sums["threshold_steps"]))
+
+    @torch.no_grad()
+    def after_training(self, batches, reduce_sum):
+        """Set the inference threshold to the mean, over training batches (weighted by size), of the smallest
+        activation BatchTopK keeps, using the final weights (so inference L0 matches training L0 on average)."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for x in batches:
+            kept = self.activate_train(self.pre_activations(self.normalise(x)))
+            smallest = torch.where(kept > 0, kept, torch.full_like(kept, float("inf"))).amin()
+            found = torch.isfinite(smallest).double()
+            total += torch.stack([torch.where(found > 0, smallest.double(), 0.0) * x.shape[0], found * x.shape[0]])
+        total = reduce_sum(total.cpu())
+        if float(total[1]) > 0:
+            self.threshold.fill_(float(total[0]) / float(total[1]))
 
 
 def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -436,6 +549,25 @@ class JumpReLUSAE(SAE):
     def _reset_variant_parameters(self) -> None:
         if hasattr(self, "log_threshold"):
             self.log_threshold.data.fill_(math.log(self.config.jumprelu_threshold_init))
+
+    @torch.no_grad()
+    def init_variant_from_sample(self, x_n):
+        """With a target L0 ``k``: each latent's threshold at its ``1 - k / n_latents`` quantile on the sample."""
+        cfg = self.config
+        if cfg.k is None:
+            return
+        rank = min(len(x_n), max(1, int(math.ceil((1.0 - cfg.k / cfg.n_latents) * len(x_n)))))
+        x_in = x_n - self.b_dec if cfg.bias == "tied" else x_n
+        for start in range(0, cfg.n_latents, 1024):  # latent chunks keep (sample x chunk) small
+            sl = slice(start, start + 1024)
+            pre = x_in @ self.W_enc[sl].T + self.b_enc[sl]
+            q = pre.kthvalue(rank, dim=0).values
+            self.log_threshold[sl] = q.clamp_min(cfg.jumprelu_threshold_init).log()
+
+    @torch.no_grad()
+    def scale_encoder_(self, scale):
+        super().scale_encoder_(scale)
+        self.log_threshold.add_(math.log(scale))
 
     @property
     def threshold(self) -> torch.Tensor:

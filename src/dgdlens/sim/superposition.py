@@ -357,11 +357,11 @@ class SuperpositionEmbedding:
     def transform(self, Y_or_data, *, batch_size: int = 1024) -> np.ndarray:
         """Latents (cells x ``n_latent``, float32) of a genes matrix or a :class:`SuperpositionData`."""
         Y = Y_or_data.Y if isinstance(Y_or_data, SuperpositionData) else Y_or_data
-        return self.model.transform(self.standardise(Y), batch_size=batch_size)
+        return self.model.get_latent_representation(self.standardise(Y), batch_size=batch_size)
 
 
 def embed_superposition(data, *, n_latent: int = 150, depth: int = 2, width: str = "narrow", hidden=None,
-                        epochs: int = 100, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0,
+                        max_epochs: int = 100, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0,
                         validation_fraction: float = 0.1, patience: int = 20, device="cpu", seed: int = 0,
                         progress: bool = False, num_threads: int | None = None) -> SuperpositionEmbedding:
     """Fit the reference's embedding step: an MLP autoencoder with a squared-error loss on the genes.
@@ -379,8 +379,9 @@ def embed_superposition(data, *, n_latent: int = 150, depth: int = 2, width: str
     n_latent, depth, width, hidden
         Latent size and encoder layout (:func:`reference_hidden_sizes`), or explicit ``hidden`` sizes,
         input side first; the decoder mirrors the encoder.
-    epochs, batch_size, lr, weight_decay, validation_fraction, patience, device, seed, progress
-        Training options of :meth:`Autoencoder.fit`.
+    max_epochs, batch_size, lr, weight_decay, validation_fraction, patience, device, seed, progress
+        Training options of :meth:`Autoencoder.train <dgdlens.models.Autoencoder.train>` (early stopping
+        whenever ``validation_fraction > 0``).
     num_threads
         CPU threads for torch while training (restored afterwards; ``None`` leaves torch's setting). On a
         busy machine one thread can be many times faster than oversubscribed cores.
@@ -402,17 +403,18 @@ def embed_superposition(data, *, n_latent: int = 150, depth: int = 2, width: str
     if not scale > 0:
         raise ValueError("The genes matrix is constant across cells; there is nothing to embed.")
     decoder_side = hidden[::-1]  # mlp_encoder mirrors a decoder's hidden list
+    embedding = SuperpositionEmbedding(latent=np.zeros((0, n_latent), np.float32), model=None, gene_mean=gene_mean,
+                                       scale=scale)
     with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
         torch.manual_seed(seed)
-        ae = Autoencoder(mlp_encoder(n_genes, n_latent, decoder_side), mlp_decoder(n_latent, n_genes, decoder_side),
-                         likelihood="gaussian", seed=seed)
-    embedding = SuperpositionEmbedding(latent=np.zeros((0, n_latent), np.float32), model=ae, gene_mean=gene_mean,
-                                       scale=scale)
+        embedding.model = Autoencoder(embedding.standardise(Y), mlp_encoder(n_genes, n_latent, decoder_side),
+                                      mlp_decoder(n_latent, n_genes, decoder_side), likelihood="gaussian",
+                                      validation_fraction=validation_fraction, seed=seed)
     with torch_threads(num_threads):
-        ae.fit(embedding.standardise(Y), epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-               validation_fraction=validation_fraction, early_stopping=validation_fraction > 0, patience=patience,
-               seed=seed, device=device, progress=progress)
-    embedding.latent = ae.latent_
+        embedding.model.train(max_epochs=max_epochs, batch_size=batch_size, early_stopping=validation_fraction > 0,
+                              lr=lr, weight_decay=weight_decay, patience=patience, seed=seed, device=device,
+                              progress=progress)
+    embedding.latent = embedding.model.get_latent_representation()
     return embedding
 
 

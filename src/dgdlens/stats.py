@@ -1,4 +1,4 @@
-"""Vectorised statistics used by the lens: BH adjustment (plain, grouped, with untested p=1 entries),
+"""Vectorised statistics used by the lens, steering and SAE metrics (no model knowledge): BH adjustment (plain, grouped, with untested p=1 entries),
 hypergeometric upper tails, scipy-exact two-sided binomial tests, Welch t and Student-t p-values.
 
 Everything works on whole arrays at once. The hypergeometric and binomial functions evaluate each

@@ -1,0 +1,16 @@
+"""Training for every model: one runner, one small training plan per model, one checkpoint format.
+
+- :class:`Runner` / :class:`RunnerConfig`: epochs, validation, early stopping with restore-best,
+  progress, checkpoints (safetensors + JSON, no pickle), Ctrl-C, the distributed strategy.
+- :class:`TrainingPlan`: what one model's step does (:class:`DecoderOnlyPlan` for the DGD and
+  DecoderOnly, :class:`AutoencoderPlan`, :class:`SAEPlan`).
+- :func:`make_strategy`: single process, or data-parallel under ``torchrun``.
+"""
+
+from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from .plan import TrainingPlan
+from .runner import Runner, RunnerConfig, TrainingInterrupted
+from .strategy import DataParallel, SingleProcess, Strategy, make_strategy
+
+__all__ = ["Runner", "RunnerConfig", "TrainingInterrupted", "TrainingPlan", "Strategy", "SingleProcess",
+           "DataParallel", "make_strategy", "CheckpointError", "read_checkpoint", "write_checkpoint"]

@@ -1,0 +1,434 @@
+"""Training plan of every decoder-only model (the DGD and :class:`~dgdlens.models.DecoderOnly`).
+
+Each training sample owns a free latent vector (a row of a :class:`~dgdlens.nn.RepresentationTable`),
+learned together with the decoder and the prior; validation samples' latents are fitted with the
+model frozen, so the validation loss measures the decoder as held-out inference will use it.
+
+Under ``torchrun`` the decoder, likelihood and prior are replicated (gradients summed after every
+step) and the representation tables are sharded by sample: each process owns a contiguous slice of
+the training (and validation) samples, their latents and their optimiser state, and only ever reads
+those rows of the data (a contiguous region of a backed file). ``batch_size`` is the global batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from ..data.loader import BatchLoader
+from ..data.matrix import RowMatrix
+from ..nn.module import DecoderOnlyModule, frozen
+from ..nn.representation import RepresentationTable
+from .inference import optimise_latents
+from .plan import TrainingPlan
+
+__all__ = ["DecoderOnlyPlanConfig", "DecoderOnlyPlan", "REFIT_SAMPLE"]
+
+#: most latents the end-of-training EM refit of the mixture uses (a seeded sample across all processes)
+REFIT_SAMPLE = 100_000
+
+
+@dataclass
+class DecoderOnlyPlanConfig:
+    """The decoder-only training options. Defaults follow the reference scDGD trainer except where noted.
+
+    Attributes
+    ----------
+    batch_size
+        Mini-batch size (global across processes). Reference: 256.
+    lr_decoder, lr_prior, lr_rep
+        Adam learning rates (reference: 1e-3 / 1e-2 / 1e-2).
+    betas, weight_decay, prior_weight_decay
+        Adam betas and weight decay for decoder and prior (reference: (0.5, 0.7), 1e-4).
+    rep_weight_decay
+        L2 shrinkage of the representations (reference: Adam weight decay 1e-4 on them too).
+    rep_step
+        ``"epoch"``: one full-batch step per epoch from gradients accumulated over all mini-batches
+        (the reference). ``"batch"``: a lazy Adam step on the batch rows after every mini-batch.
+    rep_optimizer, rep_momentum
+        ``"adam"`` (DGD) or ``"sgd"`` with momentum (the decoder-only "manifold" paper).
+    lr_decay_epoch, lr_decay_factor, reset_optimizers_on_decay
+        Reference: at epoch 300 the decoder learning rate drops 10x and the decoder and prior
+        optimisers are re-created (their Adam state reset). ``None`` disables the drop.
+    prior_refit_epoch, refit_prior_at_end
+        Re-fit a mixture prior by EM on the training latents at the start of epoch ``prior_refit_epoch``
+        (default never) and/or once after training (default ``True``). Why: every latent starts at the
+        origin, where one component takes all cells; gradient steps then starve the others, so the jointly
+        trained mixture ends with one or two occupied components even when the latents separate the cell
+        types cleanly (planted 4 types: k-means on the latents ARI 1.0, mixture argmax ARI 0.0). The
+        reference never refits (``refit_prior_at_end=False``).
+    polish_steps, polish_lr, polish_tol
+        After the final refit, the training and validation latents are re-optimised for up to this many
+        Adam steps under the refitted prior with the decoder frozen, exactly as held-out samples are
+        embedded. A batch stops early once its mean loss changes by less than ``polish_tol`` (relative).
+    hyperprior
+        ``"per_cell"`` (default, the reference): the prior's own log-prior counts once per cell in every
+        batch; ``"dataset"``: once per pass (the literal MAP objective), which lets the occupied components
+        collapse (see the README's DGD section for the measurements).
+    monitor
+        ``"val_recon"`` (validation NLL per sample) or ``"val_loss"`` (NLL + prior).
+    shuffle_block_size
+        Rows per contiguous block for block shuffling (``None``: 1024 for backed data, a full shuffle in
+        memory; ``0``: always a full shuffle). The same value gives the same batches in memory and on disk.
+    max_batches
+        Cut every epoch after this many batches (benchmarks; ``None``: all).
+    seed
+        Seeds the mini-batch order.
+    """
+
+    batch_size: int = 256
+    lr_decoder: float = 1e-3
+    lr_prior: float = 1e-2
+    lr_rep: float = 1e-2
+    betas: tuple[float, float] = (0.5, 0.7)
+    weight_decay: float = 1e-4
+    prior_weight_decay: float = 1e-4
+    rep_weight_decay: float = 1e-4
+    rep_step: str = "epoch"
+    rep_optimizer: str = "adam"
+    rep_momentum: float = 0.9
+    lr_decay_epoch: int | None = 300
+    lr_decay_factor: float = 0.1
+    reset_optimizers_on_decay: bool = True
+    prior_refit_epoch: int | None = None
+    refit_prior_at_end: bool = True
+    polish_steps: int = 100
+    polish_lr: float = 1e-2
+    polish_tol: float = 1e-4
+    hyperprior: str = "per_cell"
+    monitor: str = "val_recon"
+    shuffle_block_size: int | None = None
+    max_batches: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        choices = {"rep_step": {"epoch", "batch"}, "rep_optimizer": {"adam", "sgd"},
+                   "hyperprior": {"dataset", "per_cell"}, "monitor": {"val_recon", "val_loss"}}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
+        if isinstance(self.batch_size, bool) or int(self.batch_size) != self.batch_size or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        for name in ("lr_decoder", "lr_prior", "lr_rep", "polish_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if int(self.polish_steps) != self.polish_steps or self.polish_steps < 0:
+            raise ValueError(f"polish_steps must be a non-negative integer, got {self.polish_steps!r}")
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _rep_optimizer(table: RepresentationTable, cfg: DecoderOnlyPlanConfig) -> torch.optim.Optimizer:
+    if cfg.rep_optimizer == "sgd":
+        # plain SGD with momentum, as the paper's decoder-only learner used; in per-batch mode the
+        # momentum keeps moving rows that are not in the batch (decaying), as it did there.
+        return torch.optim.SGD([table.z], lr=cfg.lr_rep, momentum=cfg.rep_momentum,
+                               weight_decay=0.0 if cfg.rep_step == "batch" else cfg.rep_weight_decay)
+    if cfg.rep_step == "epoch":
+        return torch.optim.Adam([table.z], lr=cfg.lr_rep, betas=cfg.betas, weight_decay=cfg.rep_weight_decay)
+    return torch.optim.SparseAdam([table.z], lr=cfg.lr_rep, betas=cfg.betas)
+
+
+class DecoderOnlyPlan(TrainingPlan):
+    """Decoder, prior and per-sample latents by MAP (see :class:`DecoderOnlyPlanConfig`).
+
+    Parameters
+    ----------
+    module
+        The model maths.
+    matrix, scale
+        All samples' data and per-sample scale factors (library sizes; ``None`` for none).
+    train_idx, val_idx
+        Rows of ``matrix`` in each split (sorted).
+    train_table, val_table
+        Full representation tables for the splits (``val_table`` ``None`` without a validation split);
+        on return from training they hold every sample's latent, whatever the number of processes.
+    config
+        A :class:`DecoderOnlyPlanConfig`.
+    """
+
+    def __init__(self, module: DecoderOnlyModule, matrix: RowMatrix, scale: np.ndarray | None,
+                 train_idx: np.ndarray, val_idx: np.ndarray, train_table: RepresentationTable,
+                 val_table: RepresentationTable | None, config: DecoderOnlyPlanConfig) -> None:
+        super().__init__()
+        self.module, self.matrix, self.scale = module, matrix, scale
+        self.train_idx, self.val_idx = np.asarray(train_idx), np.asarray(val_idx)
+        self.full_train_table, self.full_val_table = train_table, val_table
+        self.cfg = config
+        self.monitor = config.monitor
+        self.n_train, self.n_val = len(self.train_idx), len(self.val_idx) if val_table is not None else 0
+        self._decayed = False
+        self._last_hyper = torch.zeros(())
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def has_validation(self) -> bool:
+        return self.n_val > 0
+
+    def setup(self, strategy, device) -> None:
+        super().setup(strategy, device)
+        cfg, size = self.cfg, strategy.world_size
+        self.check_same_everywhere(self.matrix.n_obs, self.matrix.n_vars, self.train_idx, self.n_val, cfg.batch_size,
+                                   cfg.seed)
+        self.module.to(device)
+        strategy.broadcast_module(self.module)
+        self.train_lo, self.train_hi = strategy.shard(self.n_train)
+        self.val_lo, self.val_hi = strategy.shard(self.n_val)
+        self.train_table = self._local_table(self.full_train_table, self.train_lo, self.train_hi)
+        use_val = self.n_val > 0 and self.n_val >= size
+        self.val_table = self._local_table(self.full_val_table, self.val_lo, self.val_hi) if use_val else None
+        if size > 1:  # holding the full tables meanwhile would undo the sharding
+            self.full_train_table = self.full_val_table = None
+        sparse = cfg.rep_step == "batch" and cfg.rep_optimizer == "adam"
+        for table in (self.train_table, self.val_table):
+            if table is not None:
+                table.sparse_grad = sparse
+        self.train_loader = self._loader(self.train_idx[self.train_lo:self.train_hi], seed=cfg.seed, train=True)
+        self.val_loader = (None if self.val_table is None else
+                           self._loader(self.val_idx[self.val_lo:self.val_hi], seed=cfg.seed + 1, train=False))
+        strategy.agree([len(self.train_loader)], "the number of mini-batches per epoch")
+        self.opt_rep = _rep_optimizer(self.train_table, cfg)
+        self.opt_val_rep = None if self.val_table is None else _rep_optimizer(self.val_table, cfg)
+        self._build_optimizers(decayed=False)
+
+    def _local_table(self, table, lo, hi):
+        if table is None:
+            return None
+        if self.strategy.world_size == 1:
+            return table.to(self.device)
+        return RepresentationTable(hi - lo, table.dim, init=table.z.detach()[lo:hi].cpu()).to(self.device)
+
+    def _loader(self, rows: np.ndarray, *, seed: int, train: bool) -> BatchLoader:
+        scale = None if self.scale is None else self.scale[rows]
+        loader = self.shuffled_loader(self.matrix, rows, scale, batch_size=self.cfg.batch_size, seed=seed,
+                                      block_size=self.cfg.shuffle_block_size, n_total=self.n_train if train else None)
+        if train:
+            loader.max_batches = self.cfg.max_batches
+        return loader
+
+    def _build_optimizers(self, decayed: bool) -> None:
+        cfg = self.cfg
+        lr_dec = cfg.lr_decoder * (cfg.lr_decay_factor if decayed else 1.0)
+        dec_params = list(self.module.decoder.parameters()) + list(self.module.likelihood.parameters())
+        self.opt_decoder = torch.optim.Adam(dec_params, lr=lr_dec, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self._build_prior_optimizer()
+
+    def _build_prior_optimizer(self) -> None:
+        cfg = self.cfg
+        params = [p for p in self.module.prior.parameters() if p.requires_grad]
+        self.opt_prior = (torch.optim.Adam(params, lr=cfg.lr_prior, betas=cfg.betas, weight_decay=cfg.prior_weight_decay)
+                          if params else None)
+
+    def shared_parameters(self):
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ schedules
+    def on_epoch_start(self, epoch: int) -> None:
+        cfg = self.cfg
+        if cfg.lr_decay_epoch is not None and not self._decayed and epoch >= cfg.lr_decay_epoch:
+            self._decayed = True
+            if cfg.reset_optimizers_on_decay:
+                self._build_optimizers(decayed=True)
+            else:
+                for group in self.opt_decoder.param_groups:
+                    group["lr"] = cfg.lr_decoder * cfg.lr_decay_factor
+        if cfg.prior_refit_epoch is not None and epoch == cfg.prior_refit_epoch and hasattr(self.module.prior, "fit_to"):
+            self._refit_prior()
+            self._build_prior_optimizer()
+        self.module.train()
+        if cfg.rep_step == "epoch":
+            self.opt_rep.zero_grad(set_to_none=True)
+
+    def _refit_prior(self) -> None:
+        """EM refit of the mixture on a seeded sample of at most :data:`REFIT_SAMPLE` training latents from
+        every process, fitted on rank 0 and broadcast (EM on millions of latents costs minutes for no gain)."""
+        prior = self.module.prior
+        if not hasattr(prior, "fit_to"):
+            return
+        st = self.strategy
+        sizes = [hi - lo for lo, hi in (self._shard_of(self.n_train, r) for r in range(st.world_size))]
+        takes = [min(n, math.ceil(REFIT_SAMPLE / st.world_size)) for n in sizes]
+        z = self.train_table.z.detach()
+        if takes[st.rank] < len(z):
+            pick = np.sort(np.random.default_rng([self.cfg.seed, st.rank]).choice(len(z), takes[st.rank], replace=False))
+            z = z[torch.from_numpy(pick).to(z.device)]
+        sample = st.gather_rows(z, sum(takes), sizes=takes) if st.world_size > 1 else z
+        if st.is_main and len(sample) >= getattr(prior, "n_components", 1):
+            prior.fit_to(sample, seed=self.cfg.seed)
+        st.broadcast_module(prior)
+
+    def _shard_of(self, n: int, rank: int) -> tuple[int, int]:
+        size = self.strategy.world_size
+        return n * rank // size, n * (rank + 1) // size
+
+    # ------------------------------------------------------------------ steps
+    def train_batches(self):
+        return self.train_loader
+
+    def zero_grad(self) -> None:
+        self.opt_decoder.zero_grad(set_to_none=True)
+        if self.opt_prior is not None:
+            self.opt_prior.zero_grad(set_to_none=True)
+        if self.cfg.rep_step == "batch":
+            self.opt_rep.zero_grad(set_to_none=True)
+
+    def _batch_loss(self, batch, table: RepresentationTable):
+        z = table(batch.index)
+        recon = self.module.recon_nll(batch.x, z, batch.scale)
+        prior = self.module.prior_nll(z)
+        loss = recon.sum() + prior.sum()
+        if self.cfg.rep_step == "batch" and self.cfg.rep_weight_decay > 0:
+            # the lazy optimisers have no weight decay; the same L2 shrinkage as a loss term
+            loss = loss + 0.5 * self.cfg.rep_weight_decay * z.pow(2).sum()
+        return loss, recon.detach().sum(), prior.detach().sum()
+
+    def training_step(self, batch):
+        loss, recon, prior = self._batch_loss(batch, self.train_table)
+        hyper = self.module.hyperprior_nll()
+        n = len(batch.index)
+        weight = n / self.n_train if self.cfg.hyperprior == "dataset" else float(n)
+        self._last_hyper = hyper.detach()
+        return loss + weight * hyper, {"recon": recon, "prior": prior}
+
+    def optimizer_step(self) -> None:
+        self.opt_decoder.step()
+        if self.opt_prior is not None:
+            self.opt_prior.step()
+        if self.cfg.rep_step == "batch":
+            self.opt_rep.step()
+
+    def on_epoch_end(self) -> None:
+        if self.cfg.rep_step == "epoch":
+            self.opt_rep.step()
+
+    def validation_epoch(self) -> dict[str, torch.Tensor]:
+        if self.val_loader is None:
+            return {}
+        per_epoch = self.cfg.rep_step == "epoch"
+        self.module.eval()
+        recon_sum = prior_sum = torch.zeros((), device=self.device)
+        with frozen(self.module):
+            if per_epoch:
+                self.opt_val_rep.zero_grad(set_to_none=True)
+            for batch in self.val_loader:
+                if not per_epoch:
+                    self.opt_val_rep.zero_grad(set_to_none=True)
+                loss, recon, prior = self._batch_loss(batch, self.val_table)
+                loss.backward()
+                if not per_epoch:
+                    self.opt_val_rep.step()
+                recon_sum, prior_sum = recon_sum + recon, prior_sum + prior
+            if per_epoch:
+                self.opt_val_rep.step()
+        return {"recon": recon_sum, "prior": prior_sum}
+
+    def summarise(self, sums):
+        n = self.n_train
+        row = {"train_recon": float(sums["recon"]) / n, "train_prior": float(sums["prior"]) / n,
+               "hyperprior": float(self._last_hyper)}
+        row["train_loss"] = row["train_recon"] + row["train_prior"]
+        if "val::recon" in sums:
+            row["val_recon"] = float(sums["val::recon"]) / self.n_val
+            row["val_loss"] = (float(sums["val::recon"]) + float(sums["val::prior"])) / self.n_val
+        return row
+
+    # ------------------------------------------------------------------ end of training
+    def on_train_end(self) -> None:
+        if self.cfg.refit_prior_at_end:
+            self._refit_prior()
+            self._polish()
+        self._gather_tables()
+
+    def _polish(self) -> None:
+        """Re-fit every latent under the final model with the decoder frozen (as held-out inference does)."""
+        cfg = self.cfg
+        if cfg.polish_steps <= 0:
+            return
+
+        def objective(x, z, scale):
+            return self.module.recon_nll(x, z, scale) + self.module.prior_nll(z)
+
+        self.module.eval()
+        with frozen(self.module):
+            for loader, table in ((self.train_loader, self.train_table), (self.val_loader, self.val_table)):
+                if loader is None or table is None:
+                    continue
+                for batch in loader:
+                    z0 = table.z.detach()[batch.index]
+                    z = optimise_latents(objective, batch.x, batch.scale, z0, cfg.polish_steps, cfg.polish_lr,
+                                         cfg.betas, cfg.polish_tol)
+                    with torch.no_grad():
+                        table.z[batch.index] = z
+
+    def _gather_tables(self) -> None:
+        """Every process ends with the complete tables (rebuilt from the shards under torchrun)."""
+        st = self.strategy
+        if st.world_size == 1:
+            self.full_train_table, self.full_val_table = self.train_table, self.val_table
+            return
+        dim = self.train_table.dim
+        full = st.gather_rows(self.train_table.z.detach(), self.n_train).cpu()
+        self.full_train_table = RepresentationTable(self.n_train, dim, init=full).to(self.device)
+        if self.n_val:
+            full_val = (st.gather_rows(self.val_table.z.detach(), self.n_val).cpu() if self.val_table is not None
+                        else torch.zeros(self.n_val, dim))
+            self.full_val_table = RepresentationTable(self.n_val, dim, init=full_val).to(self.device)
+
+    # ------------------------------------------------------------------ state
+    def snapshot(self) -> dict:
+        return {"module": copy.deepcopy(self.module.state_dict()),
+                "train_z": self.train_table.z.detach().clone(),
+                "val_z": None if self.val_table is None else self.val_table.z.detach().clone()}
+
+    def restore(self, snapshot: dict) -> None:
+        self.module.load_state_dict(snapshot["module"])
+        with torch.no_grad():
+            self.train_table.z.copy_(snapshot["train_z"])
+            if self.val_table is not None and snapshot["val_z"] is not None:
+                self.val_table.z.copy_(snapshot["val_z"])
+
+    def state_dict(self) -> dict:
+        return {
+            "module": self.module.state_dict(),
+            "train_z": self.train_table.z.detach(),
+            "val_z": None if self.val_table is None else self.val_table.z.detach(),
+            "opt_decoder": self.opt_decoder.state_dict(),
+            "opt_prior": None if self.opt_prior is None else self.opt_prior.state_dict(),
+            "opt_rep": self.opt_rep.state_dict(),
+            "opt_val_rep": None if self.opt_val_rep is None else self.opt_val_rep.state_dict(),
+            "decayed": self._decayed,
+            "train_rng": self.train_loader.rng.bit_generator.state,
+            "val_rng": None if self.val_loader is None else self.val_loader.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        with torch.no_grad():
+            self.train_table.z.copy_(state["train_z"])
+            if self.val_table is not None and state["val_z"] is not None:
+                self.val_table.z.copy_(state["val_z"])
+        self._decayed = bool(state["decayed"])
+        if self._decayed and self.cfg.reset_optimizers_on_decay:
+            self._build_optimizers(decayed=True)
+        self.opt_decoder.load_state_dict(state["opt_decoder"])
+        if self.opt_prior is not None and state["opt_prior"] is not None:
+            self.opt_prior.load_state_dict(state["opt_prior"])
+        self.opt_rep.load_state_dict(state["opt_rep"])
+        if self.opt_val_rep is not None and state["opt_val_rep"] is not None:
+            self.opt_val_rep.load_state_dict(state["opt_val_rep"])
+        self.train_loader.rng.bit_generator.state = state["train_rng"]
+        if self.val_loader is not None and state["val_rng"] is not None:
+            self.val_loader.rng.bit_generator.state = state["val_rng"]
+
+    def describe(self) -> dict:
+        return self.cfg.to_dict()
