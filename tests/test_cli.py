@@ -195,7 +195,7 @@ def test_steer_writes_the_api_result(work, trained, embedded, sae_dir, capsys):
     genes = pd.read_csv(work / "steer" / "genes.csv")
     adata = ad.read_h5ad(embedded)
     expected = steer(DGD.load(trained), SAE.load(sae_dir), adata, feature=0, mode="add", value=2.0,
-                     latent_key="X_dgd", gene_sets=str(work / "sets.gmt"))
+                     use_rep="X_dgd", gene_sets=str(work / "sets.gmt"))
     assert list(genes["gene"]) == list(expected.genes["gene"])
     np.testing.assert_allclose(genes["log2fc"], expected.genes["log2fc"], rtol=1e-5, atol=1e-7)
     summary = json.loads((work / "steer" / "summary.json").read_text())
@@ -258,7 +258,7 @@ def _mistakes(work: Path, trained: Path, sae_dir: Path) -> list[tuple[list, str]
     return [
         (["train", work / "missing.h5ad", "--out", work / "m"], "data file"),
         (["train", work / "not_h5ad.h5ad", "--out", work / "m"], "could not read"),
-        (["train", work / "train.h5ad", "--out", work / "m", "--labels", "celltype", "--epochs", "1"],
+        (["train", work / "train.h5ad", "--out", work / "m", "--labels-key", "celltype", "--epochs", "1"],
          "'celltype' is not a column of adata.obs"),
         (["train", work / "train.h5ad", "--out", work / "m", "--layer", "spliced", "--epochs", "1"],
          "Layer 'spliced' not found"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torchrun_helper import run_torchrun
 
 from dgdlens.data.matrix import write_h5ad_in_chunks
 from dgdlens.models.dgd import DGD
@@ -86,11 +86,7 @@ def run(tmp_path_factory):
     data = tmp / "cells.h5ad"
     chunks = simulate_count_chunks(N_CELLS, N_GENES, n_types=3, chunk_size=128, mean_library=300, seed=11)
     write_h5ad_in_chunks(data, (c for c, _ in chunks), [f"g{j}" for j in range(N_GENES)])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-           str(data), str(tmp)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun(__file__, data, tmp)
     ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
     return tmp, data, ranks
 

@@ -9,15 +9,13 @@ samples (sharded), save the model (rank 0), and dump what each rank saw for the 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torchrun_helper import run_torchrun
 
 from dgdlens.models.decoder_only import DecoderOnly
 from dgdlens.nn.decoders import mlp_decoder
@@ -86,22 +84,13 @@ def _worker(data_path: str, out: str) -> None:
 # the test
 # ---------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("dist_do")
     X = planted()
     np.save(tmp / "X.npy", X)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", __file__, str(tmp / "X.npy"), str(tmp)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun(__file__, tmp / "X.npy", tmp)
     ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
     return tmp, X, ranks
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torchrun_helper import run_torchrun
 
 from dgdlens import sae as S
 from dgdlens.sim.superposition import planted_sparse_codes
@@ -85,20 +84,10 @@ def _worker(out: str) -> None:
 # the test
 # ---------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist_sae")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", __file__, str(tmp)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun(__file__, tmp)
     ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(2)]
     return tmp, ranks
 

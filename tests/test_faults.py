@@ -282,7 +282,7 @@ def test_cli_faults_end_in_one_line_naming_the_fix_before_any_work(files, capsys
 
 @pytest.mark.parametrize("key, fix", [("score", "continuous numbers"), ("barcode", "40 categories")])
 def test_cli_warns_on_a_label_column_that_is_not_a_cell_type(files, capsys, key, fix, tmp_path):
-    code, _, err = run(["train", files / "data.h5ad", "--out", tmp_path / "m", "--labels", key, *TINY], capsys)
+    code, _, err = run(["train", files / "data.h5ad", "--out", tmp_path / "m", "--labels-key", key, *TINY], capsys)
     assert code == 0, err
     assert f"dgdlens: warning: labels_key {key!r}" in err and fix in err
 

@@ -2,14 +2,14 @@
 
 >>> import dgdlens as dl
 >>> model = dl.DGD(adata, labels_key="cell_type").train()
->>> sae = dl.sae.train_sae(model.get_latent_representation(), kind="topk", n_latents=256, k=8)
->>> table = dl.lens.annotate(sae.encode(model.get_latent_representation()), adata, gene_sets="go_bp")
->>> result = dl.steer(model, sae, adata, feature=3, mode="add", value=2.0)
+>>> model.add_to_adata()                                      # obsm["X_dgd"], obs["dgd_cluster"]
+>>> sae = dl.tl.sae(adata, use_rep="X_dgd", kind="topk", n_latents=256, k=8)   # obsm["X_sae"]
+>>> dl.tl.annotate_features(adata, use_rep="X_sae", gene_sets="go_bp")      # uns["dgdlens_lens"]
 """
 
 from ._version import __version__  # noqa: E402
 
-from . import data, evaluate, lens, models, nn, plotting, report, sae, sim, tl  # noqa: E402
+from . import data, evaluate, lens, models, nn, plotting, report, sae, sim, tl, train  # noqa: E402
 from .models import DGD, Autoencoder, DecoderOnly  # noqa: E402
 from .steer import steer  # noqa: E402
 
@@ -17,4 +17,4 @@ from .steer import steer  # noqa: E402
 pl = plotting
 
 __all__ = ["DGD", "DecoderOnly", "Autoencoder", "steer", "data", "evaluate", "lens", "models", "nn", "plotting",
-           "pl", "report", "sae", "sim", "tl", "__version__"]
+           "pl", "report", "sae", "sim", "tl", "train", "__version__"]

@@ -123,7 +123,7 @@ def _train_parser(sub, common) -> None:
                    help="directory to save the trained model to (required)")
     p.add_argument("--layer", metavar="LAYER",
                    help="layer holding the raw counts ('raw' for adata.raw.X; default: X)")
-    p.add_argument("--labels", "--labels-key", metavar="OBS_KEY",
+    p.add_argument("--labels-key", metavar="OBS_KEY",
                    help="obs column of cell labels; sets the number of mixture components when "
                         "--n-components is not given (never used in training)")
     p.add_argument("--n-latent", type=_positive_int, metavar="N", default=20, help="latent dimensions")
@@ -131,7 +131,8 @@ def _train_parser(sub, common) -> None:
                    help="mixture components (default: one per label category, else about log2(cells))")
     p.add_argument("--hidden", type=int, nargs="+", default=[100, 100, 100], metavar="WIDTH",
                    help="widths of the decoder's hidden layers")
-    p.add_argument("--epochs", type=_positive_int, default=500, metavar="N", help="maximum number of epochs")
+    p.add_argument("--epochs", dest="max_epochs", type=_positive_int, default=500, metavar="N",
+                   help="maximum number of epochs (max_epochs= in the API)")
     p.add_argument("--batch-size", type=_positive_int, default=256, metavar="N", help="cells per mini-batch")
     p.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=True,
                    help="stop when the validation loss stops improving and keep the best epoch")
@@ -144,12 +145,13 @@ def _train_parser(sub, common) -> None:
                    help="random seed (split, initialisation, batch order)")
     p.add_argument("--backed", action="store_true",
                    help="read DATA.h5ad from disk batch by batch (backed='r') instead of loading it")
-    p.add_argument("--checkpoint", metavar="FILE",
-                   help="write a resumable checkpoint to FILE during training (and on Ctrl-C)")
+    p.add_argument("--checkpoint", dest="checkpoint_path", metavar="FILE",
+                   help="write a resumable checkpoint to FILE during training (and on Ctrl-C) "
+                        "(checkpoint_path= in the API)")
     p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
                    help="epochs between checkpoints (default: 50; needs --checkpoint)")
-    p.add_argument("--resume", metavar="FILE",
-                   help="continue training from a checkpoint written by --checkpoint")
+    p.add_argument("--resume", dest="resume_from", metavar="FILE",
+                   help="continue training from a checkpoint written by --checkpoint (resume_from= in the API)")
     p.add_argument("--latents", metavar="FILE",
                    help="also write the training cells' latents: .h5ad (DATA plus obsm X_dgd and obs "
                         "dgd_cluster), .npy or .csv")
@@ -174,7 +176,7 @@ def _embed_parser(sub, common) -> None:
                    help="layer holding the raw counts (default: the one the model was trained on)")
     p.add_argument("--n-steps", type=_positive_int, default=200, metavar="N", help="optimisation steps per cell")
     p.add_argument("--batch-size", type=_positive_int, default=1024, metavar="N", help="cells embedded together")
-    p.add_argument("--latent-key", default="X_dgd", metavar="KEY", help="obsm key for the latents")
+    p.add_argument("--key-added", default="X_dgd", metavar="KEY", help="obsm key the latents are written to")
     p.add_argument("--cluster-key", default="dgd_cluster", metavar="KEY",
                    help="obs key for the mixture clusters")
     _add_device(p)
@@ -199,13 +201,14 @@ def _sae_parser(sub, common) -> None:
                    help="number of SAE features (default: 16 x input dimensions)")
     p.add_argument("--k", type=int, metavar="K",
                    help="active features per cell (topk, batchtopk); target L0 for jumprelu")
-    p.add_argument("--epochs", type=int, metavar="N", help="training epochs (default: the variant's)")
+    p.add_argument("--epochs", dest="max_epochs", type=_positive_int, metavar="N",
+                   help="maximum training epochs (max_epochs= in the API; default: the variant's)")
     p.add_argument("--batch-size", type=int, metavar="N",
                    help="cells per mini-batch (default: the variant's)")
     p.add_argument("--lr", type=float, metavar="LR", help="learning rate (default: the variant's)")
     p.add_argument("--l1-coef", type=float, metavar="C", help="sparsity penalty of the relu variant")
     p.add_argument("--preset", choices=["paper"], help="start from the reference paper's settings")
-    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+    p.add_argument("--validation-fraction", type=float, default=0.0, metavar="F",
                    help="share of cells held out for validation")
     p.add_argument("--patience", type=int, metavar="N",
                    help="stop after this many epochs without validation improvement")
@@ -269,7 +272,7 @@ def _steer_parser(sub, common) -> None:
     p.add_argument("model", nargs="?", metavar="MODEL_DIR", help="directory written by 'dgdlens train'")
     p.add_argument("sae", nargs="?", metavar="SAE_DIR", help="directory written by 'dgdlens sae'")
     p.add_argument("data", nargs="?", metavar="DATA.h5ad",
-                   help="the cells to steer (latents from obsm --latent-key, else embedded now)")
+                   help="the cells to steer (latents from obsm[--use-rep], else embedded now)")
     p.add_argument("-o", "--out", metavar="OUT_DIR",
                    help="directory for genes.csv, enrichment.csv and summary.json (required)")
     p.add_argument("--feature", type=int, metavar="INDEX",
@@ -280,8 +283,8 @@ def _steer_parser(sub, common) -> None:
                    help="the activation, amount or factor (not for ablate)")
     p.add_argument("--cells", metavar="OBS_KEY=VALUE",
                    help="steer only cells whose obs column has this value")
-    p.add_argument("--latent-key", metavar="KEY",
-                   help="obsm key with the cells' latents (default: X_dgd if present)")
+    p.add_argument("--use-rep", metavar="KEY",
+                   help="obsm key with the cells' latents (default: X_dgd if present, else embed the cells)")
     p.add_argument("--layer", metavar="LAYER", help="layer with raw counts (for library sizes and embedding)")
     p.add_argument("--gene-sets", default="go_bp", metavar="NAME|FILE",
                    help="collection for the enrichment of changed genes, a .gmt file, or 'none'")
@@ -304,8 +307,9 @@ def _demo_parser(sub, common) -> None:
     p.add_argument("-o", "--out", default="dgdlens-demo", metavar="DIR", help="output directory")
     p.add_argument("--quick", action="store_true",
                    help="a fast, rough run (few epochs) to check that everything works")
-    p.add_argument("--epochs", type=_positive_int, metavar="N",
-                   help="maximum DGD epochs (default: 500 with early stopping; 15 with --quick)")
+    p.add_argument("--epochs", dest="max_epochs", type=_positive_int, metavar="N",
+                   help="maximum DGD epochs (max_epochs= of run_demo; default: 500 with early stopping; "
+                        "15 with --quick)")
     _add_device(p)
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed")
     p.add_argument("--overwrite", action="store_true",
@@ -636,26 +640,26 @@ def _cmd_train(args) -> None:
     distributed.init(device=args.device)
     _check_train_outputs(args)
     out = Path(args.out)
-    if args.resume:  # under torchrun every process resumes from its own shard of the checkpoint
-        own = distributed.shard_file(args.resume)
+    if args.resume_from:  # under torchrun every process resumes from its own shard of the checkpoint
+        own = distributed.shard_file(args.resume_from)
         _existing_file(own, "checkpoint")
     adata = read_h5ad(args.data, backed=args.backed)
     backed = " (backed)" if args.backed else ""
     _echo(f"Read {args.data}: {adata.n_obs:,} cells x {adata.n_vars:,} genes{backed}.")
     model = DGD(adata, layer=args.layer, n_latent=args.n_latent, n_components=args.n_components,
-                labels_key=args.labels, hidden=args.hidden, validation_fraction=args.validation_fraction,
+                labels_key=args.labels_key, hidden=args.hidden, validation_fraction=args.validation_fraction,
                 seed=args.seed)
     _echo(f"Training {model}.")
     extra = {} if args.patience is None else {"patience": args.patience}
     if args.checkpoint_every is not None:
         extra["checkpoint_every"] = args.checkpoint_every
-    model.train(max_epochs=args.epochs, batch_size=args.batch_size, early_stopping=args.early_stopping,
-                device=args.device, checkpoint_path=args.checkpoint, resume_from=args.resume,
+    model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, early_stopping=args.early_stopping,
+                device=args.device, checkpoint_path=args.checkpoint_path, resume_from=args.resume_from,
                 progress=args.progress, **extra)
     model.save(out, overwrite=args.overwrite)
     if args.latents:
         distributed.run_on_main(_write_latents, Path(args.latents), model, adata)
-    s, history = fitted(model, "train_summary"), fitted(model, "history")
+    s, history = model.train_summary_, model.history_
     last = history.iloc[-1]
     losses = ", ".join(f"{k.replace('_', ' ')} {last[k]:.4g}"
                        for k in ("train_recon", "val_recon") if k in last)
@@ -667,18 +671,19 @@ def _cmd_train(args) -> None:
 def _check_train_outputs(args) -> None:
     """Every output of ``train`` (--out, --latents, --checkpoint) is checked before the data are read,
     so a run is never lost to a path that cannot be written."""
-    if args.checkpoint_every is not None and not args.checkpoint:
+    if args.checkpoint_every is not None and not args.checkpoint_path:
         raise CLIError("--checkpoint-every needs --checkpoint FILE (where to write the checkpoints).")
-    inputs = [p for p in (args.data, args.resume) if p]
+    inputs = [p for p in (args.data, args.resume_from) if p]
     _output_path(args.out, args.overwrite, is_dir=True, inputs=inputs, model_dir=True, what="--out")
     if args.latents:
         _output_path(args.latents, args.overwrite, suffixes=(".h5ad", ".npy", ".csv"), inputs=inputs,
                      what="--latents")
-    if args.checkpoint:
-        same_as_resume = args.resume and Path(args.checkpoint).resolve() == Path(args.resume).resolve()
-        _output_path(args.checkpoint, args.overwrite or bool(same_as_resume), inputs=[args.data],
+    if args.checkpoint_path:
+        same_as_resume = (args.resume_from
+                          and Path(args.checkpoint_path).resolve() == Path(args.resume_from).resolve())
+        _output_path(args.checkpoint_path, args.overwrite or bool(same_as_resume), inputs=[args.data],
                      what="--checkpoint")
-    _distinct_outputs({"--out": Path(args.out), "--latents": args.latents, "--checkpoint": args.checkpoint},
+    _distinct_outputs({"--out": Path(args.out), "--latents": args.latents, "--checkpoint": args.checkpoint_path},
                       model_dirs={"--out": Path(args.out)})
 
 
@@ -697,12 +702,7 @@ def _resume_command(args, argv: list[str]) -> str:
         if a.startswith("--resume="):
             continue
         kept.append(a)
-    return shlex.join([PROG, *kept, "--resume", str(args.checkpoint)])
-
-
-def fitted(model, name: str):
-    """A fitted attribute by its new name (``train_summary_``, ``history_``) or its old one."""
-    return getattr(model, f"{name}_") if hasattr(model, f"{name}_") else getattr(model, name)
+    return shlex.join([PROG, *kept, "--resume", str(args.checkpoint_path)])
 
 
 def _write_latents(path: Path, model, adata) -> None:
@@ -728,23 +728,18 @@ def _cmd_embed(args) -> None:
     model = DGD.load(_model_dir(args.model, "model directory"), device=args.device)
     adata = read_h5ad(args.data, backed=args.backed)
     _echo(f"Embedding {adata.n_obs:,} cells of {args.data} with {model}.")
-    import inspect
-
-    # the models name the obsm key ``key_added`` (``latent_key`` before the training rewrite)
-    key_arg = "key_added" if "key_added" in inspect.signature(model.add_to_adata).parameters else "latent_key"
-    model.add_to_adata(adata, **{key_arg: args.latent_key}, cluster_key=args.cluster_key, layer=args.layer,
+    model.add_to_adata(adata, key_added=args.key_added, cluster_key=args.cluster_key, layer=args.layer,
                        n_steps=args.n_steps, batch_size=args.batch_size, progress=args.progress)
     if out.suffix.lower() == ".h5ad":  # one process writes (under torchrun all hold the gathered latents)
         distributed.run_on_main(write_h5ad_out_of_core, adata, out)
     else:
-        distributed.run_on_main(write_matrix, out, adata.obsm[args.latent_key], adata.obs_names)
+        distributed.run_on_main(write_matrix, out, adata.obsm[args.key_added], adata.obs_names)
     sizes = adata.obs[args.cluster_key].value_counts()
-    _echo(f"Wrote {out}: obsm[{args.latent_key!r}] ({adata.n_obs:,} x {model.n_latent}) and "
+    _echo(f"Wrote {out}: obsm[{args.key_added!r}] ({adata.n_obs:,} x {model.n_latent}) and "
           f"obs[{args.cluster_key!r}] ({int((sizes > 0).sum())} of {model.n_components} components used).")
 
 
 def _cmd_sae(args) -> None:
-    from ._device import resolve_device
     from .sae import metrics, train_sae
 
     embeddings = split_spec(args.embeddings)[0]
@@ -755,15 +750,12 @@ def _cmd_sae(args) -> None:
     _distinct_outputs({"--out": out, "--activations": args.activations}, model_dirs={"--out": out})
     X, cells = read_matrix(args.embeddings, "embeddings")
     _echo(f"Read {args.embeddings}: {X.shape[0]:,} cells x {X.shape[1]:,} dimensions.")
-    options = {k: getattr(args, k) for k in ("n_latents", "k", "batch_size", "lr", "l1_coef", "preset",
-                                             "patience") if getattr(args, k) is not None}
-    if args.epochs is not None:
-        options["max_epochs"] = args.epochs
+    options = {k: getattr(args, k) for k in ("n_latents", "k", "max_epochs", "batch_size", "lr", "l1_coef",
+                                             "preset", "patience") if getattr(args, k) is not None}
     if args.patience is not None:  # patience means early stopping (on the validation cells, if any)
         options["early_stopping"] = True
-    device = resolve_device(args.device)
-    sae = train_sae(X, kind=args.kind, device=device, seed=args.seed, validation_fraction=args.val_fraction,
-                    progress=args.progress, **options)
+    sae = train_sae(X, kind=args.kind, device=args.device, seed=args.seed,
+                    validation_fraction=args.validation_fraction, progress=args.progress, **options)
     sae.save(out, overwrite=args.overwrite)
     quality = metrics(sae, X)
     _echo(f"Saved a {args.kind} SAE with {sae.n_latents:,} features to {out}/.")
@@ -799,9 +791,7 @@ def _aligned_activations(A, cells, adata, spec: str):
 
 
 def _cmd_annotate(args) -> None:
-    import numpy as np
-
-    from .lens import annotate
+    from . import tl
 
     inputs = [split_spec(args.activations)[0], args.expression]
     out = _output_path(args.out, args.overwrite, suffixes=(".csv", ".tsv"), inputs=inputs, what="--out")
@@ -811,15 +801,17 @@ def _cmd_annotate(args) -> None:
     _distinct_outputs({"--out": out, "--features-summary": args.features_summary})
     A, cells = read_matrix(args.activations, "activations")
     adata = read_h5ad(args.expression)
-    A = _aligned_activations(A, cells, adata, args.activations)
-    expression, names = _expression_of(adata, args.layer, args.gene_symbols)
-    _echo(f"Annotating {A.shape[1]:,} features over {adata.n_obs:,} cells x {len(names):,} genes "
+    adata.obsm["activations"] = _aligned_activations(A, cells, adata, args.activations)
+    n_genes = adata.raw.n_vars if args.layer == "raw" and adata.raw is not None else adata.n_vars
+    _echo(f"Annotating {A.shape[1]:,} features over {adata.n_obs:,} cells x {n_genes:,} genes "
           f"with {args.gene_sets}.")
-    results, features = annotate(
-        A, expression, np.asarray(names), _gene_sets_arg(args.gene_sets), compat=args.compat,
+    tl.annotate_features(
+        adata, use_rep="activations", gene_sets=_gene_sets_arg(args.gene_sets), layer=args.layer,
+        gene_symbols=args.gene_symbols, key_added="annotation", compat=args.compat,
         percentile=args.percentile, min_active_cells=args.min_active_cells, test=args.test,
         min_set_size=args.min_set_size, max_set_size=args.max_set_size, max_padj=args.max_padj,
-        seed=args.seed, progress=args.progress, return_features=True)
+        seed=args.seed, progress=args.progress)
+    results, features = adata.uns["annotation"]["results"], adata.uns["annotation"]["features"]
     _write_table(results, out)
     if args.features_summary:
         _write_table(features, Path(args.features_summary))
@@ -828,24 +820,6 @@ def _cmd_annotate(args) -> None:
           f"features have a gene set with padj <= {args.max_padj:g}.")
     for line in _top_terms(results, 5):
         _echo("  " + line)
-
-
-def _expression_of(adata, layer, gene_symbols):
-    if layer == "raw":
-        if adata.raw is None:
-            raise CLIError("--layer raw was given but the .h5ad has no raw; pass a layer name or leave "
-                           "it out.")
-        return adata.raw.X, adata.raw.var_names
-    if layer is not None and layer not in adata.layers:
-        available = ", ".join(adata.layers.keys()) or "none"
-        raise CLIError(f"layer {layer!r} is not in the .h5ad (layers: {available}).")
-    names = adata.var_names
-    if gene_symbols is not None:
-        if gene_symbols not in adata.var.columns:
-            available = ", ".join(adata.var.columns) or "none"
-            raise CLIError(f"var has no column {gene_symbols!r} (columns: {available}).")
-        names = adata.var[gene_symbols].astype(str)
-    return (adata.X if layer is None else adata.layers[layer]), names
 
 
 def _top_terms(results, n: int) -> list[str]:
@@ -879,9 +853,9 @@ def _cell_mask(adata, spec: str | None):
 
 
 def _cmd_steer(args) -> None:
+    from ._io import atomic_write_text
     from .models import DGD
     from .sae import SAE
-    from ._io import atomic_write_text
     from .steer import steer, steering_summary
 
     inputs = [args.model, args.sae, args.data]
@@ -893,14 +867,14 @@ def _cmd_steer(args) -> None:
     model = DGD.load(_model_dir(args.model, "model directory"), device=args.device)
     sae = SAE.load(_model_dir(args.sae, "SAE directory"), device=model.device)
     adata = read_h5ad(args.data)
-    latent_key = args.latent_key or ("X_dgd" if "X_dgd" in adata.obsm else None)
+    use_rep = args.use_rep or ("X_dgd" if "X_dgd" in adata.obsm else None)
     cells = _cell_mask(adata, args.cells)
     edit = args.mode if args.value is None else f"{args.mode} {args.value:g}"
     _echo(f"Steering feature {args.feature} ({edit}) in "
           f"{adata.n_obs if cells is None else int(cells.sum()):,} cells"
-          f"{f' (latents from obsm[{latent_key!r}])' if latent_key else ' (embedding them first)'}.")
+          f"{f' (latents from obsm[{use_rep!r}])' if use_rep else ' (embedding them first)'}.")
     result = steer(model, sae, adata, feature=args.feature, mode=args.mode, value=args.value, cells=cells,
-                   latent_key=latent_key, layer=args.layer, gene_sets=_gene_sets_arg(args.gene_sets),
+                   use_rep=use_rep, layer=args.layer, gene_sets=_gene_sets_arg(args.gene_sets),
                    random_control=args.random_control, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
     _write_table(result.genes, out / "genes.csv")
@@ -923,7 +897,7 @@ def _steered_genes(genes, n: int) -> list[str]:
 def _cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, epochs=args.epochs, device=args.device, seed=args.seed,
+    run_demo(args.out, quick=args.quick, max_epochs=args.max_epochs, device=args.device, seed=args.seed,
              progress=args.progress, num_threads=args.threads or 1, echo=_echo, overwrite=args.overwrite)
 
 
@@ -972,8 +946,8 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted.", file=sys.stderr)
-        if args.command == "train" and args.checkpoint and Path(args.checkpoint).exists():
-            print(f"{PROG} train: the last checkpoint is {args.checkpoint}; continue with:\n  "
+        if args.command == "train" and args.checkpoint_path and Path(args.checkpoint_path).exists():
+            print(f"{PROG} train: the last checkpoint is {args.checkpoint_path}; continue with:\n  "
                   f"{_resume_command(args, argv)}", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the whole point: one line instead of a traceback

@@ -166,29 +166,18 @@ def prepare_output_folder(out, *, overwrite: bool = False) -> Path:
 
 
 def _write_marker(out: Path) -> None:
-    from ._version import __version__
     from ._io import atomic_write_text
+    from ._version import __version__
 
     atomic_write_text(out / MARKER, json.dumps({"written_by": "dgdlens demo", "dgdlens_version": __version__,
                                                 "files": list(DEMO_FILES)}, indent=2))
-
-
-def _fitted(model, name: str):
-    """A fitted attribute by its new name (``train_summary_``, ``history_``) or its old one."""
-    return getattr(model, f"{name}_") if hasattr(model, f"{name}_") else getattr(model, name)
-
-
-def _jsonable(obj):
-    from ._io import to_jsonable
-
-    return to_jsonable(obj)
 
 
 def run_demo(
     out: str | Path = "dgdlens-demo",
     *,
     quick: bool = False,
-    epochs: int | None = None,
+    max_epochs: int | None = None,
     device: str = "auto",
     seed: int = 0,
     progress: bool = True,
@@ -208,7 +197,7 @@ def run_demo(
         Output folder.
     quick
         Few epochs and steps everywhere (:data:`QUICK_SETTINGS`): for tests, not for conclusions.
-    epochs
+    max_epochs
         Maximum DGD epochs (default 500 with early stopping; 15 with ``quick``).
     device
         ``"auto"``, ``"cpu"``, ``"cuda"``, ...
@@ -227,34 +216,35 @@ def run_demo(
     """
     import torch
 
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1):
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}.")
+    if max_epochs is not None and (isinstance(max_epochs, bool) or not isinstance(max_epochs, (int, np.integer))
+                                   or max_epochs < 1):
+        raise ValueError(f"max_epochs must be a positive integer, got {max_epochs!r}.")
     prepare_output_folder(out, overwrite=overwrite)
 
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
     try:
-        return _run(out, quick=quick, epochs=epochs, device=device, seed=seed, progress=progress, echo=echo)
+        return _run(out, quick=quick, max_epochs=max_epochs, device=device, seed=seed, progress=progress, echo=echo)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(out, *, quick, epochs, device, seed, progress, echo) -> DemoResult:
-    import scipy.sparse as sp
+def _run(out, *, quick, max_epochs, device, seed, progress, echo) -> DemoResult:
+    import anndata as ad
 
     from . import lens
-    from ._io import atomic_write_text
+    from ._device import resolve_device
+    from ._io import atomic_write_text, to_jsonable
     from .data.datasets import pbmc68k_counts
     from .models import DGD
-    from ._device import resolve_device
     from .sae import metrics as sae_metrics
     from .sae import train_sae
     from .steer import steer
 
     settings = dict(QUICK_SETTINGS if quick else DEMO_SETTINGS)
-    if epochs is not None:
-        settings["dgd_epochs"] = int(epochs)
+    if max_epochs is not None:
+        settings["dgd_epochs"] = int(max_epochs)
     out = Path(out)
     dev = resolve_device(device)
     _write_marker(out)
@@ -276,30 +266,28 @@ def _run(out, *, quick, epochs, device, seed, progress, echo) -> DemoResult:
                 early_stopping=not quick)
 
     steps.start("embed", f"Embedding the {len(held_idx)} held-out cells ...")
-    z_held = model.get_latent_representation(held_data, n_steps=settings["embed_steps"], progress=progress)
-    z = np.empty((adata.n_obs, model.n_latent), dtype=np.float32)
-    z[train_idx] = model.get_latent_representation()
-    z[held_idx] = z_held
+    # latents, mixture clusters and responsibilities: the learned ones of the training cells, and
+    # held-out inference (decoder and mixture frozen) for the others
+    model.add_to_adata()  # into train_data, the model's training AnnData
+    model.add_to_adata(held_data, n_steps=settings["embed_steps"], progress=progress)
     recon_train = model.get_reconstruction_error()
-    recon_held = model.get_reconstruction_error(held_data, z=z_held)
-    split = np.full(adata.n_obs, "training", dtype=object)
-    split[train_idx[model.val_idx]] = "validation"
-    split[held_idx] = "held-out"
-    adata.obs["dgd_split"] = pd.Categorical(split, categories=["training", "validation", "held-out"])
-    adata.obsm["X_dgd"] = z
-    clusters = model.get_cluster_assignments(z=z)
-    adata.obs["dgd_cluster"] = pd.Categorical(clusters.astype(str),
-                                              categories=[str(k) for k in range(model.n_components)])
-    adata.obsm["dgd_responsibilities"] = model.get_responsibilities(z=z)
+    recon_held = model.get_reconstruction_error(held_data, z=held_data.obsm["X_dgd"])
+    split = np.full(train_data.n_obs, "training", dtype=object)
+    split[model.val_idx] = "validation"
+    train_data.obs["dgd_split"] = split
+    held_data.obs["dgd_split"] = "held-out"
+    adata = ad.concat([train_data, held_data], merge="same", uns_merge="same")[adata.obs_names].copy()
+    adata.obs["dgd_split"] = pd.Categorical(adata.obs["dgd_split"],
+                                            categories=["training", "validation", "held-out"])
 
     steps.start("sae", f"Training a {settings['sae_kind']} SAE ({settings['sae_latents']} features, "
                        f"k={settings['sae_k']}) on the training cells' latents ...")
-    sae = train_sae(z[train_idx], kind=settings["sae_kind"], n_latents=settings["sae_latents"],
+    sae = train_sae(train_data, use_rep="X_dgd", kind=settings["sae_kind"], n_latents=settings["sae_latents"],
                     k=settings["sae_k"], max_epochs=settings["sae_epochs"], device=dev, seed=seed,
                     progress=progress)
-    activations = sp.csr_matrix(sae.encode(z))
+    activations = sae.encode(adata, use_rep="X_dgd")
     adata.obsm["X_sae"] = activations
-    quality = sae_metrics(sae, z)
+    quality = sae_metrics(sae, adata.obsm["X_dgd"])
 
     steps.start("annotate", f"Annotating the SAE features with {settings['gene_sets']} ...")
     features, feature_summary = lens.annotate(
@@ -310,9 +298,8 @@ def _run(out, *, quick, epochs, device, seed, progress, echo) -> DemoResult:
     feature, active = _choose_steering(activations, features)
     steps.start("steer", f"Steering feature {feature}: switching it off in the {int(active.sum())} cells "
                          "where it is active ...")
-    steering = steer(model, sae, z, feature=feature, mode="ablate", cells=active,
-                     library_size=np.asarray(adata.X.sum(axis=1)).ravel(), gene_sets=settings["gene_sets"],
-                     random_control=True, seed=seed)
+    steering = steer(model, sae, adata, use_rep="X_dgd", feature=feature, mode="ablate", cells=active,
+                     gene_sets=settings["gene_sets"], random_control=True, seed=seed)
 
     steps.start("write", f"Writing the results to {out}/ ...")
     files = _write_outputs(out, adata, model, sae, features, feature_summary, steering)
@@ -323,7 +310,7 @@ def _run(out, *, quick, epochs, device, seed, progress, echo) -> DemoResult:
     steps.stop()
     summary["time_s"] = round(time.perf_counter() - t_start, 1)
     files["summary"] = out / "summary.json"
-    atomic_write_text(files["summary"], json.dumps(_jsonable({**summary, "timings_s": steps.timings}), indent=2))
+    atomic_write_text(files["summary"], json.dumps(to_jsonable({**summary, "timings_s": steps.timings}), indent=2))
     for line in summary_lines(summary, out):
         echo(line)
     return DemoResult(out=out, files=files, summary=summary, timings=steps.timings)
@@ -335,8 +322,8 @@ def _write_outputs(out: Path, adata, model, sae, features, feature_summary, stee
         "feature_summary": out / "feature_summary.csv", "steering_genes": out / "steering_genes.csv",
         "steering_enrichment": out / "steering_enrichment.csv",
     }
-    adata.uns["dgdlens_demo"] = {"labels_key": LABELS_KEY, "latent_key": "X_dgd",
-                                 "cluster_key": "dgd_cluster", "activations_key": "X_sae",
+    adata.uns["dgdlens_demo"] = {"labels_key": LABELS_KEY, "latent_rep": "X_dgd",
+                                 "cluster_key": "dgd_cluster", "activations_rep": "X_sae",
                                  "steered_feature": int(steering.feature)}
     from ._io import atomic_path
 
@@ -357,7 +344,7 @@ def _summary(adata, model, quality, features, feature_summary, steering, recon_t
     from .steer import steering_summary
 
     agreement = cluster_agreement(adata.obs["dgd_cluster"], adata.obs[LABELS_KEY])
-    s = _fitted(model, "train_summary")
+    s = model.train_summary_
     n_ok = int((feature_summary["status"] == "ok").sum())
     top = features.sort_values(["padj", "pval"], kind="stable").drop_duplicates("feature").head(3)
     return {
@@ -465,7 +452,7 @@ def _write_report(path: Path, adata, model, quality, activations, features, stee
         summary={"cells": adata.n_obs, "genes": adata.n_vars, "held-out cells":
                  int((adata.obs["dgd_split"] == "held-out").sum()), "latent dimensions": model.n_latent,
                  "mixture components": model.n_components, "SAE features": activations.shape[1]},
-        params=params, history=_fitted(model, "history"), best_epoch=d["best_epoch"], latent=adata.obsm["X_dgd"],
+        params=params, history=model.history_, best_epoch=d["best_epoch"], latent=adata.obsm["X_dgd"],
         clusters=adata.obs["dgd_cluster"], labels=labels, labels_name="cell type (bulk_labels)",
         sae_metrics=quality, activations=activations, features=features, steering=steering_view,
         attribution=attribution, notes=notes, seed=model.params["seed"])

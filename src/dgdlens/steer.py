@@ -27,8 +27,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .stats import bh_adjust, t_pvalues
 from ._device import resolve_device
+from .stats import bh_adjust, t_pvalues
 
 __all__ = ["steer", "SteerResult", "STEER_MODES", "steering_summary"]
 
@@ -93,13 +93,13 @@ def _is_anndata(obj) -> bool:
     return hasattr(obj, "obs") and hasattr(obj, "var") and hasattr(obj, "obsm")
 
 
-def _latents_and_library(model, data, layer, latent_key, library_size):
+def _latents_and_library(model, data, layer, use_rep, library_size):
     """Latents (cells x d) and library sizes (or None) from an AnnData or a latent matrix."""
     if _is_anndata(data):
-        if latent_key is not None:
-            if latent_key not in data.obsm:
-                raise ValueError(f"adata.obsm has no {latent_key!r}; available: {list(data.obsm)}.")
-            z = np.asarray(data.obsm[latent_key], dtype=np.float32)
+        if use_rep is not None:
+            if use_rep not in data.obsm:
+                raise ValueError(f"use_rep={use_rep!r} is not in adata.obsm (available: {list(data.obsm)}).")
+            z = np.asarray(data.obsm[use_rep], dtype=np.float32)
         else:
             z = model.get_latent_representation(data, layer=layer)
         if library_size is None and hasattr(model, "get_library_sizes"):
@@ -198,7 +198,7 @@ def _changed_gene_enrichment(genes: pd.DataFrame, gene_sets, top_genes: int, **k
 def steer(
     model, sae, adata_or_latents, *, feature: int, mode: str = "clamp", value: float | None = None,
     cells=None, random_control: bool = False, library_size=None, layer: str | None = None,
-    latent_key: str | None = None, gene_sets="go_bp", pseudocount: float = 0.1, alpha: float = 0.05,
+    use_rep: str | None = None, gene_sets="go_bp", pseudocount: float = 0.1, alpha: float = 0.05,
     min_log2fc: float = 0.25, top_genes: int = 200, enrichment_kwargs: dict | None = None, seed: int = 0,
     device: str | torch.device | None = None) -> SteerResult:
     """Change one SAE feature, move the latents along its decoder direction, decode, and compare.
@@ -211,8 +211,8 @@ def steer(
     sae
         The SAE trained on that model's latents (:mod:`dgdlens.sae`).
     adata_or_latents
-        AnnData (latents from ``obsm[latent_key]`` or the model; library sizes from the model) or a
-        (cells x latent dims) array.
+        AnnData (latents from ``obsm[use_rep]``, or from the model with ``use_rep=None``; library sizes
+        from the model) or a (cells x latent dims) array.
     feature
         Index of the SAE latent to steer.
     mode, value
@@ -224,6 +224,12 @@ def steer(
         same activation changes.
     library_size
         Per-cell library sizes for decoding (default: the model's, for AnnData input; else compositions).
+    layer
+        AnnData input: where the model reads the cells' counts (library sizes, and latents when
+        ``use_rep=None``); default the model's training layer, ``"raw"`` for ``adata.raw.X``.
+    use_rep
+        AnnData input: the obsm key holding the cells' latents (e.g. ``"X_dgd"`` from
+        ``model.add_to_adata``); ``None`` embeds the cells with the model first.
     gene_sets
         Collection for the enrichment of changed genes (``None`` skips it).
     pseudocount
@@ -245,7 +251,7 @@ def steer(
         sae.to(dev)
         if hasattr(model, "_to"):
             model._to(dev)
-    z_all, lib_all = _latents_and_library(model, adata_or_latents, layer, latent_key, library_size)
+    z_all, lib_all = _latents_and_library(model, adata_or_latents, layer, use_rep, library_size)
     if z_all.ndim != 2 or z_all.shape[1] != sae.d_in:
         raise ValueError(f"Latents must have shape (cells, {sae.d_in}) to match the SAE, got {z_all.shape}.")
     if not np.all(np.isfinite(z_all)):

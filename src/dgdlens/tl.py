@@ -228,7 +228,7 @@ def steer(
     if use_rep is not None:
         _rep(adata, use_rep)
     result = steer_array(model, sae, adata, feature=feature, mode=mode, value=value, layer=layer,
-                         latent_key=use_rep, **kwargs)
+                         use_rep=use_rep, **kwargs)
     stored = {
         "genes": result.genes.copy(), "enrichment": result.enrichment.copy(),
         "cells": np.asarray(result.cells, dtype=np.int64),

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 __all__ = ["RowMatrix", "validate_counts", "CountValidationError", "write_h5ad_in_chunks", "write_h5ad_out_of_core",
            "read_zarr_backed"]
@@ -48,13 +49,8 @@ class RowMatrix:
     def __init__(self, X) -> None:
         if X is None:
             raise ValueError("The data matrix is None: the AnnData has no X (or the layer is empty).")
-        try:
-            import torch
-
-            if isinstance(X, torch.Tensor):
-                X = X.detach().cpu().numpy()
-        except ImportError:  # pragma: no cover - torch is a hard dependency
-            pass
+        if isinstance(X, torch.Tensor):
+            X = X.detach().cpu().numpy()
         if sp.issparse(X):
             if X.format != "csr":
                 X = sp.csr_matrix(X)

@@ -13,6 +13,7 @@ Bundled collections (offline, human symbols): ``go_bp``, ``go_mf``, ``go_cc`` (G
 
 from .annotate import annotate
 from .classify import classify_features
+from .collapse import collapse_terms, mark_redundant
 from .de import differential_expression
 from .enrichment import GeneSetIndex, enrich, hypergeom_pvalues, index_gene_sets
 from .expression import prepare_expression
@@ -28,10 +29,12 @@ from .genesets import (
 )
 from .groups import make_feature_groups
 from .simulate import PlantedData, planted_data
+from .splitting import split_counts
 
 __all__ = [
     "annotate", "classify_features", "differential_expression", "enrich",
     "hypergeom_pvalues", "index_gene_sets", "GeneSetIndex", "prepare_expression", "make_feature_groups",
     "GeneSets", "gene_sets", "available_gene_sets", "read_gmt", "write_gmt", "gene_aliases",
-    "ensembl_to_symbol", "map_gene_names", "planted_data", "PlantedData",
+    "ensembl_to_symbol", "map_gene_names", "planted_data", "PlantedData", "collapse_terms", "mark_redundant",
+    "split_counts",
 ]

@@ -2,14 +2,23 @@
 
 For each feature (all at once, in chunks of features):
 
-1. **groups** (:mod:`.groups`): high = active cells above the feature's ``percentile`` (99); low = cells
-   where it is silent, a seeded random subsample of ``max_low_cells``; features with fewer than
-   ``min_active_cells`` active cells are skipped (and listed with the reason);
+1. **groups** (:mod:`.groups`): high = the ``max(min_active_cells, ceil(1% of cells))`` most active cells
+   (``percentile`` 99 sets the 1 %); low = cells where it is silent, a seeded random subsample of
+   ``max_low_cells``; features active in fewer than ``min_active_cells`` cells are skipped (and listed
+   with the reason);
 2. **DE** (:mod:`.de`): Welch t on log-normalised expression (small-group variance guard on by
    default) or Wilcoxon; log2 fold change with a pseudocount; BH across genes; up and down genes are
-   kept apart (``padj < de_alpha``, ``|log2fc| >= min_log2fc``, at most ``max_genes`` each);
+   kept apart (``padj < de_alpha``, ``|log2fc| >= min_log2fc``, at most ``max_genes`` each). With
+   integer counts the DE uses a binomial half of the counts by default (``count_split``; what this
+   does and does not remove: :mod:`.splitting`);
 3. **enrichment** (:mod:`.enrichment`): one-sided hypergeometric ORA of the up genes and of the down
-   genes against every set, BH within each feature (``padj``) and over everything (``padj_global``).
+   genes against every set (whole universe, or an expression-matched one with
+   ``background="matched"``), BH within each feature (``padj``) and over every test of the call
+   (``padj_global``). ``significant`` and the ``max_padj`` filter use ``padj_global`` (``fdr="global"``,
+   the default): the FDR is controlled over all reported (feature, term, direction) rows;
+4. **redundancy** (:mod:`.collapse`): significant rows of one feature and direction whose overlapping
+   genes have Jaccard >= 0.5 are marked ``collapsed_into`` the most specific of them;
+   :func:`dgdlens.lens.collapse_terms` gives the table with one row per group.
 
 ``compat="paper"`` swaps steps 2-3 for the reference scFeatureLens statistics (:mod:`.paper`).
 
@@ -28,7 +37,9 @@ from .de import iter_de_chunks, select_genes
 from .enrichment import RESULT_COLUMNS, ORAAccumulator, index_gene_sets
 from .expression import prepare_expression
 from .groups import make_feature_groups
+from .collapse import mark_redundant
 from .paper import PAPER_SETTINGS, PaperAccumulator
+from .splitting import maybe_split as _maybe_split
 
 __all__ = ["annotate"]
 
@@ -43,7 +54,9 @@ def annotate(
     de_alpha: float = 0.05, min_log2fc: float = 0.25, max_genes: int | None = 500, min_set_size: int = 10,
     max_set_size: int | None = 500, max_padj: float | None = 0.05, use_aliases: bool = True, seed: int = 0,
     chunk_size: int | None = None, engine: str = "auto", progress: bool = False,
-    return_features: bool = False, timings: dict | None = None):
+    return_features: bool = False, timings: dict | None = None, fdr: str = "global",
+    count_split: bool | str = "auto", split_seed: int = 0, background: str = "all", n_bins: int = 10,
+    collapse_jaccard: float | None = 0.5):
     """Gene-set annotation of SAE features (see the module docstring for the method).
 
     Parameters
@@ -70,8 +83,24 @@ def annotate(
     min_set_size, max_set_size
         Sets are kept when this many of their genes are in the universe.
     max_padj
-        Report rows with per-feature ``padj`` at or below this; ``None`` reports every (feature, set,
-        direction) whose overlap is at least 1 (can be millions of rows).
+        The FDR level: report rows whose adjusted p (``padj_global`` with ``fdr="global"``) is at or below
+        this; ``None`` reports every (feature, set, direction) whose overlap is at least 1 (can be millions
+        of rows), with ``significant`` at 0.05.
+    fdr
+        ``"global"`` (default): BH over every (feature, direction, set) test decides ``significant`` and
+        the filter; ``"per_feature"``: BH within each feature (``padj``), which does not control false
+        rows across features.
+    count_split, split_seed
+        ``"auto"`` (default): for non-negative integer counts, run the DE on ``X_b = X - Binomial(X, 1/2)``
+        (seeded by ``split_seed``), the activation groups unchanged; ``True`` requires counts, ``False``
+        uses all counts. Removes double dipping only when the activations came from the other half
+        ``X_a`` (see :mod:`dgdlens.lens.splitting` and :func:`dgdlens.lens.split_counts`).
+    background, n_bins
+        ``"all"`` (default) or ``"matched"``: each gene list is tested against a universe matched to it on
+        ``n_bins`` bins of mean (log-normalised) expression; see :mod:`dgdlens.lens.enrichment`.
+    collapse_jaccard
+        Mark significant rows whose overlap genes share at least this Jaccard index with a more specific
+        row's (``collapsed_into``); ``None`` skips it.
     chunk_size, engine, progress
         Features per chunk (default: bounded memory), group-sum engine, progress bar.
     return_features
@@ -84,15 +113,17 @@ def annotate(
     -------
     DataFrame, one row per reported (feature, gene set, direction) with the columns
     ``feature, term, description, direction, overlap, set_size, n_selected, universe_size, expected,
-    fold_enrichment, odds_ratio, pval, padj, padj_global, genes`` (plus the reference's columns with
-    ``compat="paper"``); ``.attrs`` holds the gene-set provenance and the settings. With
+    fold_enrichment, odds_ratio, pval, padj, padj_global, genes, significant, collapsed_into,
+    n_collapsed, collapsed_terms`` (plus the reference's columns with ``compat="paper"``); ``.attrs``
+    holds the gene-set provenance and the settings (``fdr``, ``count_split`` as applied). With
     ``return_features=True``: ``(results, features)``.
     """
     if compat not in _COMPAT:
         raise ValueError(f"compat must be None or 'paper', got {compat!r}.")
     settings = dict(
         expression_kind=expression_kind, variance_guard=variance_guard, low=low, max_low_cells=max_low_cells,
-        min_set_size=min_set_size, max_set_size=max_set_size, test=test)
+        min_set_size=min_set_size, max_set_size=max_set_size, test=test, high="top", count_split=count_split,
+        background=background)
     if compat == "paper":
         settings.update(PAPER_SETTINGS)
     if max_padj is not None and not 0 < max_padj <= 1:
@@ -103,9 +134,12 @@ def annotate(
         raise ValueError(f"max_genes must be a positive integer or None, got {max_genes}.")
     clock = _Clock(timings)
 
+    prepared = hasattr(expression, "kind") and hasattr(expression, "scale")
+    expression, split_applied = (expression, False) if prepared else _maybe_split(
+        expression, settings["count_split"], split_seed)
     prep = (
         expression
-        if hasattr(expression, "kind") and hasattr(expression, "scale")
+        if prepared
         else prepare_expression(
             expression, gene_names, kind=settings["expression_kind"], target_sum=target_sum
         )
@@ -114,7 +148,7 @@ def annotate(
     groups = make_feature_groups(
         activations, features=features, percentile=percentile, low=settings["low"],
         max_low_cells=settings["max_low_cells"], min_active_cells=min_active_cells,
-        min_group_cells=min_group_cells, seed=seed)
+        min_group_cells=min_group_cells, seed=seed, high=settings["high"])
     if groups.n_cells != prep.n_cells:
         raise ValueError(
             f"activations have {groups.n_cells} cells (rows) but expression has {prep.n_cells}; "
@@ -127,7 +161,9 @@ def annotate(
     if compat == "paper":
         acc = PaperAccumulator(index, keep_all=max_padj is None)
     else:
-        acc = ORAAccumulator(index, store_pvalue=1.0 if max_padj is None else max(max_padj, 0.05))
+        gene_means = _gene_means(prep) if settings["background"] == "matched" else None
+        acc = ORAAccumulator(index, store_pvalue=1.0 if max_padj is None else max(max_padj, 0.05), fdr=fdr,
+                             background=settings["background"], gene_means=gene_means, n_bins=n_bins, seed=seed)
     clock.lap("gene_sets")
 
     counts = []
@@ -153,10 +189,14 @@ def annotate(
             counts.append(c)
         clock.lap("enrichment")
 
+    if compat == "paper":
+        acc.fdr = fdr
     results = acc.table(max_padj=max_padj)
     results = results[
         [c for c in RESULT_COLUMNS if c in results] + [c for c in results if c not in RESULT_COLUMNS]
     ]
+    if collapse_jaccard is not None:
+        results = mark_redundant(results, min_jaccard=collapse_jaccard)
     results.attrs["gene_sets"] = dict(index.provenance)
     results.attrs["settings"] = _jsonable_settings(
         dict(
@@ -164,7 +204,8 @@ def annotate(
             min_group_cells=min_group_cells, pseudocount=pseudocount, de_alpha=de_alpha,
             min_log2fc=min_log2fc, max_genes=max_genes, max_padj=max_padj, seed=seed,
             expression_kind_detected=prep.kind, universe_size=index.universe_size, n_sets=index.n_sets,
-            n_tests=acc.n_tests_total, **settings)
+            n_tests=acc.n_tests_total, fdr=fdr, count_split_applied=split_applied, split_seed=split_seed,
+            n_bins=n_bins, collapse_jaccard=collapse_jaccard, **settings)
     )
     clock.lap("table")
     if not return_features:
@@ -186,13 +227,23 @@ def _feature_summary(
         .drop_duplicates("feature")
         .set_index("feature")
     )
-    n_terms = results.groupby("feature").size()
+    sig = results[results["significant"].to_numpy(dtype=bool)] if "significant" in results else results
+    n_terms = sig.groupby("feature").size()
     out["n_terms"] = out["feature"].map(n_terms).fillna(0).astype(np.int64)
+    if "collapsed_into" in sig:
+        kept = sig[sig["collapsed_into"].astype(str) == ""].groupby("feature").size()
+        out["n_terms_collapsed"] = out["feature"].map(kept).fillna(0).astype(np.int64)
     for col, src in (
         ("top_term", "term"), ("top_description", "description"), ("top_direction", "direction")):
         out[col] = out["feature"].map(best[src]).fillna("").astype(object) if len(best) else ""
     out["top_padj"] = out["feature"].map(best["padj"]).astype(np.float64) if len(best) else np.nan
     return out
+
+
+def _gene_means(prep) -> np.ndarray:
+    """Mean of the prepared (log-normalised) expression per gene, the binning variable of the matched
+    background."""
+    return np.asarray(prep.X.mean(axis=0), dtype=np.float64).ravel()
 
 
 def _jsonable_settings(settings: dict) -> dict:

@@ -44,6 +44,7 @@ from ._kernels import group_moments, welch_from_moments
 from ..stats import bh_adjust, bh_adjust_grouped, t_pvalues, welch_t
 from .expression import PreparedExpression, prepare_expression
 from .groups import FeatureGroups, make_feature_groups
+from .splitting import maybe_split
 
 __all__ = ["differential_expression", "DEChunk", "iter_de_chunks", "select_genes", "auto_chunk_size"]
 
@@ -371,23 +372,30 @@ def differential_expression(
     min_log2fc: float = 0.25,
     seed: int = 0,
     engine: str = "auto",
+    count_split: bool | str = "auto",
+    split_seed: int = 0,
+    high: str = "top",
 ) -> pd.DataFrame:
     """Full per-gene DE table (high vs low group) for a few features.
 
     Uses the same groups and statistics as :func:`dgdlens.lens.annotate` (see this module's docstring),
-    but evaluates every p-value and the exact BH adjustment.
+    but evaluates every p-value and the exact BH adjustment. ``count_split`` and ``split_seed`` as in
+    :func:`~dgdlens.lens.annotate` (integer counts: the DE uses the same binomial half), ``high`` as in
+    :func:`~dgdlens.lens.groups.make_feature_groups`.
 
     Returns
     -------
     DataFrame with one row per (feature, gene): ``feature, gene, mean_high, mean_low, log2fc, statistic,
     df, pval, padj, direction`` (``"up"``/``"down"`` for selected genes, else ``""``), ``n_high, n_low``.
     """
+    if not isinstance(expression, PreparedExpression):
+        expression, _ = maybe_split(expression, count_split, split_seed)
     prep = expression if isinstance(expression, PreparedExpression) else prepare_expression(
         expression, gene_names, kind=expression_kind, target_sum=target_sum)
     features = np.atleast_1d(np.asarray(features))
     groups = make_feature_groups(
         activations, features=features, percentile=percentile, low=low, max_low_cells=max_low_cells,
-        min_active_cells=min_active_cells, min_group_cells=min_group_cells, seed=seed)
+        min_active_cells=min_active_cells, min_group_cells=min_group_cells, seed=seed, high=high)
     _check_rows(groups, prep)
     skipped = groups.summary[groups.summary["status"] != "ok"]
     if len(skipped):

@@ -18,8 +18,23 @@ filter (``min_size``/``max_size``) is applied after that restriction.
 **Multiple testing.** A selection with at least one universe gene is tested against every set that
 passed the size filter; sets it does not touch have p = 1 and enter BH only through the number of
 tests. ``padj`` is BH within each *feature* (its up and down selections together); ``padj_global`` is
-BH over every test of the whole call. Only p-values up to ``store_pvalue`` are kept while streaming;
-adjusted values at or below it are exact (BH values of larger p-values can only be larger).
+BH over every (feature, direction, set) test of the whole call. ``significant`` and the table filter use
+``padj_global`` by default (``fdr="global"``): that controls the false discovery rate over all reported
+rows. ``fdr="per_feature"`` filters on ``padj`` instead, which controls it only within each feature, so
+across thousands of features the expected number of false rows grows with the number of features.
+Only p-values up to ``store_pvalue`` are kept while streaming; adjusted values at or below it are exact
+(BH values of larger p-values can only be larger).
+
+**Expression-matched background** (``background="matched"``, needs one mean expression per gene).
+Genes that are highly expressed are both easier to call differentially expressed and over-represented
+in some sets (ribosome, translation, MHC-II), so the whole-universe test can call such sets enriched
+for any feature. With ``"matched"`` each selection is tested against its own universe: the universe
+genes are cut into ``n_bins`` (10) equal-count bins of mean expression, and from each bin the universe
+keeps the selected genes plus the first non-selected genes in a seeded random order, as many as make
+every bin's share of the universe equal to its share of the selection (the bin that limits this keeps
+all its genes). ``set_size`` and ``universe_size`` are then counted in that matched universe. Under a
+null in which genes are selected at random *within* expression bins this hypergeometric test is valid;
+the price is a smaller universe (less power).
 """
 
 from __future__ import annotations
@@ -44,6 +59,9 @@ _INTERNAL_COLUMNS = {
 RESULT_COLUMNS = [
     "feature", "term", "description", "direction", "overlap", "set_size", "n_selected", "universe_size",
     "expected", "fold_enrichment", "odds_ratio", "pval", "padj", "padj_global", "genes"]
+
+FDR_SCOPES = ("global", "per_feature")
+BACKGROUNDS = ("all", "matched")
 
 
 @dataclass
@@ -178,6 +196,51 @@ def _hypergeom_logp(K, n, k, N: int) -> np.ndarray:
     return hypergeom_logsf(uk, np.full(len(uniq), N), un, ukk)[inverse]
 
 
+def _expression_bins(means: np.ndarray, n_bins: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Equal-count bins of ``means`` (ranks, ties by position) and a seeded random order of the genes."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}.")
+    rank = np.empty(len(means), dtype=np.int64)
+    rank[np.argsort(means, kind="stable")] = np.arange(len(means))
+    bins = (rank * n_bins) // max(len(means), 1)
+    order = np.random.default_rng(seed).permutation(len(means))
+    return bins.astype(np.int64), order
+
+
+def _matched_universe(S: sp.csr_matrix, bins: np.ndarray, order: np.ndarray) -> sp.csr_matrix:
+    """Per selection row (over universe columns), its expression-matched universe (see the module)."""
+    n_bins = int(bins.max()) + 1 if len(bins) else 1
+    bin_size = np.bincount(bins, minlength=n_bins)
+    ordered_bins = bins[order]
+    by_bin = [order[ordered_bins == b] for b in range(n_bins)]  # each bin's genes in the random order
+    rows, cols = [], []
+    for r in range(S.shape[0]):
+        chosen = S.indices[S.indptr[r]:S.indptr[r + 1]]
+        if len(chosen) == 0:
+            continue
+        s_b = np.bincount(bins[chosen], minlength=n_bins)
+        has = s_b > 0
+        c = np.min(bin_size[has] / s_b[has])
+        target = np.minimum(bin_size, np.floor(c * s_b + 1e-9).astype(np.int64))
+        picked = [chosen]
+        is_chosen = np.zeros(len(bins), dtype=bool)
+        is_chosen[chosen] = True
+        for b in np.flatnonzero(has):
+            extra = target[b] - s_b[b]
+            if extra > 0:
+                cand = by_bin[b][~is_chosen[by_bin[b]]]
+                picked.append(cand[:extra])
+        cols_r = np.concatenate(picked)
+        rows.append(np.full(len(cols_r), r))
+        cols.append(cols_r)
+    if not rows:
+        return sp.csr_matrix(S.shape, dtype=np.int32)
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    U = sp.csr_matrix((np.ones(len(r), dtype=np.int32), (r, c)), shape=S.shape)
+    U.sort_indices()
+    return U
+
+
 class ORAAccumulator:
     """Runs ORA for selections arriving chunk by chunk, keeps the small p-values, and builds the table.
 
@@ -187,14 +250,35 @@ class ORAAccumulator:
         The aligned gene sets.
     store_pvalue
         p-values above this are not kept (their adjusted values cannot fall below it); 1 keeps all.
+    fdr
+        ``"global"`` (``significant`` and the table filter use ``padj_global``) or ``"per_feature"``
+        (``padj``), see the module docstring.
+    background, gene_means, n_bins, seed
+        ``"all"`` (the universe) or ``"matched"`` (per-selection expression-matched universe built from
+        ``gene_means``, one per gene of ``index.gene_names``; ``n_bins`` bins, ``seed`` for the order).
     """
 
-    def __init__(self, index: GeneSetIndex, store_pvalue: float = 0.05):
+    def __init__(self, index: GeneSetIndex, store_pvalue: float = 0.05, *, fdr: str = "global",
+                 background: str = "all", gene_means=None, n_bins: int = 10, seed: int = 0):
         if not 0 < store_pvalue <= 1:
             raise ValueError(f"store_pvalue must be in (0, 1], got {store_pvalue}.")
+        if fdr not in FDR_SCOPES:
+            raise ValueError(f"fdr must be one of {FDR_SCOPES}, got {fdr!r}.")
+        if background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}.")
         self.index = index
         self.store_pvalue = float(store_pvalue)
+        self.fdr = fdr
+        self.background = background
         self.universe_cols = np.flatnonzero(index.universe)
+        self._bins = None
+        if background == "matched":
+            if gene_means is None:
+                raise ValueError("background='matched' needs gene_means (one mean expression per gene).")
+            gene_means = np.asarray(gene_means, dtype=np.float64).ravel()
+            if len(gene_means) != len(index.gene_names):
+                raise ValueError(f"gene_means has {len(gene_means)} values for {len(index.gene_names)} genes.")
+            self._bins, self._bin_order = _expression_bins(gene_means[self.universe_cols], n_bins, seed)
         # membership restricted to universe columns, transposed for selections @ sets
         self._M_T = index.membership[:, self.universe_cols].T.tocsr()
         self._parts: list[dict[str, np.ndarray]] = []
@@ -216,22 +300,29 @@ class ORAAccumulator:
             return k
         overlaps = (S @ self._M_T).tocoo()
         row, col, K = overlaps.row, overlaps.col, overlaps.data.astype(np.int64)
-        n = self.index.set_sizes[col]
         kk = k[row]
-        N = len(self.universe_cols)
+        if self._bins is None:
+            n = self.index.set_sizes[col]
+            N = np.full(len(row), len(self.universe_cols), dtype=np.int64)
+        else:
+            U = _matched_universe(S, self._bins, self._bin_order)
+            N = np.diff(U.indptr).astype(np.int64)[row]
+            n = np.asarray((U @ self._M_T)[row, col]).ravel().astype(np.int64)
         if self.store_pvalue < 0.5:
             # P(X >= K) >= 1/2 whenever K does not exceed the mean k*n/N (the median is within 1 of it)
             keep = K * N > kk * n
-            row, col, K, n, kk = row[keep], col[keep], K[keep], n[keep], kk[keep]
-        logp = _hypergeom_logp(K, n, kk, N)
+            row, col, K, n, kk, N = row[keep], col[keep], K[keep], n[keep], kk[keep], N[keep]
+        logp = (_hypergeom_logp(K, n, kk, int(N[0])) if self._bins is None and len(N)
+                else hypergeom_logsf(K, N, n, kk))
         keep = logp <= np.log(self.store_pvalue)
-        self._parts.append(
-            {
-                "feature": features[row[keep]], "set": col[keep].astype(np.int64), "overlap": K[keep],
-                "n_selected": kk[keep], "logp": logp[keep],
-                "direction": np.full(int(keep.sum()), direction, dtype=object), "selection_row": row[keep],
-                "selection_id": np.full(int(keep.sum()), len(self._parts), dtype=np.int64)}
-        )
+        part = {
+            "feature": features[row[keep]], "set": col[keep].astype(np.int64), "overlap": K[keep],
+            "n_selected": kk[keep], "logp": logp[keep],
+            "direction": np.full(int(keep.sum()), direction, dtype=object), "selection_row": row[keep],
+            "selection_id": np.full(int(keep.sum()), len(self._parts), dtype=np.int64)}
+        if self._bins is not None:
+            part["_n"], part["_N"] = n[keep], N[keep]
+        self._parts.append(part)
         self._parts[-1]["_selection"] = S  # overlapping genes are read back from it for reported rows
         return k
 
@@ -242,14 +333,15 @@ class ORAAccumulator:
     def table(
         self, *, max_padj: float | None = 0.05, feature_column: str = "feature",
         gene_labels: Sequence[str] | None = None) -> pd.DataFrame:
-        """The tidy result (columns :data:`RESULT_COLUMNS`), rows with ``padj <= max_padj`` (all kept rows
-        when ``None``), sorted by feature, direction and p-value."""
+        """The tidy result (columns :data:`RESULT_COLUMNS` plus ``significant``), rows whose adjusted p
+        in the ``fdr`` scope (``padj_global`` by default, else ``padj``) is at most ``max_padj`` (all kept
+        rows when ``None``; ``significant`` then uses 0.05), sorted by feature, direction and p-value."""
         if max_padj is not None and max_padj > self.store_pvalue:
             raise ValueError(
                 f"max_padj ({max_padj}) exceeds store_pvalue ({self.store_pvalue}); raise store_pvalue."
             )
         if self._parts:
-            keys = [c for c in self._parts[0] if not c.startswith("_")]
+            keys = [c for c in self._parts[0] if not c.startswith("_") or c in ("_n", "_N")]
             data = {c: np.concatenate([p[c] for p in self._parts]) for c in keys}
         else:
             data = {
@@ -269,12 +361,14 @@ class ORAAccumulator:
             if len(p)
             else p
         )
-        keep = np.ones(len(p), dtype=bool) if max_padj is None else padj <= max_padj
+        scoped = padj_global if self.fdr == "global" else padj
+        alpha = 0.05 if max_padj is None else max_padj
+        keep = np.ones(len(p), dtype=bool) if max_padj is None else scoped <= max_padj
         sel = {c: v[keep] for c, v in data.items()}
         K = sel["overlap"].astype(np.int64)
-        n = self.index.set_sizes[sel["set"]]
+        n = sel["_n"].astype(np.int64) if "_n" in sel else self.index.set_sizes[sel["set"]]
         k = sel["n_selected"].astype(np.int64)
-        N = len(self.universe_cols)
+        N = sel["_N"].astype(np.int64) if "_N" in sel else np.full(len(K), len(self.universe_cols), dtype=np.int64)
         expected = k * n / N
         with np.errstate(divide="ignore", invalid="ignore"):
             fold = K / expected
@@ -285,11 +379,12 @@ class ORAAccumulator:
                 feature_column: sel["feature"], "term": self.index.terms[sel["set"]],
                 "description": self.index.descriptions[sel["set"]], "direction": sel["direction"],
                 "overlap": K, "set_size": n, "n_selected": k,
-                "universe_size": np.full(len(K), N, dtype=np.int64), "expected": expected,
+                "universe_size": N, "expected": expected,
                 "fold_enrichment": fold, "odds_ratio": odds, "pval": p[keep], "padj": padj[keep],
-                "padj_global": padj_global[keep], "genes": self._overlap_genes(sel, gene_labels)}
+                "padj_global": padj_global[keep], "genes": self._overlap_genes(sel, gene_labels),
+                "significant": scoped[keep] <= alpha}
         )
-        for extra in (c for c in sel if c not in _INTERNAL_COLUMNS):
+        for extra in (c for c in sel if c not in _INTERNAL_COLUMNS and not c.startswith("_")):
             out[extra] = sel[extra]
         for extra in self.extra_columns:
             if extra not in out:
@@ -328,7 +423,8 @@ def _as_gene_lists(gene_lists) -> dict[str, list[str]]:
 
 def enrich(
     gene_lists, universe: Iterable[str], gene_sets="go_bp", *, min_size: int = 10, max_size: int | None = 500,
-    max_padj: float | None = 0.05, use_aliases: bool = True) -> pd.DataFrame:
+    max_padj: float | None = 0.05, use_aliases: bool = True, fdr: str = "global", background: str = "all",
+    gene_means=None, n_bins: int = 10, seed: int = 0) -> pd.DataFrame:
     """ORA of one or more gene lists (e.g. genes changed by steering) against a gene-set collection.
 
     Parameters
@@ -341,8 +437,13 @@ def enrich(
     gene_sets
         Collection name, GMT path or dict.
     max_padj
-        Report rows with a per-list BH-adjusted p at or below this (``None``: every set that
-        overlaps a list).
+        Report rows with a BH-adjusted p at or below this (``None``: every set that overlaps a list).
+    fdr
+        ``"global"``: BH over all lists x sets (``padj_global``) decides ``significant`` and the filter;
+        ``"per_feature"``: BH within each list (``padj``).
+    background, gene_means, n_bins, seed
+        ``"matched"`` tests each list against an expression-matched universe (see the module docstring);
+        ``gene_means``: a mean expression per universe gene (array in ``universe`` order, or a mapping).
 
     Returns
     -------
@@ -367,7 +468,11 @@ def enrich(
     cols = np.array([pos[g] for genes in lists.values() for g in genes], dtype=np.int64)
     S = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(lists), len(universe)))
     S.data[:] = 1
-    acc = ORAAccumulator(index, store_pvalue=1.0 if max_padj is None else max(max_padj, 0.05))
+    if gene_means is not None:
+        gene_means = (np.array([float(gene_means[g]) for g in universe]) if isinstance(gene_means, Mapping)
+                      else np.asarray(gene_means, dtype=np.float64))
+    acc = ORAAccumulator(index, store_pvalue=1.0 if max_padj is None else max(max_padj, 0.05), fdr=fdr,
+                         background=background, gene_means=gene_means, n_bins=n_bins, seed=seed)
     acc.add(S, np.arange(len(lists)), "query")
     out = acc.table(max_padj=max_padj, feature_column="query")
     out["query"] = np.asarray(list(lists), dtype=object)[out["query"].to_numpy(dtype=np.int64)]

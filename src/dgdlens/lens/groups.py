@@ -2,9 +2,13 @@
 
 For feature *f* with activations ``a`` over all *n* cells:
 
-- **high** group: cells with ``a > percentile(a, p)`` (numpy's linear percentile over *all* cells,
-  zeros included; default p = 99) that are also active (``a != 0``). For a feature active in fewer than
-  1% of cells the percentile is 0, so the high group is every active cell.
+- **high** group (``high="top"``, default): the ``max(min_active_cells, ceil((1 - p/100) * n))`` most
+  active cells among the cells where the feature fires (``a != 0``; default p = 99, so the top 1 % of all
+  cells but never fewer than ``min_active_cells``, 20). Ties at the boundary go to the earlier cell. A
+  feature active in fewer cells than that uses all its active cells; one active in fewer than
+  ``min_active_cells`` is skipped. At 700 cells the top 1 % would be 7 cells; the minimum makes it 20.
+  ``high="percentile"`` (the reference's rule, used by ``compat="paper"``): active cells with
+  ``a > percentile(a, p)`` (numpy's linear percentile over *all* cells, zeros included), with no minimum.
 - **low** group, by ``low=``:
 
   - ``"silent"`` (default): cells where the feature is exactly 0;
@@ -19,7 +23,9 @@ For feature *f* with activations ``a`` over all *n* cells:
   statistics be computed from running prefix sums instead of a product per feature.
 
 Features with fewer than ``min_active_cells`` active cells, or with a group smaller than
-``min_group_cells``, are skipped (and listed with the reason in :attr:`FeatureGroups.summary`).
+``min_group_cells``, are skipped (and listed with the reason in :attr:`FeatureGroups.summary`, whose
+``high_threshold`` is the smallest activation inside the high group for ``high="top"`` and the percentile
+for ``high="percentile"``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import scipy.sparse as sp
 __all__ = ["FeatureGroups", "make_feature_groups", "as_activation_matrix", "column_percentiles"]
 
 _LOW_MODES = ("silent", "rest", "bottom")
+_HIGH_RULES = ("top", "percentile")
 
 
 def as_activation_matrix(activations, *, max_dense_entries: int = 200_000_000) -> sp.csc_matrix:
@@ -220,6 +227,26 @@ def _select_entries(A: sp.csc_matrix, mask: np.ndarray) -> sp.csr_matrix:
     return M
 
 
+def _top_active(A: sp.csc_matrix, cols: np.ndarray, active: np.ndarray, k: int):
+    """Mask over ``A.data`` of the ``k`` largest active entries per column (ties: lower cell index first)
+    and, per column, the smallest activation in that top group (0 for a column with no active entry)."""
+    F = A.shape[1]
+    idx = np.flatnonzero(active)
+    # sort active entries by column, then activation descending, then cell index
+    order = idx[np.lexsort((A.indices[idx], -A.data[idx], cols[idx]))]
+    c = cols[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(c)) + 1] if len(c) else np.zeros(0, dtype=np.int64)
+    lengths = np.diff(np.r_[starts, len(c)])
+    rank = np.arange(len(c)) - np.repeat(starts, lengths)
+    take = order[rank < k]
+    mask = np.zeros(len(A.data), dtype=bool)
+    mask[take] = True
+    threshold = np.full(F, np.inf)
+    np.minimum.at(threshold, cols[take], A.data[take])
+    threshold[~np.isfinite(threshold)] = 0.0
+    return mask, threshold
+
+
 def _low_prefix(excluded: sp.csr_matrix, rank: np.ndarray, order: np.ndarray, m: int | None, n: int):
     """Prefix lengths k_f and the excluded cells inside each prefix (see the module docstring)."""
     F = excluded.shape[0]
@@ -255,6 +282,7 @@ def make_feature_groups(
     min_active_cells: int = 20,
     min_group_cells: int = 3,
     seed: int = 0,
+    high: str = "top",
 ) -> FeatureGroups:
     """Build high/low groups for all (or the selected) features; see the module docstring.
 
@@ -277,7 +305,12 @@ def make_feature_groups(
         Features whose high or low group has fewer cells are skipped (Welch needs at least 2).
     seed
         Seed of the random cell order used for subsampling.
+    high
+        ``"top"`` (default): the ``max(min_active_cells, ceil((1 - percentile/100) * n_cells))`` most active
+        cells; ``"percentile"``: active cells strictly above the percentile (no minimum; the reference).
     """
+    if high not in _HIGH_RULES:
+        raise ValueError(f"high must be one of {_HIGH_RULES}, got {high!r}.")
     if low not in _LOW_MODES:
         raise ValueError(f"low must be one of {_LOW_MODES}, got {low!r}.")
     if max_low_cells is not None and max_low_cells < 2:
@@ -307,8 +340,12 @@ def make_feature_groups(
     cols = _entry_columns(A)
     active = A.data != 0
     n_active = np.bincount(cols[active], minlength=F)
-    threshold = column_percentiles(A, percentile)
-    high_mask = active & (A.data > threshold[cols])
+    if high == "top":
+        n_target = max(int(min_active_cells), int(np.ceil((100.0 - percentile) / 100.0 * n - 1e-9)), 1)
+        high_mask, threshold = _top_active(A, cols, active, n_target)
+    else:
+        threshold = column_percentiles(A, percentile)
+        high_mask = active & (A.data > threshold[cols])
     high = _select_entries(A, high_mask)
     n_high = np.diff(high.indptr)
 

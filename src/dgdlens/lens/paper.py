@@ -37,7 +37,8 @@ __all__ = ["PAPER_SETTINGS", "paper_select_genes", "PaperAccumulator"]
 # Options of annotate() that compat="paper" fixes to the reference's choices.
 PAPER_SETTINGS = {
     "expression_kind": "raw", "variance_guard": None, "low": "silent", "max_low_cells": None,
-    "min_set_size": 10, "max_set_size": 500, "test": "t-test"}
+    "min_set_size": 10, "max_set_size": 500, "test": "t-test", "high": "percentile", "count_split": False,
+    "background": "all"}
 _P_STRICT, _P_FALLBACK, _FC = 1e-5, 0.05, 2.0
 _KEEP_P = 0.05
 

@@ -45,5 +45,11 @@ class DecoderOnlyModule(nn.Module):
         """Negative log-density of each latent under the prior, shape (n,)."""
         return -self.prior.log_prob(z)
 
+    def batch_nll(self, x: torch.Tensor, zs: list[torch.Tensor], scale: torch.Tensor | None = None, codes=None,
+                  cont=None, extra_means=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction NLL, prior NLL) per sample for the latent blocks ``zs`` (here one block; the
+        covariate module, :class:`~dgdlens.nn.covariates.CovariateDecoderModule`, reads several)."""
+        return self.recon_nll(x, zs[0], scale), self.prior_nll(zs[0])
+
     def hyperprior_nll(self) -> torch.Tensor:
         return -self.prior.log_hyperprior()

@@ -6,6 +6,8 @@ Two ways to step it, both kept because they trade differently:
   Adam takes one step at the end, i.e. one full-batch step per epoch.
 - ``"batch"``: a lazy (sparse) Adam steps only the rows of the current mini-batch, every mini-batch.
   Rows that are not in the batch are not moved by stale momentum, which a dense Adam would do.
+
+The optimisers live in the training plan (:class:`dgdlens.train.DecoderOnlyPlan`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["RepresentationTable", "make_representation_optimizer"]
+__all__ = ["RepresentationTable"]
 
 
 class RepresentationTable(nn.Module):
@@ -50,17 +52,3 @@ class RepresentationTable(nn.Module):
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         return F.embedding(index, self.z, sparse=self.sparse_grad)
-
-
-def make_representation_optimizer(table: RepresentationTable, *, step: str, lr: float, betas=(0.5, 0.7),
-                                  weight_decay: float = 1e-4) -> torch.optim.Optimizer:
-    """Adam for the table: dense Adam (``step="epoch"``) or lazy ``SparseAdam`` (``step="batch"``).
-
-    SparseAdam has no weight decay; in that mode the model adds ``0.5 * weight_decay * |z|^2`` of the
-    batch rows to the loss instead (the same shrinkage, applied to the rows that are stepped).
-    """
-    if step == "epoch":
-        return torch.optim.Adam([table.z], lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-    if step == "batch":
-        return torch.optim.SparseAdam([table.z], lr=lr, betas=tuple(betas))
-    raise ValueError(f"rep_step must be 'epoch' or 'batch', got {step!r}")

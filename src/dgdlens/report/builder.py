@@ -20,9 +20,9 @@ import scipy.sparse as sp
 from matplotlib.figure import Figure
 
 from .. import evaluate as ev
-from .._version import __version__
 from .. import plotting as pl
 from .. import tl
+from .._version import __version__
 from ..sae.activations import activation_summary
 from .html import Report, Section, format_value
 
@@ -132,6 +132,25 @@ _TEXT = {
 
 
 # --------------------------------------------------------------------------------------------- inputs
+
+def _short_list(items: Sequence, limit: int) -> str:
+    """``"a, b, c (+4 more)"``: a readable, bounded rendering of a long list."""
+    items = [str(i) for i in items]
+    if len(items) <= limit:
+        return ", ".join(items)
+    return ", ".join(items[:limit]) + f" (+{len(items) - limit} more)"
+
+
+def _as_umap(umap) -> np.ndarray:
+    """The ``umap=`` coordinates: cells x 2, finite, as float64."""
+    arr = _to_numpy(umap, "umap", ndim=2).astype(np.float64)
+    if arr.shape[1] != 2 or arr.shape[0] == 0:
+        raise ValueError(f"umap must have shape (n_cells, 2) with at least one cell, got {arr.shape}.")
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).any(axis=1).sum())
+        raise ValueError(f"umap contains NaN or infinite values in {bad} cells; remove or recompute them.")
+    return arr
+
 
 def _to_numpy(x, name: str, *, ndim: int | None = None) -> np.ndarray:
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, possibly on a GPU
@@ -352,7 +371,7 @@ def _gene_text(genes, limit: int = 12) -> str:
         items = [g.strip() for g in parts] if len(parts) > 1 else genes.split()
     else:
         items = [str(g) for g in genes]
-    return pl._utils.short_list(items, limit)
+    return _short_list(items, limit)
 
 
 def _features_section(features, alpha, n_top_features, terms_per_feature):
@@ -646,10 +665,10 @@ def build_report(
     if labels_name is None:
         labels_name = str(labels.name) if isinstance(labels, pd.Series) and labels.name is not None else "label"
     latent_arr = _to_numpy(latent, "latent", ndim=2) if latent is not None else None
-    umap_arr = pl._utils.as_coords(_to_numpy(umap, "umap"), "umap") if umap is not None else None
-    clusters_arr = pl._utils.as_vector(clusters, "clusters") if clusters is not None else None
+    umap_arr = _as_umap(umap) if umap is not None else None
+    clusters_arr = ev.as_vector(clusters, "clusters") if clusters is not None else None
     labels_vec = labels if isinstance(labels, (pd.Series, pd.Categorical)) else (
-        pl._utils.as_vector(labels, "labels") if labels is not None else None)
+        ev.as_vector(labels, "labels") if labels is not None else None)
     activations = _as_activations(activations)
     if features is not None:
         _check_features(features)

@@ -25,6 +25,7 @@ import torch
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
 
+from ..stats import bh_adjust
 from .io import as_rows
 
 __all__ = [
@@ -398,7 +399,7 @@ def structure_identification(activations, expression, programs, *, percentile: f
         best_overlap[start:stop] = overlap[rows, j]
         n_links[start:stop] = m
     p_bonf = np.minimum(best_p * W.shape[0], 1.0)
-    significant = _bh(p_bonf) <= alpha if len(live) else np.zeros(0, bool)
+    significant = bh_adjust(p_bonf) <= alpha if len(live) else np.zeros(0, bool)
     coverage = np.zeros(W.shape[0])
     precision = np.zeros(W.shape[0])
     feature = np.full(W.shape[0], -1)
@@ -445,20 +446,6 @@ def _global_percentile(scores, n_features, n_genes, percentile, chunk_size, max_
         block = scores(lo, hi)
         pieces.append(block[rows - lo].ravel())
     return float(np.percentile(np.concatenate(pieces), percentile))
-
-
-def _bh(p: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values."""
-    p = np.asarray(p, dtype=np.float64)
-    m = len(p)
-    if m == 0:
-        return p
-    order = np.argsort(p)
-    ranked = p[order] * m / np.arange(1, m + 1)
-    adjusted = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(m)
-    out[order] = np.minimum(adjusted, 1.0)
-    return out
 
 
 # ---------------------------------------------------------------------- everything at once

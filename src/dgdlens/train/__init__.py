@@ -7,10 +7,17 @@
 - :func:`make_strategy`: single process, or data-parallel under ``torchrun``.
 """
 
+from .autoencoder_plan import AutoencoderPlan, AutoencoderPlanConfig
 from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from .decoder_only_plan import DecoderOnlyPlan, DecoderOnlyPlanConfig
+from .fitted import FittedState
+from .inference import infer_latents, optimise_latents
 from .plan import TrainingPlan
+from .sae_plan import SAEPlan
 from .runner import Runner, RunnerConfig, TrainingInterrupted
 from .strategy import DataParallel, SingleProcess, Strategy, make_strategy
 
-__all__ = ["Runner", "RunnerConfig", "TrainingInterrupted", "TrainingPlan", "Strategy", "SingleProcess",
-           "DataParallel", "make_strategy", "CheckpointError", "read_checkpoint", "write_checkpoint"]
+__all__ = ["Runner", "RunnerConfig", "TrainingInterrupted", "TrainingPlan", "DecoderOnlyPlan", "DecoderOnlyPlanConfig",
+           "AutoencoderPlan", "AutoencoderPlanConfig", "SAEPlan", "FittedState", "Strategy", "SingleProcess",
+           "DataParallel", "make_strategy", "CheckpointError", "read_checkpoint", "write_checkpoint",
+           "infer_latents", "optimise_latents"]

@@ -4,6 +4,11 @@ Each training sample owns a free latent vector (a row of a :class:`~dgdlens.nn.R
 learned together with the decoder and the prior; validation samples' latents are fitted with the
 model frozen, so the validation loss measures the decoder as held-out inference will use it.
 
+With covariates (the DGD's ``batch_key``/``categorical_covariate_keys``) every sample owns several latent
+blocks: the biological latent and one small latent per categorical covariate, each a table of its own,
+sharded, optimised, checkpointed and restored exactly like the first; the per-sample categories and
+continuous covariates (:class:`SampleCovariates`) are looked up by the same batch indices.
+
 Under ``torchrun`` the decoder, likelihood and prior are replicated (gradients summed after every
 step) and the representation tables are sharded by sample: each process owns a contiguous slice of
 the training (and validation) samples, their latents and their optimiser state, and only ever reads
@@ -26,7 +31,7 @@ from ..nn.representation import RepresentationTable
 from .inference import optimise_latents
 from .plan import TrainingPlan
 
-__all__ = ["DecoderOnlyPlanConfig", "DecoderOnlyPlan", "REFIT_SAMPLE"]
+__all__ = ["DecoderOnlyPlanConfig", "DecoderOnlyPlan", "SampleCovariates", "REFIT_SAMPLE"]
 
 #: most latents the end-of-training EM refit of the mixture uses (a seeded sample across all processes)
 REFIT_SAMPLE = 100_000
@@ -76,6 +81,9 @@ class DecoderOnlyPlanConfig:
         memory; ``0``: always a full shuffle). The same value gives the same batches in memory and on disk.
     max_batches
         Cut every epoch after this many batches (benchmarks; ``None``: all).
+    lr_covariate_prior
+        Adam learning rate of the covariate priors' means and precisions (``None``: ``lr_prior / 10``,
+        multiDGD's 1e-3 next to 1e-2). Only used with covariates.
     seed
         Seeds the mini-batch order.
     """
@@ -103,6 +111,7 @@ class DecoderOnlyPlanConfig:
     monitor: str = "val_recon"
     shuffle_block_size: int | None = None
     max_batches: int | None = None
+    lr_covariate_prior: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -128,15 +137,45 @@ class DecoderOnlyPlanConfig:
         return asdict(self)
 
 
-def _rep_optimizer(table: RepresentationTable, cfg: DecoderOnlyPlanConfig) -> torch.optim.Optimizer:
+@dataclass
+class SampleCovariates:
+    """Per-sample covariates for every row of the data matrix.
+
+    Attributes
+    ----------
+    codes
+        (n_obs, n_categorical) int64 category codes (``-1``: unknown, scored under the marginal mixture).
+    continuous
+        (n_obs, n_continuous) float32 standardised continuous covariates, or ``None``.
+    """
+
+    codes: np.ndarray
+    continuous: np.ndarray | None = None
+
+    def local(self, rows: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        codes = torch.as_tensor(np.ascontiguousarray(self.codes[rows]), dtype=torch.int64, device=device)
+        cont = (None if self.continuous is None else
+                torch.as_tensor(np.ascontiguousarray(self.continuous[rows]), dtype=torch.float32, device=device))
+        return codes, cont
+
+
+def _rep_optimizer(tables: list[RepresentationTable], cfg: DecoderOnlyPlanConfig) -> torch.optim.Optimizer:
+    """One optimiser over every latent block of a split (Adam is elementwise: the same as one per block)."""
+    params = [t.z for t in tables]
     if cfg.rep_optimizer == "sgd":
         # plain SGD with momentum, as the paper's decoder-only learner used; in per-batch mode the
         # momentum keeps moving rows that are not in the batch (decaying), as it did there.
-        return torch.optim.SGD([table.z], lr=cfg.lr_rep, momentum=cfg.rep_momentum,
+        return torch.optim.SGD(params, lr=cfg.lr_rep, momentum=cfg.rep_momentum,
                                weight_decay=0.0 if cfg.rep_step == "batch" else cfg.rep_weight_decay)
     if cfg.rep_step == "epoch":
-        return torch.optim.Adam([table.z], lr=cfg.lr_rep, betas=cfg.betas, weight_decay=cfg.rep_weight_decay)
-    return torch.optim.SparseAdam([table.z], lr=cfg.lr_rep, betas=cfg.betas)
+        return torch.optim.Adam(params, lr=cfg.lr_rep, betas=cfg.betas, weight_decay=cfg.rep_weight_decay)
+    return torch.optim.SparseAdam(params, lr=cfg.lr_rep, betas=cfg.betas)
+
+
+def _as_list(table):
+    if table is None:
+        return None
+    return list(table) if isinstance(table, (list, tuple)) else [table]
 
 
 class DecoderOnlyPlan(TrainingPlan):
@@ -151,22 +190,29 @@ class DecoderOnlyPlan(TrainingPlan):
     train_idx, val_idx
         Rows of ``matrix`` in each split (sorted).
     train_table, val_table
-        Full representation tables for the splits (``val_table`` ``None`` without a validation split);
-        on return from training they hold every sample's latent, whatever the number of processes.
+        Full representation tables for the splits (``val_table`` ``None`` without a validation split),
+        or lists of tables, one per latent block (biological first, then one per categorical covariate);
+        on return from training they hold every sample's latents (``full_train_tables``,
+        ``full_val_tables``; ``full_train_table`` is the first block), whatever the number of processes.
     config
         A :class:`DecoderOnlyPlanConfig`.
+    covariates
+        :class:`SampleCovariates` for every row of ``matrix`` when the module reads covariates
+        (:class:`~dgdlens.nn.covariates.CovariateDecoderModule`), else ``None``.
     """
 
     def __init__(self, module: DecoderOnlyModule, matrix: RowMatrix, scale: np.ndarray | None,
-                 train_idx: np.ndarray, val_idx: np.ndarray, train_table: RepresentationTable,
-                 val_table: RepresentationTable | None, config: DecoderOnlyPlanConfig) -> None:
+                 train_idx: np.ndarray, val_idx: np.ndarray, train_table, val_table, config: DecoderOnlyPlanConfig,
+                 covariates: SampleCovariates | None = None) -> None:
         super().__init__()
         self.module, self.matrix, self.scale = module, matrix, scale
         self.train_idx, self.val_idx = np.asarray(train_idx), np.asarray(val_idx)
-        self.full_train_table, self.full_val_table = train_table, val_table
+        self.full_train_tables, self.full_val_tables = _as_list(train_table), _as_list(val_table)
+        self.covariates = covariates
         self.cfg = config
         self.monitor = config.monitor
         self.n_train, self.n_val = len(self.train_idx), len(self.val_idx) if val_table is not None else 0
+        self._cov_train = self._cov_val = (None, None)
         self._decayed = False
         self._last_hyper = torch.zeros(())
 
@@ -174,6 +220,23 @@ class DecoderOnlyPlan(TrainingPlan):
     @property
     def has_validation(self) -> bool:
         return self.n_val > 0
+
+    # the first block (the biological latent) under the names every caller used before blocks existed
+    @property
+    def full_train_table(self):
+        return None if self.full_train_tables is None else self.full_train_tables[0]
+
+    @property
+    def full_val_table(self):
+        return None if self.full_val_tables is None else self.full_val_tables[0]
+
+    @property
+    def train_table(self):
+        return self.train_tables[0]
+
+    @property
+    def val_table(self):
+        return None if self.val_tables is None else self.val_tables[0]
 
     def setup(self, strategy, device) -> None:
         super().setup(strategy, device)
@@ -184,21 +247,25 @@ class DecoderOnlyPlan(TrainingPlan):
         strategy.broadcast_module(self.module)
         self.train_lo, self.train_hi = strategy.shard(self.n_train)
         self.val_lo, self.val_hi = strategy.shard(self.n_val)
-        self.train_table = self._local_table(self.full_train_table, self.train_lo, self.train_hi)
+        self.train_tables = [self._local_table(t, self.train_lo, self.train_hi) for t in self.full_train_tables]
         use_val = self.n_val > 0 and self.n_val >= size
-        self.val_table = self._local_table(self.full_val_table, self.val_lo, self.val_hi) if use_val else None
+        self.val_tables = ([self._local_table(t, self.val_lo, self.val_hi) for t in self.full_val_tables]
+                           if use_val else None)
         if size > 1:  # holding the full tables meanwhile would undo the sharding
-            self.full_train_table = self.full_val_table = None
+            self.full_train_tables = self.full_val_tables = None
         sparse = cfg.rep_step == "batch" and cfg.rep_optimizer == "adam"
-        for table in (self.train_table, self.val_table):
-            if table is not None:
-                table.sparse_grad = sparse
+        for table in self.train_tables + (self.val_tables or []):
+            table.sparse_grad = sparse
+        if self.covariates is not None:
+            self._cov_train = self.covariates.local(self.train_idx[self.train_lo:self.train_hi], device)
+            if self.val_tables is not None:
+                self._cov_val = self.covariates.local(self.val_idx[self.val_lo:self.val_hi], device)
         self.train_loader = self._loader(self.train_idx[self.train_lo:self.train_hi], seed=cfg.seed, train=True)
         self.val_loader = (None if self.val_table is None else
                            self._loader(self.val_idx[self.val_lo:self.val_hi], seed=cfg.seed + 1, train=False))
         strategy.agree([len(self.train_loader)], "the number of mini-batches per epoch")
-        self.opt_rep = _rep_optimizer(self.train_table, cfg)
-        self.opt_val_rep = None if self.val_table is None else _rep_optimizer(self.val_table, cfg)
+        self.opt_rep = _rep_optimizer(self.train_tables, cfg)
+        self.opt_val_rep = None if self.val_tables is None else _rep_optimizer(self.val_tables, cfg)
         self._build_optimizers(decayed=False)
 
     def _local_table(self, table, lo, hi):
@@ -226,8 +293,14 @@ class DecoderOnlyPlan(TrainingPlan):
     def _build_prior_optimizer(self) -> None:
         cfg = self.cfg
         params = [p for p in self.module.prior.parameters() if p.requires_grad]
-        self.opt_prior = (torch.optim.Adam(params, lr=cfg.lr_prior, betas=cfg.betas, weight_decay=cfg.prior_weight_decay)
-                          if params else None)
+        groups = [{"params": params}] if params else []
+        cov_priors = getattr(self.module, "covariate_priors", None)
+        cov_params = [] if cov_priors is None else [p for p in cov_priors.parameters() if p.requires_grad]
+        if cov_params:
+            lr = cfg.lr_prior / 10 if cfg.lr_covariate_prior is None else cfg.lr_covariate_prior
+            groups.append({"params": cov_params, "lr": lr})
+        self.opt_prior = (torch.optim.Adam(groups, lr=cfg.lr_prior, betas=cfg.betas, weight_decay=cfg.prior_weight_decay)
+                          if groups else None)
 
     def shared_parameters(self):
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -282,18 +355,22 @@ class DecoderOnlyPlan(TrainingPlan):
         if self.cfg.rep_step == "batch":
             self.opt_rep.zero_grad(set_to_none=True)
 
-    def _batch_loss(self, batch, table: RepresentationTable):
-        z = table(batch.index)
-        recon = self.module.recon_nll(batch.x, z, batch.scale)
-        prior = self.module.prior_nll(z)
+    def _batch_covariates(self, index: torch.Tensor, cov) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        codes, cont = cov
+        return (None if codes is None else codes[index]), (None if cont is None else cont[index])
+
+    def _batch_loss(self, batch, tables: list[RepresentationTable], cov):
+        zs = [t(batch.index) for t in tables]
+        codes, cont = self._batch_covariates(batch.index, cov)
+        recon, prior = self.module.batch_nll(batch.x, zs, batch.scale, codes, cont)
         loss = recon.sum() + prior.sum()
         if self.cfg.rep_step == "batch" and self.cfg.rep_weight_decay > 0:
             # the lazy optimisers have no weight decay; the same L2 shrinkage as a loss term
-            loss = loss + 0.5 * self.cfg.rep_weight_decay * z.pow(2).sum()
+            loss = loss + 0.5 * self.cfg.rep_weight_decay * sum(z.pow(2).sum() for z in zs)
         return loss, recon.detach().sum(), prior.detach().sum()
 
     def training_step(self, batch):
-        loss, recon, prior = self._batch_loss(batch, self.train_table)
+        loss, recon, prior = self._batch_loss(batch, self.train_tables, self._cov_train)
         hyper = self.module.hyperprior_nll()
         n = len(batch.index)
         weight = n / self.n_train if self.cfg.hyperprior == "dataset" else float(n)
@@ -323,7 +400,7 @@ class DecoderOnlyPlan(TrainingPlan):
             for batch in self.val_loader:
                 if not per_epoch:
                     self.opt_val_rep.zero_grad(set_to_none=True)
-                loss, recon, prior = self._batch_loss(batch, self.val_table)
+                loss, recon, prior = self._batch_loss(batch, self.val_tables, self._cov_val)
                 loss.backward()
                 if not per_epoch:
                     self.opt_val_rep.step()
@@ -355,53 +432,80 @@ class DecoderOnlyPlan(TrainingPlan):
         if cfg.polish_steps <= 0:
             return
 
-        def objective(x, z, scale):
-            return self.module.recon_nll(x, z, scale) + self.module.prior_nll(z)
-
         self.module.eval()
         with frozen(self.module):
-            for loader, table in ((self.train_loader, self.train_table), (self.val_loader, self.val_table)):
-                if loader is None or table is None:
+            for loader, tables, cov in ((self.train_loader, self.train_tables, self._cov_train),
+                                        (self.val_loader, self.val_tables, self._cov_val)):
+                if loader is None or tables is None:
                     continue
+                dims = [t.dim for t in tables]
                 for batch in loader:
-                    z0 = table.z.detach()[batch.index]
+                    codes, cont = self._batch_covariates(batch.index, cov)
+
+                    def objective(x, z, scale, codes=codes, cont=cont):
+                        recon, prior = self.module.batch_nll(x, list(torch.split(z, dims, dim=1)), scale, codes, cont)
+                        return recon + prior
+
+                    z0 = torch.cat([t.z.detach()[batch.index] for t in tables], dim=1)
                     z = optimise_latents(objective, batch.x, batch.scale, z0, cfg.polish_steps, cfg.polish_lr,
                                          cfg.betas, cfg.polish_tol)
                     with torch.no_grad():
-                        table.z[batch.index] = z
+                        for t, part in zip(tables, torch.split(z, dims, dim=1)):
+                            t.z[batch.index] = part
 
     def _gather_tables(self) -> None:
         """Every process ends with the complete tables (rebuilt from the shards under torchrun)."""
         st = self.strategy
         if st.world_size == 1:
-            self.full_train_table, self.full_val_table = self.train_table, self.val_table
+            self.full_train_tables, self.full_val_tables = self.train_tables, self.val_tables
             return
-        dim = self.train_table.dim
-        full = st.gather_rows(self.train_table.z.detach(), self.n_train).cpu()
-        self.full_train_table = RepresentationTable(self.n_train, dim, init=full).to(self.device)
+        self.full_train_tables = []
+        for table in self.train_tables:
+            full = st.gather_rows(table.z.detach(), self.n_train).cpu()
+            self.full_train_tables.append(RepresentationTable(self.n_train, table.dim, init=full).to(self.device))
         if self.n_val:
-            full_val = (st.gather_rows(self.val_table.z.detach(), self.n_val).cpu() if self.val_table is not None
-                        else torch.zeros(self.n_val, dim))
-            self.full_val_table = RepresentationTable(self.n_val, dim, init=full_val).to(self.device)
+            self.full_val_tables = []
+            for b, table in enumerate(self.train_tables):
+                full_val = (st.gather_rows(self.val_tables[b].z.detach(), self.n_val).cpu()
+                            if self.val_tables is not None else torch.zeros(self.n_val, table.dim))
+                self.full_val_tables.append(RepresentationTable(self.n_val, table.dim, init=full_val).to(self.device))
 
     # ------------------------------------------------------------------ state
+    def _tables_state(self, clone: bool) -> dict:
+        """Block 0 as ``train_z``/``val_z`` (the format without covariates); further blocks as lists."""
+        def get(t):
+            return t.z.detach().clone() if clone else t.z.detach()
+
+        out = {"train_z": get(self.train_tables[0]),
+               "val_z": None if self.val_tables is None else get(self.val_tables[0])}
+        if len(self.train_tables) > 1:
+            out["train_cov_z"] = [get(t) for t in self.train_tables[1:]]
+            out["val_cov_z"] = None if self.val_tables is None else [get(t) for t in self.val_tables[1:]]
+        return out
+
+    def _load_tables(self, state: dict) -> None:
+        with torch.no_grad():
+            self.train_tables[0].z.copy_(state["train_z"])
+            if self.val_tables is not None and state["val_z"] is not None:
+                self.val_tables[0].z.copy_(state["val_z"])
+            if len(self.train_tables) > 1:
+                for t, z in zip(self.train_tables[1:], state["train_cov_z"], strict=True):
+                    t.z.copy_(z)
+                if self.val_tables is not None and state.get("val_cov_z") is not None:
+                    for t, z in zip(self.val_tables[1:], state["val_cov_z"], strict=True):
+                        t.z.copy_(z)
+
     def snapshot(self) -> dict:
-        return {"module": copy.deepcopy(self.module.state_dict()),
-                "train_z": self.train_table.z.detach().clone(),
-                "val_z": None if self.val_table is None else self.val_table.z.detach().clone()}
+        return {"module": copy.deepcopy(self.module.state_dict()), **self._tables_state(clone=True)}
 
     def restore(self, snapshot: dict) -> None:
         self.module.load_state_dict(snapshot["module"])
-        with torch.no_grad():
-            self.train_table.z.copy_(snapshot["train_z"])
-            if self.val_table is not None and snapshot["val_z"] is not None:
-                self.val_table.z.copy_(snapshot["val_z"])
+        self._load_tables(snapshot)
 
     def state_dict(self) -> dict:
         return {
             "module": self.module.state_dict(),
-            "train_z": self.train_table.z.detach(),
-            "val_z": None if self.val_table is None else self.val_table.z.detach(),
+            **self._tables_state(clone=False),
             "opt_decoder": self.opt_decoder.state_dict(),
             "opt_prior": None if self.opt_prior is None else self.opt_prior.state_dict(),
             "opt_rep": self.opt_rep.state_dict(),
@@ -413,10 +517,7 @@ class DecoderOnlyPlan(TrainingPlan):
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
-        with torch.no_grad():
-            self.train_table.z.copy_(state["train_z"])
-            if self.val_table is not None and state["val_z"] is not None:
-                self.val_table.z.copy_(state["val_z"])
+        self._load_tables(state)
         self._decayed = bool(state["decayed"])
         if self._decayed and self.cfg.reset_optimizers_on_decay:
             self._build_optimizers(decayed=True)

@@ -4,11 +4,16 @@
 2. Selection: the candidate with the lowest loss.
 3. Optimisation: Adam on the chosen latents, batched and vectorised over samples.
 
+Models with covariate latents use :func:`infer_covariate_latents` (known, unknown and new categories).
+
 Under ``torchrun`` (:func:`infer_latents_sharded`) each process embeds a contiguous slice of the samples
 and the latents are gathered on every process.
 """
 
 from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,7 +24,8 @@ from ..data.loader import BatchLoader
 from ..nn.module import DecoderOnlyModule, frozen
 from ..nn.priors import GaussianMixture
 
-__all__ = ["infer_latents", "infer_latents_sharded", "optimise_latents", "default_candidates"]
+__all__ = ["infer_latents", "infer_latents_sharded", "optimise_latents", "default_candidates",
+           "infer_covariate_latents", "infer_covariate_latents_sharded", "CovariateInference"]
 
 
 def default_candidates(module: DecoderOnlyModule, n_latent: int, device) -> torch.Tensor:
@@ -142,3 +148,221 @@ def infer_latents_sharded(module, matrix, scale: np.ndarray | None, n_latent: in
     z = _dist.gather_rows(torch.from_numpy(z), matrix.n_obs).numpy()
     loss = _dist.gather_rows(torch.from_numpy(loss), matrix.n_obs).numpy()
     return z, loss
+
+
+# ---------------------------------------------------------------------- covariates
+@dataclass
+class CovariateInference:
+    """Result of :func:`infer_covariate_latents`.
+
+    Attributes
+    ----------
+    z
+        Biological latents (n, n_latent).
+    covariate_z
+        One array (n, d_j) per categorical covariate.
+    codes
+        (n, n_categorical) final category codes: as given; for cells given as unknown (``-1``) the most
+        probable trained category of the fitted covariate latent (argmax of ``log pi_k + log N``); new
+        categories keep their codes ``>= n_trained``.
+    new_means
+        Per covariate, the learned component means of its new categories (n_new_j, d_j).
+    loss
+        Each sample's final reconstruction NLL + prior NLL (all blocks).
+    """
+
+    z: np.ndarray
+    covariate_z: list[np.ndarray]
+    codes: np.ndarray
+    new_means: list[np.ndarray]
+    loss: np.ndarray
+
+
+def infer_covariate_latents(
+    module,
+    loader: BatchLoader,
+    n_latent: int,
+    codes: np.ndarray,
+    continuous: np.ndarray | None,
+    n_new: list[int] | None = None,
+    *,
+    n_steps: int = 200,
+    lr: float = 1e-2,
+    betas: tuple[float, float] = (0.5, 0.7),
+    select_by: str = "recon+prior",
+    tol: float = 1e-5,
+    new_category_rounds: int = 5,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+    reduce_sum=None,
+) -> CovariateInference:
+    """Held-out inference for a :class:`~dgdlens.nn.covariates.CovariateDecoderModule` (the DGD with
+    covariates), with everything trained frozen, batched and vectorised over cells.
+
+    Per cell and categorical covariate ``j``, ``codes[:, j]`` says what is known:
+
+    - a trained category ``0 <= k < C_j``: the covariate latent starts at component ``k``'s mean and is
+      optimised under that component's prior (a known batch);
+    - ``-1`` (unknown, e.g. the column is absent from the new ``obs``): the candidates are every trained
+      component mean; the best (biological candidate, covariate component) pair by reconstruction (+ prior
+      with ``select_by="recon+prior"``) is the start, the latent is optimised under the mixture's marginal
+      density, and the returned code is the component with the highest ``log pi_k + log N``;
+    - ``C_j + m`` (the ``m``-th *new* category, e.g. an unseen batch; ``n_new[j]`` of them): a new
+      component whose mean is learned from its cells while the trained model stays frozen. Its mean starts
+      at the trained component most often chosen by its cells (all cells scored as unknown), then
+      ``new_category_rounds`` rounds alternate (a) optimising every cell's latents given the means and (b)
+      setting each new mean to the average covariate latent of its cells (the exact maximiser of the
+      Gaussian term; block-coordinate ascent on the joint MAP objective). Several new categories of several
+      covariates are learned at once. A new category with one cell gets its mean at that cell's covariate
+      latent: the covariate latent is then fitted to that cell alone (only the decoder's structure and the
+      biological prior separate batch from biology), so one-cell batches are embedded but their batch
+      effect is not separable from the cell's own state.
+
+    The new components share the trained components' average precision (frozen). ``reduce_sum`` (under
+    several processes: a summing all-reduce) makes the new means use every process's cells.
+    """
+    if select_by not in {"recon", "recon+prior"}:
+        raise ValueError(f"select_by must be 'recon' or 'recon+prior', got {select_by!r}")
+    device = torch.device(device)
+    module.eval()
+    priors = list(module.covariate_priors)
+    n_cat = len(priors)
+    dims = [n_latent] + [p.dim for p in priors]
+    n_trained = [p.n_components for p in priors]
+    n_new = [0] * n_cat if n_new is None else [int(m) for m in n_new]
+    codes = np.asarray(codes, dtype=np.int64).reshape(loader.n, n_cat)
+    codes_t = torch.as_tensor(codes, device=device)
+    cont_t = None if continuous is None else torch.as_tensor(np.asarray(continuous, np.float32), device=device)
+    cand = default_candidates(module, n_latent, device)
+    reduce_sum = (lambda t: t) if reduce_sum is None else reduce_sum
+    new_means: list[torch.Tensor | None] = [None] * n_cat
+    state = torch.zeros(loader.n, sum(dims), device=device)
+    loss_out = torch.zeros(loader.n, device=device)
+    any_new = any(n_new)
+    rounds = max(1, int(new_category_rounds)) if any_new else 1
+    bar = tqdm(total=loader.n * rounds, desc="embedding", disable=not progress, dynamic_ncols=True)
+
+    def batch_codes(index, hide_new: bool):
+        c = codes_t[index]
+        if hide_new:
+            c = c.clone()
+            for j in range(n_cat):
+                c[:, j] = torch.where(c[:, j] >= n_trained[j], torch.full_like(c[:, j], -1), c[:, j])
+        return c
+
+    def select(x, scale, c, cont, means):
+        """Best (biological candidate, component of each unknown covariate) per cell; returns the start
+        latents (n, sum(dims)) and, per covariate, the chosen trained component of unknown cells (-1 else)."""
+        n = x.shape[0]
+        unknown = [j for j in range(n_cat) if bool((c[:, j] < 0).any())]
+        all_means = [priors[j].mean.detach() if means[j] is None else torch.cat([priors[j].mean.detach(), means[j]])
+                     for j in range(n_cat)]
+        own = [all_means[j][c[:, j].clamp_min(0)] for j in range(n_cat)]
+        best = torch.full((n,), float("inf"), device=device)
+        start = torch.zeros(n, sum(dims), device=device)
+        chosen = torch.full((n, n_cat), -1, dtype=torch.int64, device=device)
+        for combo in itertools.product(range(cand.shape[0]), *[range(n_trained[j]) for j in unknown]):
+            z = cand[combo[0]].expand(n, -1)
+            covs, pick = list(own), {}
+            for j, comp in zip(unknown, combo[1:]):
+                covs[j] = torch.where((c[:, j] < 0).unsqueeze(1), priors[j].mean.detach()[comp].expand(n, -1), own[j])
+                pick[j] = comp
+            recon, prior = module.batch_nll(x, [z, *covs], scale, c, cont, means)
+            score = recon + prior if select_by == "recon+prior" else recon
+            better = score < best
+            best = torch.where(better, score, best)
+            start[better] = torch.cat([z, *covs], dim=1)[better]
+            for j, comp in pick.items():
+                chosen[better, j] = comp
+        return start, chosen
+
+    with frozen(module):
+        if any_new:  # initial new means: the trained component most chosen by each new category's cells
+            votes = [torch.zeros(max(n_new[j], 1), n_trained[j], device=device) for j in range(n_cat)]
+            with torch.no_grad():
+                for batch in loader:
+                    c_true = codes_t[batch.index]
+                    cont = None if cont_t is None else cont_t[batch.index]
+                    _, chosen = select(batch.x, batch.scale, batch_codes(batch.index, True), cont, [None] * n_cat)
+                    for j in range(n_cat):
+                        is_new = c_true[:, j] >= n_trained[j]
+                        if n_new[j] and bool(is_new.any()):
+                            m = c_true[is_new, j] - n_trained[j]
+                            votes[j].index_put_((m, chosen[is_new, j]), torch.ones_like(m, dtype=torch.float32),
+                                                accumulate=True)
+            for j in range(n_cat):
+                if n_new[j]:
+                    v = reduce_sum(votes[j])
+                    new_means[j] = priors[j].mean.detach()[v.argmax(1)].clone()
+
+        for r in range(rounds):
+            for batch in loader:
+                x, scale, index = batch.x, batch.scale, batch.index
+                c = codes_t[index]
+                cont = None if cont_t is None else cont_t[index]
+                if r == 0:
+                    with torch.no_grad():
+                        z0, _ = select(x, scale, c, cont, new_means)
+                else:
+                    z0 = state[index]
+
+                def objective(x, zc, scale, c=c, cont=cont):
+                    recon, prior = module.batch_nll(x, list(torch.split(zc, dims, dim=1)), scale, c, cont, new_means)
+                    return recon + prior
+
+                zc = optimise_latents(objective, x, scale, z0, n_steps, lr, betas, tol)
+                with torch.no_grad():
+                    state[index] = zc
+                    loss_out[index] = objective(x, zc, scale)
+                bar.update(x.shape[0])
+            if any_new and r < rounds - 1:  # M-step: each new mean = the mean covariate latent of its cells
+                blocks = torch.split(state, dims, dim=1)
+                for j in range(n_cat):
+                    if not n_new[j]:
+                        continue
+                    is_new = codes_t[:, j] >= n_trained[j]
+                    m = codes_t[is_new, j] - n_trained[j]
+                    sums = torch.zeros(n_new[j], dims[j + 1], device=device).index_add_(0, m, blocks[j + 1][is_new])
+                    counts = torch.zeros(n_new[j], device=device).index_add_(0, m, torch.ones_like(m, dtype=torch.float32))
+                    sums, counts = reduce_sum(sums), reduce_sum(counts)
+                    new_means[j] = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], new_means[j])
+    bar.close()
+    blocks = [b.cpu().numpy() for b in torch.split(state, dims, dim=1)]
+    out_codes = codes.copy()
+    with torch.no_grad():
+        for j in range(n_cat):
+            unknown = out_codes[:, j] < 0
+            if unknown.any():
+                assigned = priors[j].assign(torch.from_numpy(blocks[j + 1][unknown]).to(device)).cpu().numpy()
+                out_codes[unknown, j] = assigned
+    means_out = [np.zeros((0, dims[j + 1]), np.float32) if new_means[j] is None else new_means[j].cpu().numpy()
+                 for j in range(n_cat)]
+    return CovariateInference(z=blocks[0], covariate_z=blocks[1:], codes=out_codes, new_means=means_out,
+                              loss=loss_out.cpu().numpy())
+
+
+def infer_covariate_latents_sharded(module, matrix, scale: np.ndarray | None, n_latent: int, codes: np.ndarray,
+                                    continuous: np.ndarray | None, n_new: list[int] | None = None, *,
+                                    batch_size: int, device, progress: bool = True,
+                                    **infer_kwargs) -> CovariateInference:
+    """:func:`infer_covariate_latents` for every row of ``matrix``; under several processes each embeds a
+    contiguous slice (new categories' means are averaged over all processes' cells) and the results are
+    gathered on every process."""
+    if not _dist.is_distributed():
+        loader = BatchLoader(matrix, None, scale, batch_size=batch_size, shuffle=False, device=device)
+        return infer_covariate_latents(module, loader, n_latent, codes, continuous, n_new, progress=progress,
+                                       device=device, **infer_kwargs)
+    _dist.init(device=device)
+    lo, hi = _dist.shard_bounds(matrix.n_obs)
+    loader = BatchLoader(matrix, np.arange(lo, hi), None if scale is None else scale[lo:hi], batch_size=batch_size,
+                         shuffle=False, device=device)
+    res = infer_covariate_latents(module, loader, n_latent, codes[lo:hi],
+                                  None if continuous is None else continuous[lo:hi], n_new,
+                                  progress=progress and _dist.is_main_process(), device=device,
+                                  reduce_sum=_dist.all_reduce_sum, **infer_kwargs)
+
+    def gather(a):
+        return _dist.gather_rows(torch.from_numpy(np.ascontiguousarray(a)), matrix.n_obs).numpy()
+
+    return CovariateInference(z=gather(res.z), covariate_z=[gather(c) for c in res.covariate_z],
+                              codes=gather(res.codes), new_means=res.new_means, loss=gather(res.loss))

@@ -1,0 +1,100 @@
+"""Count splitting for the lens: test differential expression on a binomial half of the counts.
+
+Binomial thinning splits each count ``x`` into ``x_a ~ Binomial(x, 1/2)`` and ``x_b = x - x_a``. For
+Poisson counts the two halves are independent given the cell's expression rates (Neufeld et al. 2022,
+"Inference after latent variable estimation for single-cell RNA sequencing data"); for negative binomial
+counts they are close to independent when the overdispersion is small.
+
+What :func:`dgdlens.lens.annotate` does with it (``count_split="auto"``, on for integer counts): the
+activation groups stay as given and the DE statistics are computed on ``x_b`` only.
+
+- **What this removes:** nothing of the selection if the activations were computed from all counts. It
+  removes the double dipping only when the activations were computed from ``x_a`` (latents inferred from
+  ``x_a`` with a frozen decoder, then ``sae.encode``): then the groups are a function of ``x_a`` alone and
+  the tests on ``x_b`` are valid. :func:`split_counts` gives both halves for that recipe, and
+  ``annotate(F_from_x_a, x_b, count_split=False)`` runs it.
+- **What it does not remove with activations from all counts:** the latents (hence the groups) were fitted
+  on ``x_a + x_b``, so the noise in ``x_b`` still influenced which cells are "high". The split halves the
+  share of the tested noise that the fit saw, which reduces but does not remove the bias
+  (``benchmarks/lens_null.py`` measures both settings). It also halves the counts the tests use, so the
+  power is lower.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+__all__ = ["split_counts", "is_integer_counts", "maybe_split"]
+
+
+def split_counts(X, p: float = 0.5, seed: int = 0) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """``(X_a, X_b)``: ``X_a = Binomial(X, p)`` entrywise and ``X_b = X - X_a`` (CSR, float32).
+
+    Uses :func:`dgdlens.evaluate.binomial_split` when that exists (the shared held-out protocol), so the
+    lens and the benchmarks thin counts the same way; otherwise the same thinning here.
+    """
+    try:  # the shared implementation, if present
+        from ..evaluate import binomial_split  # type: ignore[attr-defined]
+    except ImportError:
+        binomial_split = None
+    if binomial_split is not None:
+        X_a, X_b = binomial_split(sp.csr_matrix(X), p=p, seed=seed)
+        return sp.csr_matrix(X_a, dtype=np.float32), sp.csr_matrix(X_b, dtype=np.float32)
+    if not 0 < p < 1:
+        raise ValueError(f"p must be in (0, 1), got {p}.")
+    X = sp.csr_matrix(X, dtype=np.float64, copy=True)
+    X.sum_duplicates()
+    if X.nnz and (X.data.min() < 0 or np.any(X.data != np.round(X.data))):
+        raise ValueError("count splitting needs non-negative integer counts.")
+    rng = np.random.default_rng(seed)
+    a = rng.binomial(X.data.astype(np.int64), p).astype(np.float32)
+    X_a = sp.csr_matrix((a, X.indices.copy(), X.indptr.copy()), shape=X.shape)
+    X_b = sp.csr_matrix((X.data.astype(np.float32) - a, X.indices.copy(), X.indptr.copy()), shape=X.shape)
+    X_a.eliminate_zeros()
+    X_b.eliminate_zeros()
+    return X_a, X_b
+
+
+def is_integer_counts(X) -> bool:
+    """True for a non-negative, all-integer numeric matrix (sparse or dense, numpy or torch)."""
+    try:
+        import torch
+
+        if isinstance(X, torch.Tensor):
+            X = X.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    if hasattr(X, "to_numpy") and not sp.issparse(X):
+        X = X.to_numpy()
+    values = X.data if sp.issparse(X) else np.asarray(X)
+    if not np.issubdtype(values.dtype, np.number) or values.size == 0:
+        return False
+    return bool(values.min() >= 0 and np.all(values == np.round(values)))
+
+
+def maybe_split(expression, count_split, seed: int):
+    """(expression to test on, whether it is the held-out binomial half); see this module."""
+    if count_split not in ("auto", True, False):
+        raise ValueError(f"count_split must be 'auto', True or False, got {count_split!r}.")
+    if count_split is False:
+        return expression, False
+    integer = is_integer_counts(expression)
+    if not integer:
+        if count_split is True:
+            raise ValueError("count_split=True needs non-negative integer counts; pass raw counts or "
+                             "count_split=False.")
+        return expression, False
+    values = expression.to_numpy() if isinstance(expression, pd.DataFrame) else expression
+    try:
+        import torch
+
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    _, X_b = split_counts(values, 0.5, seed)
+    if isinstance(expression, pd.DataFrame):
+        return pd.DataFrame(X_b.toarray(), index=expression.index, columns=expression.columns), True
+    return X_b, True
