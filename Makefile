@@ -6,8 +6,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dgdlens-installed
+DOCS_STAMP := $(VENV)/.dgdlens-docs-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean docs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,5 +25,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
+# `make docs`: the Sphinx site in docs/_build/html (warnings are errors), then an offline check of its
+# internal links. Tutorials are executed; their outputs are cached in docs/.jupyter_cache, so a
+# re-build only re-runs a tutorial whose source changed.
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	MPLBACKEND=Agg $(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+	$(PY) docs/check_links.py docs/_build/html
+
 clean:
-	rm -rf $(VENV) dgdlens-demo .pytest_cache
+	rm -rf $(VENV) dgdlens-demo .pytest_cache docs/_build docs/.jupyter_cache docs/api/generated docs/cli_generated.md

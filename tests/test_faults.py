@@ -371,7 +371,7 @@ def test_resume_command_after_ctrl_c():
     from dgdlens.cli import _resume_command
 
     argv = ["train", "d.h5ad", "--out", "m", "--checkpoint", "ck.st", "--resume", "old.st", "--epochs", "5"]
-    assert _resume_command(Namespace(checkpoint="ck.st"), argv) == (
+    assert _resume_command(Namespace(checkpoint_path="ck.st"), argv) == (
         "dgdlens train d.h5ad --out m --checkpoint ck.st --epochs 5 --resume ck.st")
 
 

@@ -82,6 +82,7 @@ def test_welch_statistics_equal_scipy_ttest_ind():
     counts, A, names = _small_data()
     table = differential_expression(
         A, counts, [0, 1], gene_names=names, percentile=90, max_low_cells=None, variance_guard=None,
+        high="percentile", count_split=False,
         min_active_cells=5)
     X = _dense(prepare_expression(counts, names).X)
     for f in (0, 1):
@@ -105,6 +106,7 @@ def test_wilcoxon_equals_scipy_mannwhitneyu():
     counts, A, names = _small_data(seed=4)
     table = differential_expression(
         A, counts, [0], gene_names=names, percentile=90, max_low_cells=None, test="wilcoxon",
+        high="percentile", count_split=False,
         min_active_cells=5)
     X = _dense(prepare_expression(counts, names).X)
     a = A[:, 0]
@@ -126,7 +128,9 @@ def test_groups_high_low_and_min_active_cells_applied():
     assert status[1] == "too_few_active" and status[3] == "dead" and status[2] == "too_few_low"
     assert list(g.features) == [0]
     high = g.high_cells(0)
-    np.testing.assert_array_equal(high, np.flatnonzero(A[:, 0] > np.percentile(A[:, 0], 99)))
+    # the top max(min_active_cells, 1 % of cells) = 20 active cells (the 99th percentile alone gives 10)
+    np.testing.assert_array_equal(high, np.sort(np.argsort(-A[:, 0], kind="stable")[:20]))
+    assert len(np.flatnonzero(A[:, 0] > np.percentile(A[:, 0], 99))) == 10
     low = g.low_cells(0)
     assert len(low) == 200 and np.all(A[low, 0] == 0)
     # the subsample is seeded: same seed same cells, another seed other cells
@@ -177,7 +181,8 @@ def test_compiled_and_numpy_paths_agree(guard):
     counts, A, names = _small_data(seed=6, genes=60, features=10)
     counts[:, 7] = 0  # a gene that is zero everywhere, and one that is constant
     counts[:, 8] = 3
-    kw = dict(gene_names=names, percentile=80, variance_guard=guard, min_active_cells=5, max_low_cells=150)
+    kw = dict(gene_names=names, percentile=80, variance_guard=guard, min_active_cells=5, max_low_cells=150,
+              count_split=False)
     fast = differential_expression(A, counts, np.arange(10), engine="auto", **kw).sort_values(
         ["feature", "gene"]
     )

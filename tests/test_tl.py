@@ -93,7 +93,9 @@ def test_steer_stores_the_tables_of_dl_steer(trained, tmp_path):
     np.testing.assert_array_equal(stored["cells"], direct.cells)
     assert stored["params"] == {"feature": feature, "mode": "add", "value": 3.0, "use_rep": "X_dgd",
                                 "layer": "None", "n_cells": work.n_obs}
-    assert (stored["genes"]["direction"] != "").any()
+    assert stored["genes"]["pval"].between(0, 1).all() and stored["n_controls"]["random"] >= 100
+    if direct.gene_set_tests is not None:
+        pd.testing.assert_frame_equal(stored["gene_set_tests"], direct.gene_set_tests)
     work.write_h5ad(tmp_path / "steer.h5ad")
     back = ad.read_h5ad(tmp_path / "steer.h5ad").uns["dgdlens_steer"]
     np.testing.assert_allclose(back["genes"]["log2fc"].to_numpy(), direct.genes["log2fc"].to_numpy())

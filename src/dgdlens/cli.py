@@ -126,6 +126,9 @@ def _train_parser(sub, common) -> None:
     p.add_argument("--labels-key", metavar="OBS_KEY",
                    help="obs column of cell labels; sets the number of mixture components when "
                         "--n-components is not given (never used in training)")
+    p.add_argument("--batch-key", metavar="OBS_KEY",
+                   help="obs column of the batch (or donor, sample): each cell gets a batch latent with a "
+                        "supervised prior, so the biological latent is batch-corrected (multiDGD's covariates)")
     p.add_argument("--n-latent", type=_positive_int, metavar="N", default=20, help="latent dimensions")
     p.add_argument("--n-components", type=_positive_int, metavar="K",
                    help="mixture components (default: one per label category, else about log2(cells))")
@@ -151,7 +154,8 @@ def _train_parser(sub, common) -> None:
     p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
                    help="epochs between checkpoints (default: 50; needs --checkpoint)")
     p.add_argument("--resume", dest="resume_from", metavar="FILE",
-                   help="continue training from a checkpoint written by --checkpoint (resume_from= in the API)")
+                   help="continue training from a checkpoint written by --checkpoint "
+                        "(resume_from= in the API)")
     p.add_argument("--latents", metavar="FILE",
                    help="also write the training cells' latents: .h5ad (DATA plus obsm X_dgd and obs "
                         "dgd_cluster), .npy or .csv")
@@ -240,9 +244,16 @@ def _annotate_parser(sub, common) -> None:
     p.add_argument("--gene-sets", default="go_bp", metavar="NAME|FILE",
                    help="go_bp, go_mf, go_cc, hallmark, reactome_wp_pid, or a .gmt file")
     p.add_argument("--percentile", type=float, default=99.0, metavar="Q",
-                   help="a feature's active group: cells above this percentile of its activations")
+                   help="a feature's active group: its top max(--min-active-cells, (100 - Q) %% of cells) "
+                        "active cells")
     p.add_argument("--min-active-cells", type=int, default=20, metavar="N",
-                   help="skip features active in fewer cells")
+                   help="smallest active group; features active in fewer cells are skipped")
+    p.add_argument("--fdr", choices=["global", "per_feature"], default="global",
+                   help="Benjamini-Hochberg across every (feature, term) test (global), or within each feature")
+    p.add_argument("--count-split", action=argparse.BooleanOptionalAction, default=None,
+                   help="test genes on a binomial half of the counts (default: on for integer counts)")
+    p.add_argument("--background", choices=["all", "matched"], default="all",
+                   help="gene-set universe: all tested genes, or genes matched on mean expression")
     p.add_argument("--test", default="t-test", choices=["t-test", "wilcoxon"],
                    help="differential expression test")
     p.add_argument("--min-set-size", type=int, default=10, metavar="N",
@@ -288,8 +299,10 @@ def _steer_parser(sub, common) -> None:
     p.add_argument("--layer", metavar="LAYER", help="layer with raw counts (for library sizes and embedding)")
     p.add_argument("--gene-sets", default="go_bp", metavar="NAME|FILE",
                    help="collection for the enrichment of changed genes, a .gmt file, or 'none'")
+    p.add_argument("--n-controls", type=_positive_int, default=200, metavar="N",
+                   help="random same-size edits each gene's change is compared with (empirical p-values)")
     p.add_argument("--random-control", action="store_true",
-                   help="also steer along a random direction of the same length, for comparison")
+                   help="also steer along one more same-length random direction, scored like the feature")
     _add_device(p)
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (random control)")
     _add_overwrite(p, "files in OUT_DIR")
@@ -648,7 +661,7 @@ def _cmd_train(args) -> None:
     _echo(f"Read {args.data}: {adata.n_obs:,} cells x {adata.n_vars:,} genes{backed}.")
     model = DGD(adata, layer=args.layer, n_latent=args.n_latent, n_components=args.n_components,
                 labels_key=args.labels_key, hidden=args.hidden, validation_fraction=args.validation_fraction,
-                seed=args.seed)
+                seed=args.seed, batch_key=args.batch_key)
     _echo(f"Training {model}.")
     extra = {} if args.patience is None else {"patience": args.patience}
     if args.checkpoint_every is not None:
@@ -683,7 +696,8 @@ def _check_train_outputs(args) -> None:
                           and Path(args.checkpoint_path).resolve() == Path(args.resume_from).resolve())
         _output_path(args.checkpoint_path, args.overwrite or bool(same_as_resume), inputs=[args.data],
                      what="--checkpoint")
-    _distinct_outputs({"--out": Path(args.out), "--latents": args.latents, "--checkpoint": args.checkpoint_path},
+    _distinct_outputs({"--out": Path(args.out), "--latents": args.latents,
+                       "--checkpoint": args.checkpoint_path},
                       model_dirs={"--out": Path(args.out)})
 
 
@@ -810,14 +824,16 @@ def _cmd_annotate(args) -> None:
         gene_symbols=args.gene_symbols, key_added="annotation", compat=args.compat,
         percentile=args.percentile, min_active_cells=args.min_active_cells, test=args.test,
         min_set_size=args.min_set_size, max_set_size=args.max_set_size, max_padj=args.max_padj,
-        seed=args.seed, progress=args.progress)
+        fdr=args.fdr, count_split="auto" if args.count_split is None else args.count_split,
+        background=args.background, seed=args.seed, progress=args.progress)
     results, features = adata.uns["annotation"]["results"], adata.uns["annotation"]["features"]
     _write_table(results, out)
     if args.features_summary:
         _write_table(features, Path(args.features_summary))
     n_tested = int((features["status"] == "ok").sum()) if "status" in features else len(features)
     _echo(f"Wrote {len(results):,} rows to {out}: {results['feature'].nunique():,} of {n_tested:,} tested "
-          f"features have a gene set with padj <= {args.max_padj:g}.")
+          f"features have a gene set with {'global ' if args.fdr == 'global' else 'per-feature '}"
+          f"adjusted p <= {args.max_padj:g}.")
     for line in _top_terms(results, 5):
         _echo("  " + line)
 
@@ -825,8 +841,9 @@ def _cmd_annotate(args) -> None:
 def _top_terms(results, n: int) -> list[str]:
     if len(results) == 0:
         return []
-    best = results.sort_values("padj", kind="stable").drop_duplicates("feature").head(n)
-    return [f"feature {r.feature}: {r.term} ({r.direction}, padj {r.padj:.2g})" for r in best.itertuples()]
+    key = "padj_global" if "padj_global" in results else "padj"
+    best = results.sort_values(key, kind="stable").drop_duplicates("feature").head(n)
+    return [f"feature {r.feature}: {r.term} ({r.direction}, {key} {getattr(r, key):.2g})" for r in best.itertuples()]
 
 
 def _write_table(df, path: Path) -> None:
@@ -875,7 +892,7 @@ def _cmd_steer(args) -> None:
           f"{f' (latents from obsm[{use_rep!r}])' if use_rep else ' (embedding them first)'}.")
     result = steer(model, sae, adata, feature=args.feature, mode=args.mode, value=args.value, cells=cells,
                    use_rep=use_rep, layer=args.layer, gene_sets=_gene_sets_arg(args.gene_sets),
-                   random_control=args.random_control, seed=args.seed)
+                   random_control=args.random_control, n_controls=args.n_controls, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
     _write_table(result.genes, out / "genes.csv")
     _write_table(result.enrichment, out / "enrichment.csv")
@@ -883,15 +900,18 @@ def _cmd_steer(args) -> None:
         _write_table(result.control.genes, out / "control_genes.csv")
     summary = steering_summary(result)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    _echo(f"{summary['genes_up']} genes up, {summary['genes_down']} down (padj < 0.05, |log2FC| >= 0.25); "
+    _echo(f"{summary['genes_up']} genes up, {summary['genes_down']} down (empirical p against "
+          f"{result.n_controls.get('random', 0)} same-size random edits, BH < 0.05, |log2FC| >= 0.25); "
           f"cells moved {summary['mean_shift']:.3g} in latent space on average. Wrote {out}/.")
+    if result.gene_set_tests is not None:
+        _write_table(result.gene_set_tests, out / "gene_set_tests.csv")
     for line in _steered_genes(result.genes, 5):
         _echo("  " + line)
 
 
 def _steered_genes(genes, n: int) -> list[str]:
     order = genes.reindex(genes["log2fc"].abs().sort_values(ascending=False).index).head(n)
-    return [f"{r.gene}: log2FC {r.log2fc:+.2f} (padj {r.padj:.2g})" for r in order.itertuples()]
+    return [f"{r.gene}: log2FC {r.log2fc:+.2f} (empirical padj {r.padj:.2g})" for r in order.itertuples()]
 
 
 def _cmd_demo(args) -> None:

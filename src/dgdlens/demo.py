@@ -105,7 +105,8 @@ def _choose_steering(activations, features: pd.DataFrame, alpha: float = 0.05) -
     """
     A = activations.tocsc()
     totals = np.asarray(A.sum(axis=0)).ravel()
-    best = features[features["padj"] <= alpha].sort_values("padj", kind="stable").drop_duplicates("feature")
+    passed = features["significant"] if "significant" in features else features["padj_global"] <= alpha
+    best = features[passed].sort_values("padj_global", kind="stable").drop_duplicates("feature")
     pools = (best.loc[best["direction"] == "up", "feature"], best["feature"], range(A.shape[1]))
     pool = [0]
     for candidates in pools:
@@ -216,8 +217,8 @@ def run_demo(
     """
     import torch
 
-    if max_epochs is not None and (isinstance(max_epochs, bool) or not isinstance(max_epochs, (int, np.integer))
-                                   or max_epochs < 1):
+    if max_epochs is not None and (isinstance(max_epochs, bool)
+                                   or not isinstance(max_epochs, (int, np.integer)) or max_epochs < 1):
         raise ValueError(f"max_epochs must be a positive integer, got {max_epochs!r}.")
     prepare_output_folder(out, overwrite=overwrite)
 
@@ -225,7 +226,8 @@ def run_demo(
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
     try:
-        return _run(out, quick=quick, max_epochs=max_epochs, device=device, seed=seed, progress=progress, echo=echo)
+        return _run(out, quick=quick, max_epochs=max_epochs, device=device, seed=seed, progress=progress,
+                    echo=echo)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -310,7 +312,8 @@ def _run(out, *, quick, max_epochs, device, seed, progress, echo) -> DemoResult:
     steps.stop()
     summary["time_s"] = round(time.perf_counter() - t_start, 1)
     files["summary"] = out / "summary.json"
-    atomic_write_text(files["summary"], json.dumps(to_jsonable({**summary, "timings_s": steps.timings}), indent=2))
+    atomic_write_text(files["summary"],
+                      json.dumps(to_jsonable({**summary, "timings_s": steps.timings}), indent=2))
     for line in summary_lines(summary, out):
         echo(line)
     return DemoResult(out=out, files=files, summary=summary, timings=steps.timings)
@@ -388,7 +391,7 @@ def summary_lines(summary: dict, out: Path) -> list[str]:
         f"  SAE       {s['n_features']} features (top-{s['k']}): FVU {s['fvu']:.3f}, L0 {s['l0']:.1f}, "
         f"dead {s['dead_fraction']:.0%}",
         f"  features  {a['features_with_terms']} of {a['features_tested']} tested features have a "
-        f"{a['gene_sets'].upper().replace('_', ' ')} term (padj <= 0.05); best:",
+        f"{a['gene_sets'].upper().replace('_', ' ')} term (global FDR 0.05); best:",
         *[f"              {t}" for t in a["top"]],
         f"  steering  feature {st['feature']} switched off in its {st['n_cells']} active cells: "
         f"{st['genes_down']} genes down, {st['genes_up']} up"
@@ -414,11 +417,11 @@ def _write_report(path: Path, adata, model, quality, activations, features, stee
         "description": (
             "These are the cells where it is active. Each of them moved back along the feature's direction "
             "by its own activation, and the model predicted its expression again. "
-            f"{st['genes_down']} genes went down and {st['genes_up']} up (adjusted p < 0.05 and |log2 fold "
-            "change| >= 0.25). If the feature stands for the programme in its annotation, the "
-            "genes of its top terms should be among those going down. Moving the same cells the same "
-            f"distances along a random direction changed {st.get('control_genes_changed', 'n/a')} genes: a "
-            "baseline for how much any move of that size changes the prediction."),
+            f"{st['genes_down']} genes went down and {st['genes_up']} up: genes whose change is larger than "
+            "under at least 95 % of 200 edits of the same size along random directions (empirical p, BH "
+            "< 0.05) and |log2 fold change| >= 0.25. If the feature stands for the programme in its "
+            "annotation, the genes of its top terms should be among those going down. One more random "
+            f"direction, scored the same way, changed {st.get('control_genes_changed', 'n/a')} genes."),
     }
     notes = [
         "Data: scanpy's pbmc68k_reduced (a 700-cell subset of 10x Genomics' 68k PBMCs, Zheng et al. 2017), "
@@ -427,8 +430,10 @@ def _write_report(path: Path, adata, model, quality, activations, features, stee
         f"{len(model.train_idx) + len(model.val_idx)} cells trained the DGD ({len(model.val_idx)} of them as "
         f"its validation split); {int((adata.obs['dgd_split'] == 'held-out').sum())} held-out cells were "
         "embedded afterwards with the model frozen. Reconstruction NLL per cell (lower is better): "
-        f"{d['recon_nll_training']:.1f} on training cells, {d['recon_nll_held_out']:.1f} on held-out cells; "
-        "similar values mean that the model generalises to cells it has not seen.",
+        f"{d['recon_nll_training']:.1f} on training cells, {d['recon_nll_held_out']:.1f} on held-out cells. "
+        "Both fit each cell's latent to the counts they then score, so they say how well the decoder can "
+        "describe a cell, not how well it predicts unseen counts; for that, dl.evaluate scores held-out "
+        "cells by count splitting (latent from one half of the counts, likelihood of the other half).",
     ]
     if settings["dgd_epochs"] < 100:
         notes.append(f"Quick run: the DGD trained for only {settings['dgd_epochs']} epochs and the SAE for "

@@ -9,19 +9,76 @@ Plain-data functions (numpy, pandas) with no plotting: :mod:`dgdlens.plotting` d
 - :func:`history_metrics`, :func:`find_best_epoch`: the metrics and best epoch of a training history
   (a DataFrame such as ``model.history_``, a dict of columns, or a list of per-epoch dicts).
 - :func:`as_lfc_series`, :func:`top_changed_genes`: per-gene log fold changes of a steering result.
+- Held-out likelihood shared by all count models (DGD, DecoderOnly with an NB likelihood, scVI in the
+  benchmark): :func:`binomial_split`, :func:`count_split_nll`, :func:`gene_split_nll`, the model interface
+  :class:`NBSplitModel` and its builders :func:`split_model` (dgdlens models) and
+  :func:`composition_split_model` (any softmax-composition NB decoder, e.g. scVI's).
+
+The held-out protocol
+---------------------
+A model's latent for a held-out cell must never be fitted to the counts it is scored on: a latent
+fitted by MAP on the scored counts rewards a flexible decoder for fitting noise, and an encoder is
+not fitted at all, so "held-out NLL" compares unlike things. Two splits of each held-out cell avoid
+that:
+
+*Count splitting* (:func:`count_split_nll`). Each count is thinned, ``X_a ~ Binomial(X, p)`` and
+``X_b = X - X_a`` (:func:`binomial_split`). The latent is inferred from ``X_a`` alone, with ``X_a``'s
+library size (the model's own held-out inference, decoder frozen). Part B is scored with the model's
+NB at that latent, the mean scaled to part B's library size ``L_b = sum_g X_b[g]`` (the observed total,
+as scVI's and the DGD's likelihoods scale by the observed total):
+``NLL_b = -sum_g log NB(X_b[g]; L_b * c_g(z), r_g)`` with ``c(z)`` the model's composition (softmax)
+over genes. Unit: nats per cell, summed over all genes.
+If ``X ~ Poisson(mu)`` the two parts are independent Poisson(p mu) and Poisson((1-p) mu), so this is
+an exact held-out test. If ``X ~ NB(mu, r)`` each part is NB(p mu, r), NB((1-p) mu, r) marginally,
+but they are *not* independent (they share the cell's gamma intensity): a model that fits part A's
+cell-specific noise is partly rewarded on part B. The score is still comparable between models
+scored on the same split (same ``p`` and ``seed``), and it no longer lets a model see the scored
+counts, but it is not a pure out-of-sample test of the dispersion. Thinning a cell to half its
+counts also makes part-A inference harder than inference from the whole cell (less signal, the same
+prior), which is the price of never scoring the counts the latent was fitted to.
+
+*Gene splitting* (:func:`gene_split_nll`). The genes are split at random (seeded) into an observed
+set A and a scored set B. The latent is inferred from ``X[:, A]`` alone: NB likelihood with the
+composition renormalised over A, ``c_g(z) / sum_{h in A} c_h(z)``, times ``L_A = sum_{g in A} X_g``
+(plus the model's prior: MAP with the decoder frozen). Part B is scored with the composition
+renormalised over B, ``mean_g = L_B * c_g(z) / sum_{h in B} c_h(z)``, ``L_B = sum_{g in B} X_g``.
+Under the model the genes are conditionally independent given the latent, so part B is held out for
+NB and Poisson alike; what it measures is how well the latent predicts unseen genes (imputation),
+a different question from count splitting. Unit: nats per cell, summed over the genes in B.
+
+The NLL per cell depends on the split (which counts or genes are scored), so compare models only on
+the same split (same ``p``/``fraction`` and ``seed``) and the same cells.
+
+The model interface
+-------------------
+:class:`NBSplitModel` is two callables, so anything with an NB output fits (the benchmark wraps scVI):
+
+- ``infer(x, library, genes) -> latents``: latents of the cells from the counts ``x`` (CSR, cells x
+  ``len(genes)``) of the observed genes ``genes`` (indices into the model's genes; all genes for count
+  splitting), with ``library`` the per-cell total of ``x``. Latents can be any object the second
+  callable understands (an array, usually).
+- ``nb_params(latents, library, genes) -> (mean, r)``: the NB mean (cells x ``len(genes)``) and
+  dispersion (broadcastable to it) of the scored genes ``genes`` for a cell whose part to score has the
+  total ``library``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 __all__ = [
     "contingency_table", "cluster_agreement",
     "history_metrics", "find_best_epoch",
     "as_lfc_series", "top_changed_genes",
+    "binomial_split", "count_split_nll", "gene_split_nll", "nb_nll",
+    "NBSplitModel", "split_model", "composition_split_model",
 ]
 
 
@@ -233,3 +290,378 @@ def top_changed_genes(lfc, *, n_up: int = 15, n_down: int = 15) -> tuple[pd.Seri
     up = values[values > 0].sort_values(ascending=False, kind="stable").head(n_up)
     down = values[values < 0].sort_values(ascending=True, kind="stable").head(n_down)
     return up, down
+
+
+# --------------------------------------------------------------------------- held-out NB likelihood
+
+def _check_counts(values: np.ndarray, what: str) -> None:
+    if values.size and (not np.all(np.isfinite(values)) or values.min() < 0 or np.any(values != np.round(values))):
+        raise ValueError(f"{what} must hold non-negative integer counts (raw UMIs), not normalised values.")
+
+
+def binomial_split(X, p: float = 0.5, seed: int = 0):
+    """Count splitting by binomial thinning: ``X_a ~ Binomial(X, p)`` elementwise, ``X_b = X - X_a``.
+
+    ``X`` holds non-negative integer counts (cells x genes): a scipy sparse matrix (any format; both
+    parts come back as CSR with explicit zeros removed, and only the stored entries are drawn, so the
+    matrix is never densified) or a dense array (dense parts). The values keep ``X``'s dtype. The
+    draw is reproducible for a given ``seed`` (``numpy.random.default_rng``), and ``X_a + X_b == X``.
+    If ``X ~ Poisson(mu)`` the parts are independent Poisson(p mu) and Poisson((1 - p) mu); if
+    ``X ~ NB(mu, r)`` they are NB(p mu, r) and NB((1 - p) mu, r) marginally but not independent.
+    """
+    p = float(p)
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be strictly between 0 and 1, got {p}.")
+    rng = np.random.default_rng(seed)
+    if sp.issparse(X):
+        X = sp.csr_matrix(X, copy=True)
+        X.sum_duplicates()  # canonical entry order: the draw depends only on the matrix and the seed
+        X.sort_indices()
+        _check_counts(X.data, "X")
+        counts = X.data.astype(np.int64)
+        drawn = rng.binomial(counts, p)
+        shape, dtype = X.shape, X.data.dtype
+        parts = []
+        for values in (drawn, counts - drawn):
+            part = sp.csr_matrix((values.astype(dtype), X.indices.copy(), X.indptr.copy()), shape=shape)
+            part.eliminate_zeros()
+            parts.append(part)
+        return parts[0], parts[1]
+    arr = np.asarray(X)
+    if arr.ndim != 2:
+        raise ValueError(f"X must be a 2-D matrix (cells x genes), got shape {arr.shape}.")
+    _check_counts(arr, "X")
+    drawn = rng.binomial(arr.astype(np.int64), p)
+    return drawn.astype(arr.dtype), (arr - drawn).astype(arr.dtype)
+
+
+def nb_nll(x, mean, r, *, batch_size: int = 1024) -> np.ndarray:
+    """Negative-binomial NLL per cell, summed over genes, float64 (nats).
+
+    ``x`` counts (dense or sparse, cells x genes), ``mean`` the NB means (same shape), ``r`` the
+    dispersion (shape parameter; broadcastable: per gene ``(G,)`` or ``(1, G)``, or per entry).
+    Equals ``-scipy.stats.nbinom.logpmf(x, r, r / (r + mean)).sum(1)``; a zero mean with a zero count
+    scores 0.
+    """
+    from scipy.special import gammaln, xlogy
+
+    mean = np.asarray(mean, dtype=np.float64)
+    r = np.asarray(r, dtype=np.float64)
+    if mean.ndim != 2 or x.shape != mean.shape:
+        raise ValueError(f"x {x.shape} and mean {mean.shape} must have the same (cells, genes) shape.")
+    r = np.broadcast_to(r.reshape(1, -1) if r.ndim == 1 else r, mean.shape)
+    out = np.empty(mean.shape[0], dtype=np.float64)
+    for i in range(0, mean.shape[0], batch_size):
+        sl = slice(i, i + batch_size)
+        xb = x[sl]
+        xb = np.asarray(xb.toarray() if sp.issparse(xb) else xb, dtype=np.float64)
+        m, rb = mean[sl], r[sl]
+        total = m + rb
+        logp = (gammaln(xb + rb) - gammaln(rb) - gammaln(xb + 1.0)
+                + xlogy(xb, m) - xlogy(xb, total) + rb * (np.log(rb) - np.log(total)))
+        out[sl] = -logp.sum(1)
+    return out
+
+
+@dataclass(frozen=True)
+class NBSplitModel:
+    """A count model as the held-out protocol sees it: infer latents, give NB parameters.
+
+    - ``infer(x, library, genes) -> latents``: ``x`` the observed counts (CSR, cells x ``len(genes)``),
+      ``library`` their per-cell totals, ``genes`` the indices (into the model's genes) of the observed
+      columns. Returns one latent row per cell (an array; rows are sliced in batches).
+    - ``nb_params(latents, library, genes) -> (mean, r)``: NB mean (cells x ``len(genes)``) and
+      dispersion (broadcastable) of the genes ``genes`` for cells whose scored part has the totals
+      ``library``.
+
+    Build one with :func:`split_model` (a DGD or DecoderOnly) or :func:`composition_split_model` (any
+    softmax-composition decoder with an NB likelihood, such as scVI's), or write the two callables.
+    """
+
+    infer: Callable[[sp.csr_matrix, np.ndarray, np.ndarray], Any]
+    nb_params: Callable[[Any, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+    n_genes: int | None = None
+    name: str = ""
+
+
+def composition_split_model(log_composition: Callable, log_r, *, n_latent: int | None = None,
+                            prior_nll: Callable | None = None, start=None, n_steps: int = 200, lr: float = 1e-2,
+                            betas: tuple[float, float] = (0.5, 0.7), tol: float = 0.0, batch_size: int = 1024,
+                            device="cpu", freeze=None, name: str = "") -> NBSplitModel:
+    """An :class:`NBSplitModel` for a decoder whose NB mean is ``library x composition(z)``, with MAP
+    inference of the latents (decoder frozen).
+
+    Parameters
+    ----------
+    log_composition
+        ``z`` (torch, cells x n_latent) -> log composition over all the model's genes (cells x G), e.g.
+        ``torch.log_softmax(decoder(z), -1)``; differentiable in ``z``.
+    log_r
+        Log NB dispersion per gene, ``(G,)`` or ``(1, G)`` (tensor or array), or a scalar.
+    prior_nll
+        ``z -> (cells,)`` negative log prior density added to the inference objective (e.g.
+        ``0.5 * (z ** 2).sum(1)`` for N(0, I) up to a constant); ``None``: maximum likelihood.
+    start
+        Where each cell's optimisation starts: ``None`` the origin (needs ``n_latent``); a
+        ``(K, n_latent)`` array of candidates (each cell starts from the one with the lowest objective);
+        or a callable ``(x, library, genes) -> (cells, n_latent)`` array (an encoder: with ``n_steps=0``
+        the latents are the encoder's, i.e. amortised inference).
+    n_steps, lr, betas, tol
+        Adam on the latents (:func:`dgdlens.train.inference.optimise_latents`; the DGD's held-out
+        defaults: 200 steps, lr 1e-2, betas (0.5, 0.7)); ``tol`` > 0 stops early on a relative change.
+    freeze
+        A torch module whose parameters get no gradient during inference (the decoder).
+
+    The objective for observed genes A is ``-sum_{g in A} log NB(x_g; L * c_g(z) / sum_{h in A} c_h(z), r_g)
+    + prior_nll(z)`` with ``L`` the observed total; :meth:`nb_params` renormalises the composition over
+    the scored genes in the same way (a no-op when all genes are used).
+    """
+    import torch
+
+    from .nn.likelihoods import nb_log_prob
+    from .nn.module import frozen
+    from .train.inference import optimise_latents
+
+    dev = torch.device(device)
+
+    def _log_r(genes) -> torch.Tensor:
+        value = log_r() if callable(log_r) else log_r
+        value = torch.as_tensor(value, dtype=torch.float32, device=dev).detach().reshape(-1)
+        return value if value.numel() == 1 else value[torch.as_tensor(genes, device=dev)]
+
+    def _log_mean(z, genes_t, log_lib):
+        log_c = log_composition(z)[:, genes_t]
+        return log_c - torch.logsumexp(log_c, dim=1, keepdim=True) + log_lib[:, None]
+
+    def infer(x, library, genes):
+        genes = np.asarray(genes)
+        genes_t = torch.as_tensor(genes, device=dev)
+        lr_g = _log_r(genes)
+        z0_all = None
+        if callable(start):
+            z0_all = np.asarray(start(x, library, genes), dtype=np.float32)
+        out = []
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size]
+            xt = torch.as_tensor(xb.toarray() if sp.issparse(xb) else np.asarray(xb), dtype=torch.float32, device=dev)
+            log_lib = torch.as_tensor(np.log(np.asarray(library[i:i + batch_size], dtype=np.float64)),
+                                      dtype=torch.float32, device=dev)
+
+            def objective(x_, z_, log_lib_):
+                nll = -nb_log_prob(x_, _log_mean(z_, genes_t, log_lib_), lr_g).sum(1)
+                return nll if prior_nll is None else nll + prior_nll(z_)
+
+            ctx = frozen(freeze) if freeze is not None else _nullcontext()
+            with ctx:
+                if z0_all is not None:
+                    z0 = torch.as_tensor(z0_all[i:i + batch_size], device=dev)
+                else:
+                    if start is None:
+                        if n_latent is None:
+                            raise ValueError("start=None needs n_latent (the origin's size).")
+                        cand = torch.zeros(1, int(n_latent), device=dev)
+                    else:
+                        cand = torch.as_tensor(np.asarray(start, dtype=np.float32), device=dev)
+                    with torch.no_grad():
+                        n, k = xt.shape[0], cand.shape[0]
+                        scores = torch.stack([objective(xt, cand[j].expand(n, -1), log_lib) for j in range(k)], 1)
+                        z0 = cand[scores.argmin(1)]
+                z = optimise_latents(objective, xt, log_lib, z0, int(n_steps), lr, betas, tol)
+            out.append(z.cpu().numpy())
+        return np.concatenate(out) if out else np.empty((0, n_latent or 0), dtype=np.float32)
+
+    def nb_params(z, library, genes):
+        genes_t = torch.as_tensor(np.asarray(genes), device=dev)
+        with torch.no_grad():
+            zt = torch.as_tensor(np.asarray(z, dtype=np.float32), device=dev)
+            log_lib = torch.as_tensor(np.log(np.asarray(library, dtype=np.float64)), dtype=torch.float32, device=dev)
+            mean = _log_mean(zt, genes_t, log_lib).exp().cpu().numpy()
+            r = _log_r(np.asarray(genes)).exp().cpu().numpy()
+        return mean, r
+
+    return NBSplitModel(infer=infer, nb_params=nb_params, name=name)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def split_model(model, **infer_kwargs) -> NBSplitModel:
+    """The :class:`NBSplitModel` of a trained :class:`~dgdlens.DGD` or a :class:`~dgdlens.DecoderOnly`
+    with an NB likelihood (softmax composition, ``scaling="sum"``).
+
+    With all genes observed (count splitting) ``infer`` is the model's own held-out inference,
+    ``model.get_latent_representation(new_counts, **infer_kwargs)`` (decoder and prior frozen, its
+    candidate starts and Adam refinement). With a subset of genes observed (gene splitting) the same
+    algorithm runs on the composition renormalised over the observed genes
+    (:func:`composition_split_model`: best candidate start by likelihood + prior, then Adam with the
+    model's held-out defaults, overridable by ``n_steps``, ``lr``, ``tol``, ``batch_size``).
+    """
+    import anndata as ad
+    import torch
+
+    from .models import DGD, DecoderOnly
+    from .train.inference import default_candidates
+
+    if isinstance(model, DGD):
+        if model.params["output_activation"] != "softmax" or model.params["scaling"] != "sum":
+            raise ValueError("count and gene splitting need a composition model (output_activation='softmax', "
+                             f"scaling='sum'); this DGD has {model.params['output_activation']!r} / "
+                             f"{model.params['scaling']!r}.")
+        genes_all = pd.Index(model.var_names)
+
+        def own_infer(x, library, genes):
+            kwargs = {"progress": False} | infer_kwargs
+            return model.get_latent_representation(ad.AnnData(sp.csr_matrix(x), var=pd.DataFrame(index=genes_all)),
+                                                   layer="X", **kwargs)
+        n_steps, lr, n_genes = infer_kwargs.get("n_steps", 200), infer_kwargs.get("lr", 1e-2), len(genes_all)
+        tol = infer_kwargs.get("tol", 1e-5)  # infer_latents' default
+        candidates = lambda: default_candidates(model.module, model.n_latent, model.device)
+    elif isinstance(model, DecoderOnly):
+        lik = model.likelihood
+        if lik.name != "nb" or getattr(lik, "activation", None) != "softmax" or model.scaling != "sum":
+            raise ValueError("count and gene splitting need DecoderOnly(likelihood='nb') with the softmax "
+                             "composition and scaling='sum'.")
+
+        def own_infer(x, library, genes):
+            kwargs = {"progress": False} | infer_kwargs
+            return model.get_latent_representation(sp.csr_matrix(x), **kwargs)
+        n_steps, lr, n_genes = infer_kwargs.get("n_steps", 500), infer_kwargs.get("lr", 0.05), model.n_features
+        tol = infer_kwargs.get("tol", 1e-6)  # DecoderOnly.get_latent_representation's default
+
+        def candidates():
+            cand = model._candidates(infer_kwargs.get("n_candidates", 32), model.seed)
+            return default_candidates(model.module, model.n_latent, model.device) if cand is None else cand
+    else:
+        raise TypeError(f"split_model takes a DGD or a DecoderOnly, got {type(model).__name__}; wrap other "
+                        "models with NBSplitModel(infer, nb_params) or composition_split_model(...).")
+    module = model.module
+    dev = model.device
+
+    def log_composition(z):
+        return torch.log_softmax(module.decode(z), dim=-1)
+
+    def infer(x, library, genes):
+        genes = np.asarray(genes)
+        if len(genes) == n_genes and np.array_equal(genes, np.arange(n_genes)):
+            return own_infer(x, library, genes)
+        module.eval()
+        sub = composition_split_model(log_composition, module.likelihood.log_r, n_latent=model.n_latent,
+                                      prior_nll=module.prior_nll, start=candidates().detach().cpu().numpy(),
+                                      n_steps=n_steps, lr=lr, tol=tol, batch_size=infer_kwargs.get("batch_size", 1024),
+                                      device=dev, freeze=module)
+        return sub.infer(x, library, genes)
+
+    scorer = composition_split_model(log_composition, module.likelihood.log_r, n_latent=model.n_latent, device=dev)
+
+    def nb_params(z, library, genes):
+        module.eval()
+        return scorer.nb_params(z, library, genes)
+
+    return NBSplitModel(infer=infer, nb_params=nb_params, n_genes=n_genes, name=type(model).__name__)
+
+
+def _held_out_counts(model, adata, layer):
+    """(CSR counts in the model's gene order, cell names) of the cells to score."""
+    names, obs = None, None
+    if hasattr(adata, "obs_names") and hasattr(adata, "var_names"):
+        from .data.anndata import align_genes, var_names_for
+
+        if layer is None:
+            layer = getattr(model, "layer", None)
+        if layer in (None, "X"):
+            X = adata.X
+        elif layer == "raw":
+            X = adata.raw.X
+        else:
+            X = adata.layers[layer]
+        obs = pd.Index(adata.obs_names)
+        names = var_names_for(adata, None if layer == "X" else layer)
+        X = sp.csr_matrix(X) if not sp.issparse(X) else X.tocsr()
+        model_genes = getattr(model, "var_names", None)
+        if model_genes is not None and not names.equals(pd.Index(model_genes)):
+            X = X[:, align_genes(names, model_genes)]
+    else:
+        X = adata.tocsr() if sp.issparse(adata) else sp.csr_matrix(np.asarray(adata))
+        obs = pd.RangeIndex(X.shape[0])
+        n_genes = getattr(model, "n_genes", None) or getattr(model, "n_features", None)
+        if n_genes is not None and X.shape[1] != n_genes:
+            raise ValueError(f"the counts have {X.shape[1]} genes but the model has {n_genes}; pass an AnnData "
+                             "(genes aligned by name) or the columns in the model's order.")
+    return X, obs
+
+
+def _score_split(m: NBSplitModel, x_obs, genes_obs, x_scored, genes_scored, obs, name: str,
+                 batch_size: int = 1024) -> pd.Series:
+    lib_obs = np.asarray(x_obs.sum(1)).ravel().astype(np.float64)
+    lib_scored = np.asarray(x_scored.sum(1)).ravel().astype(np.float64)
+    ok = (lib_obs > 0) & (lib_scored > 0)
+    out = np.full(x_obs.shape[0], np.nan)
+    if not ok.all():
+        warnings.warn(f"{int((~ok).sum())} cells have no counts in one part of the split; their NLL is NaN.",
+                      stacklevel=3)
+    rows = np.flatnonzero(ok)
+    if len(rows):
+        z = m.infer(x_obs[rows], lib_obs[rows], genes_obs)
+        for i in range(0, len(rows), batch_size):
+            sl = slice(i, i + batch_size)
+            mean, r = m.nb_params(z[sl], lib_scored[rows[sl]], genes_scored)
+            out[rows[sl]] = nb_nll(x_scored[rows[sl]], mean, r)
+    return pd.Series(out, index=obs, name=name)
+
+
+def _as_split_model(model, infer_kwargs) -> NBSplitModel:
+    if isinstance(model, NBSplitModel):
+        if infer_kwargs:
+            raise TypeError(f"inference options {sorted(infer_kwargs)} go into the NBSplitModel itself.")
+        return model
+    return split_model(model, **infer_kwargs)
+
+
+def count_split_nll(model, adata, *, layer: str | None = None, p: float = 0.5, seed: int = 0,
+                    **infer_kwargs) -> pd.Series:
+    """Held-out NB NLL per cell by count splitting (nats per cell, summed over genes).
+
+    Each cell's counts are thinned (:func:`binomial_split` with ``p`` and ``seed``): the latent is
+    inferred from part A only (the model's own held-out inference, decoder frozen, ``infer_kwargs``
+    passed to it), and part B is scored with the model's NB at that latent with part B's library size.
+    See the module docstring for what this measures (and the NB caveat).
+
+    ``model`` is a trained :class:`~dgdlens.DGD`, a :class:`~dgdlens.DecoderOnly` with an NB likelihood,
+    or an :class:`NBSplitModel`. ``adata`` holds the held-out cells' raw counts: an AnnData (counts in
+    ``layer``; default the model's training layer; genes aligned to the model's by name) or a matrix
+    in the model's gene order. Returns a Series indexed by cell (NaN for a cell with no count in one
+    part).
+    """
+    m = _as_split_model(model, infer_kwargs)
+    X, obs = _held_out_counts(model, adata, layer)
+    x_a, x_b = binomial_split(X, p, seed)
+    genes = np.arange(X.shape[1])
+    return _score_split(m, x_a, genes, x_b, genes, obs, "count_split_nll")
+
+
+def gene_split_nll(model, adata, *, layer: str | None = None, fraction: float = 0.5, seed: int = 0,
+                   **infer_kwargs) -> pd.Series:
+    """Held-out NB NLL per cell by gene splitting (nats per cell, summed over the scored genes).
+
+    The genes are split at random (``seed``): a share ``fraction`` is observed (set A), the rest is
+    scored (set B). The latent is inferred by MAP from ``X[:, A]`` with the composition renormalised
+    over A and A's library size; B is scored with the composition renormalised over B times B's
+    library size (module docstring). Arguments as :func:`count_split_nll`.
+    """
+    fraction = float(fraction)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be strictly between 0 and 1, got {fraction}.")
+    m = _as_split_model(model, infer_kwargs)
+    X, obs = _held_out_counts(model, adata, layer)
+    n_genes = X.shape[1]
+    n_obs_genes = round(fraction * n_genes)
+    if not 0 < n_obs_genes < n_genes:
+        raise ValueError(f"fraction={fraction} leaves no gene on one side of the split ({n_genes} genes).")
+    order = np.random.default_rng(seed).permutation(n_genes)
+    genes_a, genes_b = np.sort(order[:n_obs_genes]), np.sort(order[n_obs_genes:])
+    return _score_split(m, X[:, genes_a], genes_a, X[:, genes_b], genes_b, obs, "gene_split_nll")

@@ -12,10 +12,15 @@ Modes: ``clamp`` (``f'_i = value``), ``add`` (``f_i + value``), ``scale`` (``f_i
 
 ``z`` and ``z'`` are decoded by the model (``decode_latent``, with the cells' library sizes when known).
 Per gene, ``log2((mu' + pc) / (mu + pc))`` is computed in every steered cell; the mean over cells is the
-log fold change, and a one-sample t statistic across cells (paired per-cell log-ratios, no GLM) gives
-p-values, BH-adjusted across genes. The changed genes (up and down apart) are tested for gene-set
-enrichment. ``random_control=True`` repeats everything with a random direction of the same norm (orthogonal to the feature's), a
-baseline for how much any move of that size changes expression.
+log fold change. Decoded values are deterministic, so a test across cells would call almost any
+consistent change significant; instead each gene's change is compared with the changes the same
+per-cell activation edit makes along ``n_controls`` (200) random directions of the same norm and along
+the other live features' decoder directions: an empirical p-value per gene and per gene set, BH across
+genes (sets). The prior log-density of the latents before and after the edit is reported and edits that
+leave the data manifold are flagged with a warning. Details: :mod:`dgdlens.steer_control`. The changed
+genes (up and down apart) are also tested for gene-set over-representation. ``random_control=True``
+additionally returns the full result of one random direction of the same norm, scored against the same
+controls (about as many genes as the FDR allows should come out).
 """
 
 from __future__ import annotations
@@ -28,7 +33,15 @@ import scipy.sparse as sp
 import torch
 
 from ._device import resolve_device
-from .stats import bh_adjust, t_pvalues
+from .stats import bh_adjust
+from .steer_control import (
+    combined_pvalues,
+    control_directions,
+    decoded_effects,
+    gene_set_tests,
+    manifold_check,
+    reference_latents,
+)
 
 __all__ = ["steer", "SteerResult", "STEER_MODES", "steering_summary"]
 
@@ -53,11 +66,23 @@ class SteerResult:
         Decoded means before and after (cells x genes; counts when library sizes are known,
         otherwise per-cell compositions).
     genes
-        One row per gene: ``gene, mean_before, mean_after, log2fc, statistic, pval, padj, direction``.
+        One row per gene: ``gene, mean_before, mean_after, log2fc, sd_log2fc_cells, pval, pval_random,
+        pval_features, padj, direction``. ``pval`` is the empirical p against the controls chosen by
+        ``control`` (default the random directions), ``padj`` its BH adjustment across genes;
+        ``sd_log2fc_cells`` (spread of the per-cell log-ratios) is descriptive only.
     enrichment
         ORA of the up and down genes (empty without gene sets or changed genes).
     control
-        The same result for a random direction of equal norm (``random_control=True``), else ``None``.
+        The same result for one random direction of equal norm (``random_control=True``), else ``None``.
+    gene_set_tests
+        Per gene set: mean log2 fold change of its genes vs the controls (``pval``, ``padj``), or ``None``
+        without gene sets.
+    manifold
+        Prior log-density per cell before (``log_prior``) and after (``log_prior_steered``), the flags
+        ``off_manifold``, the threshold and fractions (see :func:`dgdlens.steer_control.manifold_check`);
+        ``None`` for a model without a prior.
+    n_controls
+        ``{"random": ..., "features": ...}``: how many control directions the p-values used.
     """
 
     feature: int
@@ -73,6 +98,9 @@ class SteerResult:
     genes: pd.DataFrame
     enrichment: pd.DataFrame
     control: SteerResult | None = None
+    gene_set_tests: pd.DataFrame | None = None
+    manifold: dict | None = None
+    n_controls: dict | None = None
 
     @property
     def shift(self) -> np.ndarray:
@@ -113,6 +141,26 @@ def _latents_and_library(model, data, layer, use_rep, library_size):
     return z, library_size
 
 
+def _covariate_input(model, data, layer, transform_batch, n: int):
+    """The decoder's covariate input per cell for a model with covariates (``None`` otherwise): each cell's
+    own covariate latents (AnnData input), or every cell as if from ``transform_batch``."""
+    if not getattr(model, "has_covariates", False):
+        if transform_batch is not None:
+            raise ValueError("transform_batch needs a model with covariates (e.g. DGD(..., batch_key=...)).")
+        return None
+    if _is_anndata(data):
+        return model.covariate_input(data, layer=layer, transform_batch=transform_batch, progress=False)
+    if transform_batch is None:
+        raise ValueError("This model has covariates (batch_key=...): pass the cells' AnnData, so that each cell is "
+                         "decoded with its own covariate latents, or transform_batch=... to decode every cell as if "
+                         "it came from that batch.")
+    return model.covariate_input(n_cells=n, transform_batch=transform_batch)
+
+
+def _decode(model, z, lib, extra):
+    return model.decode_latent(z, lib) if extra is None else model.decode_latent(z, lib, extra=extra)
+
+
 def _check_feature(sae, feature) -> int:
     if isinstance(feature, bool | np.bool_) or not isinstance(feature, int | np.integer):
         raise ValueError(f"feature must be an integer index of an SAE latent, got {feature!r}.")
@@ -150,20 +198,12 @@ def _new_activation(f: np.ndarray, mode: str, value) -> np.ndarray:
     return np.maximum(out, 0.0)  # the SAE cannot produce negative activations
 
 
-def _gene_table(mu, mu_s, gene_names, pseudocount, alpha, min_log2fc) -> pd.DataFrame:
+def _gene_table(mu, mu_s, gene_names, pseudocount, alpha, min_log2fc, control_random,
+                control_features, control: str = "random") -> pd.DataFrame:
     lr = np.log2(mu_s + pseudocount) - np.log2(mu + pseudocount)
-    n = lr.shape[0]
     mean = lr.mean(axis=0)
-    if n > 1:
-        sd = lr.std(axis=0, ddof=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = mean / (sd / np.sqrt(n))
-            # identical log-ratios in every cell: no spread, so the sign alone decides (0 when nothing moved)
-            t = np.where(sd > 0, t, np.where(mean == 0, 0.0, np.sign(mean) * np.inf))
-        p = t_pvalues(t, n - 1.0)
-    else:
-        t = np.full(len(mean), np.nan)
-        p = np.ones(len(mean))
+    sd = lr.std(axis=0, ddof=1) if lr.shape[0] > 1 else np.full(len(mean), np.nan)
+    p, p_r, p_f = combined_pvalues(mean, control_random, control_features, control)
     padj = bh_adjust(p)
     direction = np.full(len(mean), "", dtype=object)
     sig = padj < alpha
@@ -172,11 +212,12 @@ def _gene_table(mu, mu_s, gene_names, pseudocount, alpha, min_log2fc) -> pd.Data
     out = pd.DataFrame(
         {
             "gene": gene_names, "mean_before": mu.mean(axis=0), "mean_after": mu_s.mean(axis=0),
-            "log2fc": mean, "statistic": t, "pval": p, "padj": padj, "direction": direction}
+            "log2fc": mean, "sd_log2fc_cells": sd, "pval": p, "pval_random": p_r, "pval_features": p_f,
+            "padj": padj, "direction": direction}
     )
     return out.sort_values(
-        ["pval", "log2fc"], key=None, ascending=[True, False], kind="stable", ignore_index=True
-    )
+        ["pval", "log2fc"], key=lambda c: c.abs() if c.name == "log2fc" else c, ascending=[True, False],
+        kind="stable", ignore_index=True)
 
 
 def _changed_gene_enrichment(genes: pd.DataFrame, gene_sets, top_genes: int, **kwargs) -> pd.DataFrame:
@@ -200,7 +241,9 @@ def steer(
     cells=None, random_control: bool = False, library_size=None, layer: str | None = None,
     use_rep: str | None = None, gene_sets="go_bp", pseudocount: float = 0.1, alpha: float = 0.05,
     min_log2fc: float = 0.25, top_genes: int = 200, enrichment_kwargs: dict | None = None, seed: int = 0,
-    device: str | torch.device | None = None) -> SteerResult:
+    device: str | torch.device | None = None, n_controls: int = 200, feature_controls: bool = True,
+    max_feature_controls: int = 500, control: str = "random", reference=None,
+    manifold_quantile: float = 1.0, transform_batch=None) -> SteerResult:
     """Change one SAE feature, move the latents along its decoder direction, decode, and compare.
 
     Parameters
@@ -219,9 +262,14 @@ def steer(
         ``"clamp"`` to ``value``, ``"add"`` ``value``, ``"scale"`` by ``value``, or ``"ablate"`` (no value).
     cells
         Indices or boolean mask of the cells to steer (default: all).
+    transform_batch
+        For a model with covariates (``DGD(..., batch_key=...)``): ``None`` (default) decodes every cell with
+        its own covariate latents (as the seed's multiDGD study does; needs the cells' AnnData); a batch
+        name decodes every cell as if it came from that batch (that batch's component mean; a latent matrix
+        is then enough).
     random_control
-        Also steer along a random direction (orthogonal to the feature's, with the same norm) with the
-        same activation changes.
+        Also return the full result of one random direction of the same norm (same activation changes),
+        scored against the same controls.
     library_size
         Per-cell library sizes for decoding (default: the model's, for AnnData input; else compositions).
     layer
@@ -236,10 +284,21 @@ def steer(
         Added to decoded means before the log-ratio (counts per cell when library sizes are used,
         else composition units scaled by 1e4, i.e. per 10k).
     alpha, min_log2fc, top_genes
-        A gene is "up"/"down" when its BH-adjusted p < ``alpha`` and ``|log2fc| >= min_log2fc``; the
-        ``top_genes`` largest changes per direction go into the enrichment.
+        A gene is "up"/"down" when its BH-adjusted empirical p < ``alpha`` and ``|log2fc| >= min_log2fc``;
+        the ``top_genes`` largest changes per direction go into the enrichment.
+    n_controls, feature_controls, max_feature_controls
+        Random directions of the feature's norm (isotropic, at least 100 recommended; the smallest
+        p-value is ``1 / (n_controls + 1)``), and whether to use the other live features' decoder
+        directions (at most ``max_feature_controls``) as a second control; see
+        :mod:`dgdlens.steer_control`.
+    control
+        Which control gives ``pval``: ``"random"`` (default), ``"features"`` or ``"both"`` (the larger p).
+    reference, manifold_quantile
+        Latents that define the data manifold for the off-manifold check (default: the model's training
+        latents when it returns them, else the given cells) and the percentile of their prior
+        log-density below which a steered cell is flagged (1).
     seed
-        Seeds the random control direction.
+        Seeds the control directions.
     device
         Where the SAE encodes and the model decodes (moves both there); default: where they are.
     """
@@ -258,10 +317,14 @@ def steer(
         raise ValueError("Latents contain NaN or infinite values.")
     idx = _cell_indices(cells, len(z_all))
     z = z_all[idx]
+    extra_all = _covariate_input(model, adata_or_latents, layer, transform_batch, len(z_all))
+    extra = None if extra_all is None else extra_all[idx]
     lib = None
     if lib_all is not None:
         lib = np.broadcast_to(np.asarray(lib_all, dtype=np.float32).reshape(-1), (len(z_all),))[idx]
-    f = np.asarray(sae.encode(z)[:, feature].toarray()).ravel().astype(np.float64)
+    F_z = sae.encode(z)
+    f = np.asarray(F_z[:, feature].toarray()).ravel().astype(np.float64)
+    live = np.asarray((F_z != 0).sum(axis=0)).ravel() > 0
     f_new = _new_activation(f, mode, value)
     delta = f_new - f
     direction = sae.W_dec[feature].detach().double().cpu().numpy()
@@ -270,28 +333,47 @@ def steer(
         dtype=object,
     )
 
-    mu = model.decode_latent(z, lib)
+    mu = _decode(model, z, lib, extra)
     names = gene_names if len(gene_names) == mu.shape[1] else np.array(
         [f"gene{i}" for i in range(mu.shape[1])], dtype=object)
     scale = 1.0 if lib is not None else 1e4  # compositions are compared per 10k, like normalised counts
     value = None if value is None else float(value)
 
+    if control not in ("random", "features", "both"):
+        raise ValueError(f"control must be 'random', 'features' or 'both', got {control!r}.")
+    if n_controls < 1:
+        raise ValueError(f"n_controls must be at least 1 (100 or more recommended), got {n_controls}.")
+    W_dec = sae.W_dec.detach().double().cpu().numpy()
+    R, W_other, _ = control_directions(W_dec, feature, n_controls=n_controls, live=live,
+                                       feature_controls=feature_controls,
+                                       max_feature_controls=max_feature_controls, seed=seed)
+    C_r = decoded_effects(model, z, lib, delta, R, mu, scale=scale, pseudocount=pseudocount, extra=extra)
+    C_f = decoded_effects(model, z, lib, delta, W_other, mu, scale=scale, pseudocount=pseudocount, extra=extra)
+    enrich_kw = dict(enrichment_kwargs or {})
+    set_kw = {k: enrich_kw[k] for k in ("min_size", "max_size", "use_aliases") if k in enrich_kw}
+
     def run(direction_vec: np.ndarray) -> SteerResult:
         z_new = (z.astype(np.float64) + delta[:, None] * direction_vec[None, :]).astype(np.float32)
-        mu_new = model.decode_latent(z_new, lib)
-        genes = _gene_table(mu.astype(np.float64) * scale, mu_new.astype(np.float64) * scale, names,
-                            pseudocount, alpha, min_log2fc)
-        enrichment = _changed_gene_enrichment(genes, gene_sets, top_genes, **(enrichment_kwargs or {}))
-        return SteerResult(feature, mode, value, idx, z, z_new, f, f_new, mu, mu_new, genes, enrichment)
+        mu_new = _decode(model, z_new, lib, extra)
+        genes = _gene_table(mu.astype(np.float64) * scale, np.asarray(mu_new, dtype=np.float64) * scale, names,
+                            pseudocount, alpha, min_log2fc, C_r, C_f, control)
+        enrichment = _changed_gene_enrichment(genes, gene_sets, top_genes, **enrich_kw)
+        sets = None
+        if gene_sets is not None:
+            lfc = genes.set_index("gene")["log2fc"].reindex(names).to_numpy()
+            sets = gene_set_tests(names, lfc, C_r, C_f, gene_sets, alpha=alpha, control=control, **set_kw)
+        return SteerResult(feature, mode, value, idx, z, z_new, f, f_new, mu, mu_new, genes, enrichment,
+                           gene_set_tests=sets,
+                           n_controls={"random": len(R), "features": len(W_other), "pval_from": control})
 
     result = run(direction)
+    ref = reference_latents(model, z_all) if reference is None else (
+        np.asarray(reference, dtype=np.float32), "given reference")
+    result.manifold = manifold_check(model, z, result.z_steered, ref[0], reference_name=ref[1],
+                                     quantile=manifold_quantile)
     if random_control:
-        rng = np.random.default_rng(seed)
-        r = rng.standard_normal(len(direction))
-        # orthogonal to the feature's direction: in a 10-20 dimensional latent a plain random draw
-        # often keeps a third or more of the feature's own effect, which blurs the control
-        unit = direction / np.linalg.norm(direction)
-        r -= (r @ unit) * unit
+        # one more isotropic draw of the same norm, independent of the control set: scored like the feature
+        r = np.random.default_rng([seed, 1]).standard_normal(len(direction))
         r *= np.linalg.norm(direction) / np.linalg.norm(r)
         result.control = run(r)
     return result
@@ -324,7 +406,21 @@ def steering_summary(result: SteerResult) -> dict:
                "n_cells": int(len(result.cells)), "mean_shift": float(result.shift.mean()),
                "genes_up": int((genes["direction"] == "up").sum()),
                "genes_down": int((genes["direction"] == "down").sum()),
-               "enriched_terms": int(len(result.enrichment))}
+               "enriched_terms": int(len(result.enrichment)),
+               }
+    if result.n_controls is not None:
+        kind = {"random": "random directions of the same norm", "features": "other live features' directions",
+                "both": "both random directions and other live features (the larger p)"}
+        summary["significance"] = (f"empirical p vs control edits with the same activation change: "
+                                   f"{kind.get(result.n_controls.get('pval_from', 'random'), '')}; BH across genes")
+        summary["n_controls_random"] = int(result.n_controls["random"])
+        summary["n_controls_features"] = int(result.n_controls["features"])
+    if result.gene_set_tests is not None:
+        summary["gene_sets_significant"] = int(result.gene_set_tests["significant"].sum())
+    if result.manifold is not None:
+        summary["fraction_off_manifold"] = result.manifold["fraction_off_after"]
+        summary["fraction_off_manifold_before"] = result.manifold["fraction_off_before"]
+        summary["median_delta_log_prior"] = result.manifold["median_delta"]
     if result.control is not None:
         control = result.control.genes
         summary["control_genes_changed"] = int(control["direction"].isin(["up", "down"]).sum())

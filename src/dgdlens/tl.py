@@ -152,6 +152,11 @@ def annotate_features(
         Work on a copy of ``adata`` and return it.
     **annotate_kwargs
         Passed to :func:`dgdlens.lens.annotate` (``features``, ``compat``, ``max_padj``, ``seed``, ...).
+
+    Returns
+    -------
+    AnnData or None
+        The annotated copy with ``copy=True``, else ``None`` (``adata`` is changed in place).
     """
     from .data.anndata import get_matrix, var_names_for
     from .lens import annotate
@@ -212,14 +217,21 @@ def steer(
     key_added
         ``uns[key_added]`` receives ``genes`` (one row per gene: ``log2fc``, ``pval``, ``padj``,
         ``direction``, ...), ``enrichment`` (changed genes against gene sets), ``cells`` (indices of the
-        steered cells), ``params``, and with ``random_control=True`` a ``control`` dict with the same
-        two tables. The per-cell latents and decoded expression are not stored: call
-        :func:`dgdlens.steer.steer` for those.
+        steered cells), ``params``, ``n_controls``, ``gene_set_tests`` (gene sets against the control
+        edits, when gene sets are given), ``manifold`` (per-cell prior log-density before and after the
+        edit and the off-manifold flags, for a model with a prior), and with ``random_control=True`` a
+        ``control`` dict with the same two tables. The per-cell latents and decoded expression are not
+        stored: call :func:`dgdlens.steer.steer` for those.
     copy
         Work on a copy of ``adata`` and return it.
     **kwargs
         Passed to :func:`dgdlens.steer.steer` (``cells``, ``random_control``, ``gene_sets``, ``alpha``,
         ``min_log2fc``, ``device``, ...).
+
+    Returns
+    -------
+    AnnData or None
+        The steered copy with ``copy=True``, else ``None`` (``adata`` is changed in place).
     """
     from .steer import steer as steer_array
 
@@ -235,6 +247,11 @@ def steer(
         "params": _uns_safe({"feature": int(result.feature), "mode": result.mode, "value": result.value,
                              "use_rep": use_rep, "layer": layer, "n_cells": int(len(result.cells))}),
     }
+    stored["n_controls"] = _uns_safe(dict(result.n_controls))
+    if result.gene_set_tests is not None:
+        stored["gene_set_tests"] = result.gene_set_tests.copy()
+    if result.manifold is not None:
+        stored["manifold"] = _uns_safe(dict(result.manifold))
     if result.control is not None:
         stored["control"] = {"genes": result.control.genes.copy(),
                              "enrichment": result.control.enrichment.copy()}

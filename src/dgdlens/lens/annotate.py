@@ -33,11 +33,11 @@ import time
 import numpy as np
 import pandas as pd
 
+from .collapse import mark_redundant
 from .de import iter_de_chunks, select_genes
 from .enrichment import RESULT_COLUMNS, ORAAccumulator, index_gene_sets
 from .expression import prepare_expression
 from .groups import make_feature_groups
-from .collapse import mark_redundant
 from .paper import PAPER_SETTINGS, PaperAccumulator
 from .splitting import maybe_split as _maybe_split
 
@@ -56,7 +56,7 @@ def annotate(
     chunk_size: int | None = None, engine: str = "auto", progress: bool = False,
     return_features: bool = False, timings: dict | None = None, fdr: str = "global",
     count_split: bool | str = "auto", split_seed: int = 0, background: str = "all", n_bins: int = 10,
-    collapse_jaccard: float | None = 0.5):
+    collapse_jaccard: float | None = 0.5, groupby=None):
     """Gene-set annotation of SAE features (see the module docstring for the method).
 
     Parameters
@@ -98,6 +98,12 @@ def annotate(
     background, n_bins
         ``"all"`` (default) or ``"matched"``: each gene list is tested against a universe matched to it on
         ``n_bins`` bins of mean (log-normalised) expression; see :mod:`dgdlens.lens.enrichment`.
+    groupby
+        Optional per-cell labels, e.g. ``adata.obs["batch"]``: the active and silent groups are compared
+        within each label and pooled (batch-matched silent cells; see ``groupby`` in
+        :func:`dgdlens.lens.groups.make_feature_groups`), so a gene that differs between batches is not
+        annotated as the feature's biology when the feature fires more in one batch. Use it for SAEs on a
+        model trained with covariates too: its biological latent is batch-corrected, the counts are not.
     collapse_jaccard
         Mark significant rows whose overlap genes share at least this Jaccard index with a more specific
         row's (``collapsed_into``); ``None`` skips it.
@@ -148,7 +154,7 @@ def annotate(
     groups = make_feature_groups(
         activations, features=features, percentile=percentile, low=settings["low"],
         max_low_cells=settings["max_low_cells"], min_active_cells=min_active_cells,
-        min_group_cells=min_group_cells, seed=seed, high=settings["high"])
+        min_group_cells=min_group_cells, seed=seed, high=settings["high"], groupby=groupby)
     if groups.n_cells != prep.n_cells:
         raise ValueError(
             f"activations have {groups.n_cells} cells (rows) but expression has {prep.n_cells}; "
@@ -237,6 +243,8 @@ def _feature_summary(
         ("top_term", "term"), ("top_description", "description"), ("top_direction", "direction")):
         out[col] = out["feature"].map(best[src]).fillna("").astype(object) if len(best) else ""
     out["top_padj"] = out["feature"].map(best["padj"]).astype(np.float64) if len(best) else np.nan
+    if "padj_global" in best:
+        out["top_padj_global"] = out["feature"].map(best["padj_global"]).astype(np.float64) if len(best) else np.nan
     return out
 
 

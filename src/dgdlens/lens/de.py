@@ -40,8 +40,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import special, stats
 
-from ._kernels import group_moments, welch_from_moments
 from ..stats import bh_adjust, bh_adjust_grouped, t_pvalues, welch_t
+from ._kernels import group_moments, welch_from_moments
 from .expression import PreparedExpression, prepare_expression
 from .groups import FeatureGroups, make_feature_groups
 from .splitting import maybe_split

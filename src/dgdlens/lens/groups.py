@@ -272,6 +272,50 @@ def _low_prefix(excluded: sp.csr_matrix, rank: np.ndarray, order: np.ndarray, m:
     return k, in_prefix, n_low
 
 
+def _matched_low(active: sp.csr_matrix, high: sp.csr_matrix, groupby, order: np.ndarray, m: int | None, n: int):
+    """Silent cells per feature, drawn in ``order`` within each label of ``groupby`` with the label
+    proportions of the feature's high group (see ``groupby`` in :func:`make_feature_groups`)."""
+    labels = np.asarray(groupby)
+    if labels.shape != (n,):
+        raise ValueError(f"groupby must have one label per cell ({n}), got shape {labels.shape}.")
+    if pd.isna(pd.Series(labels)).any():
+        raise ValueError("groupby has missing labels; give every cell a group (e.g. its batch).")
+    codes = pd.factorize(pd.Series(labels), sort=True)[0]
+    B = codes.max() + 1 if n else 0
+    codes_ordered = codes[order]
+    F = high.shape[0]
+    rows, cols, n_low = [], [], np.zeros(F, dtype=np.int64)
+    for f in range(F):
+        silent = np.ones(n, dtype=bool)
+        silent[active.indices[active.indptr[f]:active.indptr[f + 1]]] = False
+        nh = np.bincount(codes[high.indices[high.indptr[f]:high.indptr[f + 1]]], minlength=B).astype(np.float64)
+        cand = order[silent[order]]
+        cb = codes_ordered[silent[order]]
+        ns = np.bincount(cb, minlength=B).astype(np.float64)
+        chosen = np.zeros(0, dtype=np.int64)
+        if nh.sum() > 0:
+            cap = ns.sum() if m is None else float(m)
+            scale = min(cap / nh.sum(), float(np.min(ns[nh > 0] / nh[nh > 0])))
+            quota = np.floor(scale * nh + 1e-9).astype(np.int64)
+            # position of each candidate within its label, in the random order
+            pos = np.zeros(len(cand), dtype=np.int64)
+            for b in np.flatnonzero(quota):
+                sel = cb == b
+                pos[sel] = np.arange(int(sel.sum()))
+            chosen = np.sort(cand[pos < quota[cb]])
+        excl = np.ones(n, dtype=bool)
+        excl[chosen] = False
+        idx = np.flatnonzero(excl)
+        rows.append(np.full(len(idx), f))
+        cols.append(idx)
+        n_low[f] = len(chosen)
+    r = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+    low_excluded = sp.csr_matrix((np.ones(len(r)), (r, c)), shape=(F, n))
+    low_excluded.sort_indices()
+    return np.full(F, n, dtype=np.int64), low_excluded, n_low
+
+
 def make_feature_groups(
     activations,
     *,
@@ -283,6 +327,7 @@ def make_feature_groups(
     min_group_cells: int = 3,
     seed: int = 0,
     high: str = "top",
+    groupby=None,
 ) -> FeatureGroups:
     """Build high/low groups for all (or the selected) features; see the module docstring.
 
@@ -308,6 +353,13 @@ def make_feature_groups(
     high
         ``"top"`` (default): the ``max(min_active_cells, ceil((1 - percentile/100) * n_cells))`` most active
         cells; ``"percentile"``: active cells strictly above the percentile (no minimum; the reference).
+    groupby
+        Optional per-cell labels (e.g. the batch; one per cell): compare within each label and pool. The
+        low group is drawn from the silent cells *batch-matched* to the high group: each label contributes
+        low cells in the same proportion as it contributes high cells (the largest such group up to
+        ``max_low_cells``; labels without high cells contribute none), so a gene that differs between
+        batches is not reported because the feature fires more in one batch. Needs ``low="silent"``.
+        Memory: the low groups are then stored explicitly (features x cells entries for the complement).
     """
     if high not in _HIGH_RULES:
         raise ValueError(f"high must be one of {_HIGH_RULES}, got {high!r}.")
@@ -361,7 +413,12 @@ def make_feature_groups(
     order = rng.permutation(n)
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
-    low_k, low_excluded, n_low = _low_prefix(excluded, rank, order, max_low_cells, n)
+    if groupby is None:
+        low_k, low_excluded, n_low = _low_prefix(excluded, rank, order, max_low_cells, n)
+    else:
+        if low != "silent":
+            raise ValueError(f"groupby needs low='silent' (got low={low!r}).")
+        low_k, low_excluded, n_low = _matched_low(excluded, high, groupby, order, max_low_cells, n)
 
     status = np.full(F, "ok", dtype=object)
     status[n_low < min_group_cells] = "too_few_low"

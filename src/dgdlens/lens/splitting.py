@@ -32,16 +32,9 @@ __all__ = ["split_counts", "is_integer_counts", "maybe_split"]
 def split_counts(X, p: float = 0.5, seed: int = 0) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """``(X_a, X_b)``: ``X_a = Binomial(X, p)`` entrywise and ``X_b = X - X_a`` (CSR, float32).
 
-    Uses :func:`dgdlens.evaluate.binomial_split` when that exists (the shared held-out protocol), so the
-    lens and the benchmarks thin counts the same way; otherwise the same thinning here.
+    The same thinning as the held-out protocol's ``binomial_split`` (``dgdlens.evaluate``), written here
+    because the lens may not import ``evaluate`` (same layer, see the import contracts).
     """
-    try:  # the shared implementation, if present
-        from ..evaluate import binomial_split  # type: ignore[attr-defined]
-    except ImportError:
-        binomial_split = None
-    if binomial_split is not None:
-        X_a, X_b = binomial_split(sp.csr_matrix(X), p=p, seed=seed)
-        return sp.csr_matrix(X_a, dtype=np.float32), sp.csr_matrix(X_b, dtype=np.float32)
     if not 0 < p < 1:
         raise ValueError(f"p must be in (0, 1), got {p}.")
     X = sp.csr_matrix(X, dtype=np.float64, copy=True)

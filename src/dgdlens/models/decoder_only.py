@@ -495,31 +495,40 @@ class DecoderOnly(LatentModel):
     # ------------------------------------------------------------------ training (BaseModel.train)
     def train(self, max_epochs: int | None = None, batch_size: int | None = None, early_stopping: bool = True,
               **options) -> DecoderOnly:
-        """Learn the decoder (and prior) together with one latent per training sample; returns ``self``.
-
-        ``max_epochs`` (default 200), ``batch_size`` (default 128), ``early_stopping``, ``device``,
-        ``checkpoint_path``, ``checkpoint_every``, ``resume_from``, ``progress`` and the runner's
-        ``patience``, ``min_delta``, ``min_epochs``, ``restore_best``, ``seed`` mean what they mean in
-        :meth:`BaseModel.train <dgdlens.models.base.BaseModel.train>`. The model's own options (paper
-        defaults; every field of :class:`~dgdlens.train.decoder_only_plan.DecoderOnlyPlanConfig`):
-
-        lr, betas, weight_decay
-            Adam for the decoder (and likelihood parameters): ``lr`` is the plan's ``lr_decoder``.
-            Default 1e-3, betas (0.9, 0.999), weight decay 1e-4.
-        lr_rep, rep_optimizer, rep_momentum, rep_step, rep_weight_decay
-            The representations' optimiser. Paper (default): SGD with momentum 0.9, lr 0.05, stepped
-            every mini-batch, no weight decay. ``rep_optimizer="adam"`` gives the DGD's optimiser,
-            ``rep_step="epoch"`` the DGD's one step per epoch. The loss is summed over features and
-            samples, so ``lr_rep`` is a step per unit of a single sample's gradient.
-        lr_prior, prior_weight_decay
-            Adam for a learned prior (mixture).
-        lr_decay_epoch, lr_decay_factor, reset_optimizers_on_decay
-            Default ``None``: no learning-rate drop.
-        prior_refit_epoch, refit_prior_at_end, polish_steps, polish_lr, polish_tol, hyperprior, monitor,
-        shuffle_block_size, max_batches
-            As in :class:`~dgdlens.train.decoder_only_plan.DecoderOnlyPlanConfig`.
+        """Learn the decoder (and prior) together with one latent per training sample.
 
         Under ``torchrun`` the latents are sharded over the processes and ``batch_size`` is the global batch.
+
+        Parameters
+        ----------
+        max_epochs
+            Upper bound on epochs (default 200).
+        batch_size
+            Samples per mini-batch (default 128).
+        early_stopping
+            Stop when the validation loss has not improved for ``patience`` epochs.
+        **options
+            ``device``, ``checkpoint_path``, ``checkpoint_every``, ``resume_from``, ``progress`` and the
+            runner's ``patience``, ``min_delta``, ``min_epochs``, ``restore_best``, ``seed`` mean what they
+            mean in :meth:`BaseModel.train <dgdlens.models.base.BaseModel.train>`. The model's own options
+            (paper defaults; every field of :class:`~dgdlens.train.decoder_only_plan.DecoderOnlyPlanConfig`):
+            ``lr``, ``betas``, ``weight_decay`` (Adam for the decoder and likelihood parameters; ``lr`` is
+            the plan's ``lr_decoder``; default 1e-3, betas (0.9, 0.999), weight decay 1e-4);
+            ``lr_rep``, ``rep_optimizer``, ``rep_momentum``, ``rep_step``, ``rep_weight_decay`` (the
+            representations' optimiser; paper default: SGD with momentum 0.9, lr 0.05, stepped every
+            mini-batch, no weight decay; ``rep_optimizer="adam"`` gives the DGD's optimiser and
+            ``rep_step="epoch"`` the DGD's one step per epoch; the loss is summed over features and
+            samples, so ``lr_rep`` is a step per unit of a single sample's gradient); ``lr_prior``,
+            ``prior_weight_decay`` (Adam for a learned prior); ``lr_decay_epoch``, ``lr_decay_factor``,
+            ``reset_optimizers_on_decay`` (default ``None``: no learning-rate drop); and
+            ``prior_refit_epoch``, ``refit_prior_at_end``, ``polish_steps``, ``polish_lr``,
+            ``polish_tol``, ``hyperprior``, ``monitor``, ``shuffle_block_size``, ``max_batches`` as in
+            :class:`~dgdlens.train.decoder_only_plan.DecoderOnlyPlanConfig`.
+
+        Returns
+        -------
+        DecoderOnly
+            ``self``, trained.
         """
         return super().train(max_epochs, batch_size, early_stopping, **options)
 

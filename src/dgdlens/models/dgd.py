@@ -6,6 +6,11 @@ Gaussian-mixture prior) and hands training to the shared runner (:class:`~dgdlen
 the same plan as :class:`~dgdlens.models.DecoderOnly`) and held-out inference to
 :mod:`dgdlens.train.inference`. Under ``torchrun`` nothing here changes: the runner's strategy shards the
 cells over the processes.
+
+Covariates (``batch_key``, ``categorical_covariate_keys``, ``continuous_covariate_keys``; multiDGD's
+correction model, several covariates, its bugs fixed: see :mod:`dgdlens.nn.covariates`) make the module a
+:class:`~dgdlens.nn.covariates.CovariateDecoderModule` and add one latent table per categorical covariate
+to the same plan.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from ..data.anndata import align_genes, check_labels_key, get_matrix, var_names_
 from ..data.loader import BatchLoader
 from ..data.matrix import RowMatrix, validate_counts
 from ..data.split import train_validation_split
+from ..nn.covariates import CovariateDecoderModule, SupervisedGaussianMixture
 from ..nn.decoders import MLP
 from ..nn.likelihoods import NegativeBinomial
 from ..nn.module import DecoderOnlyModule
 from ..nn.priors import GaussianMixture
 from ..nn.representation import RepresentationTable
-from ..train.decoder_only_plan import DecoderOnlyPlan, DecoderOnlyPlanConfig
-from ..train.inference import infer_latents_sharded
+from ..train.decoder_only_plan import DecoderOnlyPlan, DecoderOnlyPlanConfig, SampleCovariates
+from ..train.inference import infer_covariate_latents_sharded, infer_latents_sharded
 from .base import BaseModel, names_digest
 
 __all__ = ["DGD", "default_n_components"]
@@ -102,6 +108,21 @@ class DGD(BaseModel):
     validation_fraction
         Share of cells held out as a validation split for early stopping (their latents are fitted
         with the model frozen). 0 disables it.
+    batch_key, categorical_covariate_keys
+        ``obs`` columns of categorical covariates (batch, donor, sample, technology; scvi-tools' names;
+        ``batch_key`` is the first). Per covariate every cell gets its own ``n_latent_covariate``-d latent
+        with a supervised Gaussian-mixture prior, one component per category (a cell's latent is scored
+        under its own category's component; :class:`~dgdlens.nn.covariates.SupervisedGaussianMixture`),
+        concatenated with the biological latent before the decoder. Training covariate latents start at
+        their category's component mean (multiDGD). A missing value (NaN) is an error. A covariate with a
+        single category warns (it adds nothing). A category present only among the validation cells moves
+        those cells into the training split (with a warning), so that every category's component is
+        learned from training cells.
+    continuous_covariate_keys
+        Numeric ``obs`` columns (e.g. ``percent_mito``) fed to the decoder as inputs, standardised with the
+        training cells' mean and standard deviation (saved with the model). NaN or inf is an error.
+    n_latent_covariate
+        Dimension of each categorical covariate's latent (multiDGD: 2).
     seed
         Seeds the split, the weights' initialisation and the mini-batch order.
     """
@@ -129,6 +150,10 @@ class DGD(BaseModel):
         dirichlet_alpha: float = 1.0,
         validation_fraction: float = 0.1,
         seed: int = 0,
+        batch_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+        n_latent_covariate: int = 2,
     ) -> None:
         _check_positive_int("n_latent", n_latent)
         if not 0 <= validation_fraction < 1:
@@ -171,6 +196,14 @@ class DGD(BaseModel):
         self.labels = labels
         self.train_idx, self.val_idx = train_validation_split(matrix.n_obs, validation_fraction, seed)
         self._matrix = matrix
+        _check_positive_int("n_latent_covariate", n_latent_covariate)
+        cat_keys = _categorical_keys(batch_key, categorical_covariate_keys)
+        cont_keys = [str(k) for k in (continuous_covariate_keys or [])]
+        if cat_keys or cont_keys:
+            self.params.update({"batch_key": cat_keys[0] if batch_key is not None else None,
+                                "categorical_covariate_keys": cat_keys, "continuous_covariate_keys": cont_keys,
+                                "n_latent_covariate": int(n_latent_covariate)})
+        self._setup_covariates(adata, cat_keys, cont_keys)
         self._build(len(self.var_names))
 
     # ------------------------------------------------------------------ construction
@@ -179,17 +212,251 @@ class DGD(BaseModel):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(p["seed"])
             gen = torch.Generator().manual_seed(p["seed"])
-            decoder = MLP(p["n_latent"], n_genes, p["hidden"], p["activation"])
+            decoder = MLP(p["n_latent"] + self.n_covariate_inputs, n_genes, p["hidden"], p["activation"])
             likelihood = NegativeBinomial(n_genes, activation=p["output_activation"], dispersion=p["dispersion"],
                                           r_init=p["r_init"], r_min=p["r_min"])
             prior = GaussianMixture(p["n_components"], p["n_latent"], covariance=p["covariance"],
                                     softball_radius=p["softball_radius"], softball_sharpness=p["softball_sharpness"],
                                     sd_init=p["sd_init"], sd_sd=p["sd_sd"], dirichlet_alpha=p["dirichlet_alpha"],
                                     generator=gen)
-        self.module = DecoderOnlyModule(decoder, likelihood, prior)
+            cov_priors = [SupervisedGaussianMixture(len(c["categories"]), p["n_latent_covariate"],
+                                                    counts=c.get("train_counts"), softball_radius=2.0,
+                                                    softball_sharpness=5.0, generator=gen)
+                          for c in self.covariates["categorical"]]
+        if self.has_covariates:
+            self.module = CovariateDecoderModule(decoder, likelihood, prior, cov_priors,
+                                                 n_continuous=len(self.covariates["continuous"]))
+        else:
+            self.module = DecoderOnlyModule(decoder, likelihood, prior)
         # Reference: representations start at zero (the mixture pulls them apart).
         self.train_rep = RepresentationTable(len(self.train_idx), p["n_latent"], init="zeros")
         self.val_rep = RepresentationTable(len(self.val_idx), p["n_latent"], init="zeros") if len(self.val_idx) else None
+        # covariate latents start at their category's component mean (multiDGD's "origin" sampling)
+        self.train_cov_reps, self.val_cov_reps = [], []
+        for j, cp in enumerate(self.module.covariate_priors if self.has_covariates else []):
+            mean = cp.mean.detach()
+            codes = torch.as_tensor(self.covariate_codes[:, j], dtype=torch.int64)
+            self.train_cov_reps.append(RepresentationTable(len(self.train_idx), cp.dim,
+                                                           init=mean[codes[torch.as_tensor(self.train_idx)]]))
+            if len(self.val_idx):
+                self.val_cov_reps.append(RepresentationTable(len(self.val_idx), cp.dim,
+                                                             init=mean[codes[torch.as_tensor(self.val_idx)]]))
+
+    # ------------------------------------------------------------------ covariates
+    def _setup_covariates(self, adata, cat_keys: list[str], cont_keys: list[str]) -> None:
+        """Validate the covariate columns, fix the categories and codes, and standardise the continuous ones."""
+        obs = adata.obs
+        categorical, codes = [], []
+        for key in cat_keys:
+            values = _obs_column(obs, key)
+            missing = pd.isna(values)
+            if missing.any():
+                raise ValueError(
+                    f"obs[{key!r}] has {int(missing.sum())} missing value(s); every cell needs its category. Fill them "
+                    f"(e.g. adata.obs[{key!r}] = adata.obs[{key!r}].astype(str).where(adata.obs[{key!r}].notna(), "
+                    "'unknown')) or drop those cells (adata = adata[adata.obs[key].notna()].copy()).")
+            labels = pd.Index(values.astype(str))
+            if isinstance(values.dtype, pd.CategoricalDtype):  # keep the user's order, only observed categories
+                cats = [str(c) for c in values.cat.categories if str(c) in set(labels)]
+            else:
+                cats = sorted(set(labels))
+            if len(cats) == 1:
+                warnings.warn(f"obs[{key!r}] has a single category ({cats[0]!r}): the covariate adds nothing (every "
+                              "cell gets the same prior component).", stacklevel=3)
+            codes.append(pd.Index(cats).get_indexer(labels))
+            categorical.append({"key": key, "categories": cats})
+        self.covariate_codes = np.stack(codes, axis=1).astype(np.int64) if codes else np.zeros((len(obs), 0), np.int64)
+        if codes and len(self.val_idx):
+            only_val = np.zeros(len(obs), dtype=bool)
+            for j in range(len(codes)):
+                in_train = np.zeros(len(categorical[j]["categories"]), dtype=bool)
+                in_train[self.covariate_codes[self.train_idx, j]] = True
+                only_val |= ~in_train[self.covariate_codes[:, j]]
+            moved = self.val_idx[only_val[self.val_idx]]
+            if len(moved):
+                warnings.warn(f"{len(moved)} validation cell(s) have a covariate category no training cell has; they "
+                              "were moved into the training split so that every category is learned.", stacklevel=3)
+                self.train_idx = np.sort(np.concatenate([self.train_idx, moved]))
+                self.val_idx = np.setdiff1d(self.val_idx, moved)
+        for j, c in enumerate(categorical):
+            c["train_counts"] = np.bincount(self.covariate_codes[self.train_idx, j],
+                                            minlength=len(c["categories"])).tolist()
+        continuous, cont = [], []
+        for key in cont_keys:
+            values = _continuous_column(obs, key, what="the training cells")
+            train = values[self.train_idx]
+            mean, sd = float(train.mean()), float(train.std())
+            if not sd > 0:
+                warnings.warn(f"obs[{key!r}] is constant on the training cells; it is fed to the decoder centred "
+                              "but unscaled and carries no information.", stacklevel=3)
+                sd = 1.0
+            continuous.append({"key": key, "mean": mean, "sd": sd})
+            cont.append((values - mean) / sd)
+        self.covariate_continuous = (np.stack(cont, axis=1).astype(np.float32) if cont else None)
+        self.covariates = {"categorical": categorical, "continuous": continuous}
+
+    @property
+    def has_covariates(self) -> bool:
+        cov = getattr(self, "covariates", None)
+        return bool(cov and (cov["categorical"] or cov["continuous"]))
+
+    @property
+    def n_covariate_inputs(self) -> int:
+        """Decoder inputs after the biological latent (covariate latents + continuous covariates)."""
+        if not self.has_covariates:
+            return 0
+        return (len(self.covariates["categorical"]) * self.params["n_latent_covariate"]
+                + len(self.covariates["continuous"]))
+
+    @property
+    def categorical_covariate_keys(self) -> list[str]:
+        return [c["key"] for c in self.covariates["categorical"]] if self.has_covariates else []
+
+    def covariate_categories(self, key: str | None = None) -> list[str]:
+        """The trained categories of a categorical covariate (default: the first, ``batch_key``)."""
+        return list(self.covariates["categorical"][self._covariate_index(key)]["categories"])
+
+    def _covariate_index(self, key: str | None) -> int:
+        keys = self.categorical_covariate_keys
+        if not keys:
+            raise ValueError("This model has no categorical covariates (pass batch_key=... when creating it).")
+        if key is None:
+            return 0
+        if key not in keys:
+            raise ValueError(f"{key!r} is not a categorical covariate of this model; it has {keys}.")
+        return keys.index(key)
+
+    def _training_covariate_latents(self) -> list[np.ndarray]:
+        out = []
+        for j, table in enumerate(self.train_cov_reps):
+            c = np.empty((len(self.obs_names), table.dim), dtype=np.float32)
+            c[self.train_idx] = table.z.detach().cpu().numpy()
+            if self.val_cov_reps:
+                c[self.val_idx] = self.val_cov_reps[j].z.detach().cpu().numpy()
+            out.append(c)
+        return out
+
+    def _new_covariates(self, adata) -> tuple[np.ndarray, np.ndarray | None, list[int], list[list[str]]]:
+        """Codes of new cells' categories (-1: unknown, >= C_j: new categories, numbered in sorted order),
+        their standardised continuous covariates, the number of new categories and their names."""
+        obs = adata.obs
+        codes, n_new, new_names = [], [], []
+        for c in self.covariates["categorical"]:
+            key, cats = c["key"], pd.Index(c["categories"])
+            if key not in obs.columns:
+                warnings.warn(f"obs[{key!r}] is absent from the new cells: each cell's {key} is inferred (the trained "
+                              "category whose component best explains its fitted covariate latent).", stacklevel=4)
+                codes.append(np.full(len(obs), -1, dtype=np.int64))
+                n_new.append(0)
+                new_names.append([])
+                continue
+            values = obs[key]
+            missing = np.asarray(pd.isna(values))
+            labels = pd.Index(values.astype(str))
+            code = np.asarray(cats.get_indexer(labels), dtype=np.int64)
+            unseen = sorted(set(labels[(code < 0) & ~missing]))
+            code[(code < 0) & ~missing] = len(cats) + pd.Index(unseen).get_indexer(labels[(code < 0) & ~missing])
+            code[missing] = -1
+            codes.append(code)
+            n_new.append(len(unseen))
+            new_names.append(unseen)
+        codes = np.stack(codes, axis=1) if codes else np.zeros((len(obs), 0), np.int64)
+        cont = None
+        if self.covariates["continuous"]:
+            cont = np.stack([(_continuous_column(obs, c["key"], what="the new cells") - c["mean"]) / c["sd"]
+                             for c in self.covariates["continuous"]], axis=1).astype(np.float32)
+        return codes, cont, n_new, new_names
+
+    def _embed(self, adata, layer, *, n_steps: int = 200, batch_size: int = 1024, lr: float = 1e-2,
+               select_by: str = "recon+prior", candidate_steps: int = 0, new_category_rounds: int = 5,
+               device=None, progress: bool = True) -> dict:
+        """Every latent block of the cells: stored for the training data, inferred (model frozen) for new cells.
+
+        Returns ``{"z", "covariate_z" (list), "codes", "continuous", "category_names" (list per covariate:
+        trained + new names), "inferred" (list of bool masks)}``.
+        """
+        self._check_trained()
+        if self._is_training_data(adata):
+            if getattr(self, "train_rep", None) is None:
+                raise ValueError("This model was saved without its training latents (save_representations=False); "
+                                 "pass adata=... to embed cells.")
+            n_cat = len(self.categorical_covariate_keys)
+            return {"z": self._training_latent(), "covariate_z": self._training_covariate_latents(),
+                    "codes": self.covariate_codes, "continuous": self.covariate_continuous,
+                    "category_names": [self.covariate_categories(k) for k in self.categorical_covariate_keys],
+                    "inferred": [np.zeros(len(self.obs_names), bool)] * n_cat}
+        matrix, lib = self._new_data(adata, layer)
+        dev = self.device if device is None else resolve_device(device)
+        self._to(dev)
+        if not self.has_covariates:
+            z, loss = infer_latents_sharded(self.module, matrix, lib, self.n_latent, batch_size=batch_size,
+                                            n_steps=n_steps, lr=lr, select_by=select_by,
+                                            candidate_steps=candidate_steps, progress=progress, device=dev)
+            self._last_inference_loss = loss
+            return {"z": z, "covariate_z": [], "codes": np.zeros((len(z), 0), np.int64), "continuous": None,
+                    "category_names": [], "inferred": []}
+        if candidate_steps:
+            raise ValueError("candidate_steps is not supported with covariates (candidates are scored, not optimised).")
+        codes, cont, n_new, new_names = self._new_covariates(adata)
+        res = infer_covariate_latents_sharded(self.module, matrix, lib, self.n_latent, codes, cont, n_new,
+                                              batch_size=batch_size, n_steps=n_steps, lr=lr, select_by=select_by,
+                                              new_category_rounds=new_category_rounds, progress=progress, device=dev)
+        self._last_inference_loss = res.loss
+        self._last_new_category_means = {
+            c["key"]: dict(zip(new_names[j], res.new_means[j])) for j, c in enumerate(self.covariates["categorical"])}
+        return {"z": res.z, "covariate_z": res.covariate_z, "codes": res.codes, "continuous": cont,
+                "category_names": [self.covariate_categories(k) + new_names[j]
+                                   for j, k in enumerate(self.categorical_covariate_keys)],
+                "inferred": [codes[:, j] < 0 for j in range(codes.shape[1])]}
+
+    def _extra_input(self, covariate_z: list[np.ndarray], continuous: np.ndarray | None, n: int,
+                     transform_batch=None) -> np.ndarray | None:
+        """The decoder's input after the biological latent: each cell's own covariate latents, or with
+        ``transform_batch`` (a category of ``batch_key``, or ``{key: category}``) that category's component
+        mean for every cell; continuous covariates as given (zeros, the training mean, when ``None``)."""
+        if not self.has_covariates:
+            if transform_batch is not None:
+                raise ValueError("transform_batch needs a model with covariates (batch_key=...).")
+            return None
+        chosen = {}
+        if transform_batch is not None:
+            items = (transform_batch.items() if isinstance(transform_batch, dict)
+                     else [(self.categorical_covariate_keys[0] if self.categorical_covariate_keys else None,
+                            transform_batch)])
+            for key, cat in items:
+                j = self._covariate_index(key)
+                cats = self.covariate_categories(self.categorical_covariate_keys[j])
+                if str(cat) not in cats:
+                    raise ValueError(f"transform_batch={cat!r} is not a trained category of {self.categorical_covariate_keys[j]!r}"
+                                     f" ({cats[:10]}{' ...' if len(cats) > 10 else ''}).")
+                chosen[j] = cats.index(str(cat))
+        parts = []
+        for j, cp in enumerate(self.module.covariate_priors):
+            if j in chosen:
+                parts.append(np.repeat(cp.mean.detach().cpu().numpy()[chosen[j]][None, :], n, axis=0))
+            else:
+                if covariate_z is None or len(covariate_z) <= j:
+                    raise ValueError("The cells' own covariate latents are unknown here; pass transform_batch=... "
+                                     "(decode as if from one batch) or the AnnData of the cells.")
+                parts.append(np.asarray(covariate_z[j], dtype=np.float32))
+        if self.covariates["continuous"]:
+            parts.append(np.zeros((n, len(self.covariates["continuous"])), np.float32) if continuous is None
+                         else np.asarray(continuous, dtype=np.float32))
+        return np.concatenate(parts, axis=1).astype(np.float32)
+
+    def covariate_input(self, adata=None, *, layer: str | None = None, transform_batch=None,
+                        n_cells: int | None = None, **infer_kwargs) -> np.ndarray | None:
+        """The decoder's covariate input (covariate latents + standardised continuous covariates) for the cells
+        of ``adata`` (default: the training cells): each cell's own, or with ``transform_batch`` every cell's
+        batch covariate at that batch's component mean. ``n_cells`` without ``adata`` and with
+        ``transform_batch``: for that many cells of no particular AnnData (continuous covariates at the
+        training mean). ``None`` for a model without covariates."""
+        if not self.has_covariates:
+            return None
+        if n_cells is not None and adata is None:
+            return self._extra_input([], None, int(n_cells), transform_batch)
+        emb = self._embed(adata, layer, **infer_kwargs)
+        return self._extra_input(emb["covariate_z"], emb["continuous"], len(emb["z"]), transform_batch)
 
     @property
     def n_latent(self) -> int:
@@ -233,17 +500,30 @@ class DGD(BaseModel):
                             f"{sorted(DecoderOnlyPlanConfig.names() - {'batch_size', 'seed'})} and the runner's "
                             "(patience, min_delta, min_epochs, restore_best, checkpoint_every, seed).")
         cfg = DecoderOnlyPlanConfig(batch_size=batch_size, seed=seed, **options)
+        if not self.has_covariates:
+            return DecoderOnlyPlan(self.module, self._matrix, self.library_size, self.train_idx, self.val_idx,
+                                   self.train_rep, self.val_rep, cfg)
+        val = None if self.val_rep is None else [self.val_rep, *self.val_cov_reps]
         return DecoderOnlyPlan(self.module, self._matrix, self.library_size, self.train_idx, self.val_idx,
-                               self.train_rep, self.val_rep, cfg)
+                               [self.train_rep, *self.train_cov_reps], val, cfg,
+                               covariates=SampleCovariates(self.covariate_codes, self.covariate_continuous))
 
     def _collect_training(self, plan: DecoderOnlyPlan) -> None:
         self.train_rep, self.val_rep = plan.full_train_table, plan.full_val_table
+        self.train_cov_reps = list(plan.full_train_tables[1:])
+        self.val_cov_reps = [] if plan.full_val_tables is None else list(plan.full_val_tables[1:])
 
     def _fingerprint(self) -> dict:
-        return {"n_obs": int(self._matrix.n_obs), "n_vars": int(self._matrix.n_vars),
-                "n_train": int(len(self.train_idx)), "n_val": int(len(self.val_idx)),
-                "genes": names_digest(self.var_names), "cells": names_digest(self.obs_names),
-                "n_latent": self.n_latent, "n_components": self.n_components}
+        out = {"n_obs": int(self._matrix.n_obs), "n_vars": int(self._matrix.n_vars),
+               "n_train": len(self.train_idx), "n_val": len(self.val_idx),
+               "genes": names_digest(self.var_names), "cells": names_digest(self.obs_names),
+               "n_latent": self.n_latent, "n_components": self.n_components}
+        if self.has_covariates:
+            cov = self.covariates
+            out["covariates"] = names_digest([c["key"] + ":" + "|".join(c["categories"]) for c in cov["categorical"]]
+                                             + [c["key"] for c in cov["continuous"]]
+                                             + [str(self.params["n_latent_covariate"])])
+        return out
 
     def _to(self, dev: torch.device) -> None:
         self.module.to(dev)
@@ -251,6 +531,8 @@ class DGD(BaseModel):
             self.train_rep.to(dev)
         if self.val_rep is not None:
             self.val_rep.to(dev)
+        for table in getattr(self, "train_cov_reps", []) + getattr(self, "val_cov_reps", []):
+            table.to(dev)
         self.device = dev
 
     # ------------------------------------------------------------------ data access
@@ -294,8 +576,8 @@ class DGD(BaseModel):
     def get_latent_representation(self, adata=None, *, layer: str | None = None, n_steps: int = 200,
                                   batch_size: int = 1024, lr: float = 1e-2, select_by: str = "recon+prior",
                                   candidate_steps: int = 0, device: str | torch.device | None = None,
-                                  progress: bool = True) -> np.ndarray:
-        """Latent vectors (n_cells, n_latent).
+                                  progress: bool = True, new_category_rounds: int = 5) -> np.ndarray:
+        """Biological latent vectors (n_cells, n_latent); with covariates, without them (batch-free).
 
         Without ``adata`` (or with the training AnnData): the learned representations of the training
         and validation cells, in the AnnData's order. With new cells: held-out inference with the
@@ -303,21 +585,36 @@ class DGD(BaseModel):
         mixture mean (by reconstruction + prior), then Adam refines it for up to ``n_steps`` steps.
         ``layer`` says where the new cells' counts are: default the model's training layer, ``"X"`` for
         ``adata.X``, ``"raw"`` for ``adata.raw.X``.
+
+        With covariates, a new cell's covariate latents are fitted at the same time
+        (:func:`~dgdlens.train.inference.infer_covariate_latents`): a known category starts at its
+        component mean and is optimised under it; a column absent from the new ``obs`` (or a missing
+        value) is inferred (all trained components are candidates; :meth:`get_covariate_categories` says
+        which was picked); a category the model has not seen (a new batch) gets a new component whose mean
+        is learned from that batch's cells over ``new_category_rounds`` rounds while everything trained
+        stays frozen (several new batches at once; a one-cell batch works, its batch effect then cannot be
+        told apart from its biology).
         """
-        self._check_trained()
-        if self._is_training_data(adata):
-            if getattr(self, "train_rep", None) is None:
-                raise ValueError("This model was saved without its training latents (save_representations=False); "
-                                 "pass adata=... to embed cells.")
-            return self._training_latent()
-        matrix, lib = self._new_data(adata, layer)
-        dev = self.device if device is None else resolve_device(device)
-        self._to(dev)
-        z, loss = infer_latents_sharded(self.module, matrix, lib, self.n_latent, batch_size=batch_size,
-                                                    n_steps=n_steps, lr=lr, select_by=select_by,
-                                                    candidate_steps=candidate_steps, progress=progress, device=dev)
-        self._last_inference_loss = loss
-        return z
+        return self._embed(adata, layer, n_steps=n_steps, batch_size=batch_size, lr=lr, select_by=select_by,
+                           candidate_steps=candidate_steps, device=device, progress=progress,
+                           new_category_rounds=new_category_rounds)["z"]
+
+    def get_covariate_representation(self, adata=None, key: str | None = None, *, layer: str | None = None,
+                                     **infer_kwargs) -> np.ndarray:
+        """Covariate latents (n_cells, n_latent_covariate) of the categorical covariate ``key`` (default:
+        the first, ``batch_key``): learned for the training cells, inferred for new cells (as in
+        :meth:`get_latent_representation`, which takes the same options)."""
+        j = self._covariate_index(key)
+        return self._embed(adata, layer, **infer_kwargs)["covariate_z"][j]
+
+    def get_covariate_categories(self, adata=None, key: str | None = None, *, layer: str | None = None,
+                                 **infer_kwargs) -> np.ndarray:
+        """Each cell's category of covariate ``key`` (default ``batch_key``) as strings: as given, or for new
+        cells without the column (or with a missing value) the inferred one: the trained category whose
+        component gives the fitted covariate latent the highest ``log pi_k + log N``."""
+        j = self._covariate_index(key)
+        emb = self._embed(adata, layer, **infer_kwargs)
+        return np.asarray(emb["category_names"][j], dtype=object)[emb["codes"][:, j]]
 
     def _prior_scores(self, z: np.ndarray, fn) -> np.ndarray:
         out = []
@@ -337,21 +634,50 @@ class DGD(BaseModel):
         z = self._latent_for(adata, layer, z, **infer_kwargs)
         return self._prior_scores(z, self.gmm.responsibilities)
 
-    def decode_latent(self, z, library_size=None, *, batch_size: int = 2048) -> np.ndarray:
+    def _blocks_for(self, adata, layer, z, transform_batch=None, **infer_kwargs):
+        """(biological latents, decoder's covariate input or None) for the cells of ``adata``."""
+        if z is None:
+            emb = self._embed(adata, layer, **infer_kwargs)
+            return emb["z"], self._extra_input(emb["covariate_z"], emb["continuous"], len(emb["z"]), transform_batch)
+        z = self._latent_for(adata, layer, z)
+        if not self.has_covariates:
+            return z, self._extra_input([], None, len(z), transform_batch)
+        if self._is_training_data(adata) and len(z) != len(self.obs_names):
+            # latents of no particular cells: only a chosen batch (and the training mean of continuous
+            # covariates) can complete them
+            return z, self._extra_input([], None, len(z), transform_batch)
+        emb = self._embed(adata, layer, **infer_kwargs)
+        return z, self._extra_input(emb["covariate_z"], emb["continuous"], len(z), transform_batch)
+
+    def decode_latent(self, z, library_size=None, *, extra=None, transform_batch=None,
+                      batch_size: int = 2048) -> np.ndarray:
         """Decode latents to NB means (cells x genes). With ``library_size=None``: the per-cell
-        composition (rows sum to 1), i.e. the normalised expression."""
+        composition (rows sum to 1), i.e. the normalised expression.
+
+        With covariates the decoder also reads ``extra`` (n_cells, covariate inputs): the cells' covariate
+        latents and standardised continuous covariates, from :meth:`covariate_input`; or
+        ``transform_batch=`` (a category of ``batch_key``, or ``{key: category}`` for every categorical
+        covariate) to decode every cell as if from that batch (continuous covariates at the training mean).
+        """
         z = np.asarray(z, dtype=np.float32)
         if z.ndim != 2 or z.shape[1] != self.n_latent:
             raise ValueError(f"z must have shape (n_cells, {self.n_latent}), got {z.shape}")
+        if extra is None and self.has_covariates:
+            extra = self._extra_input([], None, len(z), transform_batch)
+        elif extra is not None:
+            if not self.has_covariates:
+                raise ValueError("extra= is only for a model with covariates.")
+            extra = np.asarray(extra, dtype=np.float32)
+            if extra.shape != (len(z), self.n_covariate_inputs):
+                raise ValueError(f"extra must have shape ({len(z)}, {self.n_covariate_inputs}), got {extra.shape}")
         if library_size is not None:
-            # a writable copy: torch.from_numpy warns on the read-only view broadcast_to returns
             # a real (writable) copy: torch.from_numpy warns on the read-only view broadcast_to returns
             library_size = np.array(np.broadcast_to(np.asarray(library_size, dtype=np.float32).reshape(-1), (len(z),))).copy()
         out = np.empty((len(z), len(self.var_names)), dtype=np.float32)
         self.module.eval()
         with torch.no_grad():
             for i in range(0, len(z), batch_size):
-                raw = self.module.decode(torch.from_numpy(z[i:i + batch_size]).to(self.device))
+                raw = self._decode(z[i:i + batch_size], None if extra is None else extra[i:i + batch_size])
                 mean = self.module.likelihood.mean(raw, None)
                 if library_size is None:
                     mean = mean / mean.sum(1, keepdim=True)
@@ -364,11 +690,25 @@ class DGD(BaseModel):
                 out[i:i + batch_size] = mean.cpu().numpy()
         return out
 
+    def _decode(self, z: np.ndarray, extra: np.ndarray | None) -> torch.Tensor:
+        zt = torch.from_numpy(np.ascontiguousarray(z)).to(self.device)
+        if extra is None:
+            return self.module.decode(zt)
+        return self.module.decode(zt, torch.from_numpy(np.ascontiguousarray(extra)).to(self.device))
+
     def get_normalized_expression(self, adata=None, *, z=None, layer: str | None = None,
-                                  gene_list: Sequence[str] | None = None, **infer_kwargs) -> np.ndarray:
-        """Per-cell expression composition (rows sum to 1 over all model genes), (n_cells, n_genes)."""
-        z = self._latent_for(adata, layer, z, **infer_kwargs)
-        out = self.decode_latent(z)
+                                  gene_list: Sequence[str] | None = None, transform_batch=None,
+                                  **infer_kwargs) -> np.ndarray:
+        """Per-cell expression composition (rows sum to 1 over all model genes), (n_cells, n_genes).
+
+        With covariates each cell is decoded with its own covariate latents (default), or with
+        ``transform_batch`` as if it came from that batch (scVI's name): the batch covariate latent of
+        every cell is that category's component mean (a category of ``batch_key``; ``{key: category}`` for
+        several covariates; covariates not named keep each cell's own latent). That is batch-corrected
+        expression: cells of one type from different batches decode alike.
+        """
+        z, extra = self._blocks_for(adata, layer, z, transform_batch, **infer_kwargs)
+        out = self.decode_latent(z, extra=extra)
         if gene_list is not None:
             idx = self.var_names.get_indexer(pd.Index(gene_list))
             if np.any(idx < 0):
@@ -384,19 +724,20 @@ class DGD(BaseModel):
             return self.library_size
         return self._new_data(adata, layer)[1]
 
-
     def sample_counts(self, adata=None, *, z=None, layer: str | None = None, library_size=None, seed: int = 0,
-                      batch_size: int = 2048, **infer_kwargs) -> sp.csr_matrix:
+                      batch_size: int = 2048, transform_batch=None, **infer_kwargs) -> sp.csr_matrix:
         """Draw counts from the model's NB for each cell (mean = library x composition, variance
-        mean + mean^2 / r). Returned as a sparse CSR matrix (cells x genes), built batch by batch."""
-        z = self._latent_for(adata, layer, z, **infer_kwargs)
+        mean + mean^2 / r). Returned as a sparse CSR matrix (cells x genes), built batch by batch.
+        ``transform_batch``: counterfactual counts as if every cell came from that batch (see
+        :meth:`get_normalized_expression`), with each cell's own library size."""
+        z, extra = self._blocks_for(adata, layer, z, transform_batch, **infer_kwargs)
         lib = self.get_library_sizes(adata, layer=layer) if library_size is None else np.asarray(library_size, dtype=np.float32)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         blocks = []
         self.module.eval()
         with torch.no_grad():
             for i in range(0, len(z), batch_size):
-                raw = self.module.decode(torch.from_numpy(z[i:i + batch_size]).to(self.device))
+                raw = self._decode(z[i:i + batch_size], None if extra is None else extra[i:i + batch_size])
                 scale = None if lib is None else torch.from_numpy(np.ascontiguousarray(lib[i:i + batch_size])).to(self.device)
                 draws = _nb_sample(self.module.likelihood, raw, scale, gen)
                 blocks.append(sp.csr_matrix(draws.cpu().numpy()))
@@ -409,21 +750,22 @@ class DGD(BaseModel):
         For new cells their latents are inferred first (decoder frozen). ``per_sample=True`` returns
         the per-cell values instead of the mean; ``per_feature=True`` divides by the number of genes
         (NLL per count entry), the unit :class:`~dgdlens.models.DecoderOnly` reports for images.
+        With covariates each cell is decoded with its own covariate latents.
         """
         if self._is_training_data(adata):
             self._require_data("get_reconstruction_error")
             matrix, lib = self._matrix, self.library_size
         else:
             matrix, lib = self._new_data(adata, layer)
-        z = self._latent_for(adata, layer, z, **infer_kwargs)
+        z, extra = self._blocks_for(adata, layer, z, None, **infer_kwargs)
         loader = BatchLoader(matrix, None, lib, batch_size=batch_size, shuffle=False, device=self.device)
         nll = np.empty(matrix.n_obs, dtype=np.float64)
         self.module.eval()
         with torch.no_grad():
             for batch in loader:
                 pos = batch.index.cpu().numpy()
-                zt = torch.from_numpy(z[pos]).to(self.device)
-                nll[pos] = self.module.recon_nll(batch.x, zt, batch.scale).double().cpu().numpy()
+                raw = self._decode(z[pos], None if extra is None else extra[pos])
+                nll[pos] = self.module.likelihood.nll(batch.x, raw, batch.scale).double().cpu().numpy()
         if per_feature:
             nll = nll / len(self.var_names)
         return nll if per_sample else float(nll.mean())
@@ -434,18 +776,27 @@ class DGD(BaseModel):
         """Write latents to ``obsm[key_added]``, mixture clusters to ``obs[cluster_key]`` (categorical),
         responsibilities to ``obsm[responsibilities_key]`` and the model summary to ``uns[uns_key]``.
 
-        Without ``adata`` this writes into the training AnnData (you asked for it); returns the AnnData.
+        With covariates also each categorical covariate's latents to ``obsm[f"{key_added}_{key}"]`` (e.g.
+        ``X_dgd_batch``) and, where a new cell's category was inferred, the inferred categories to
+        ``obs[f"dgd_{key}"]``. Without ``adata`` this writes into the training AnnData (you asked for it);
+        returns the AnnData.
         """
         target = self.adata if adata is None else adata
         if target is None:
             raise ValueError("No AnnData to write to: pass adata=...")
-        z = self.get_latent_representation(adata, layer=layer, **infer_kwargs)
+        emb = self._embed(adata, layer, **infer_kwargs)
+        z = emb["z"]
         target.obsm[key_added] = z
+        for j, key in enumerate(self.categorical_covariate_keys):
+            target.obsm[f"{key_added}_{key}"] = emb["covariate_z"][j]
+            if emb["inferred"][j].any():
+                names = np.asarray(emb["category_names"][j], dtype=object)[emb["codes"][:, j]]
+                target.obs[f"dgd_{key}"] = pd.Categorical(names.astype(str))
         clusters = self.get_cluster_assignments(z=z)
         target.obs[cluster_key] = pd.Categorical(clusters.astype(str), categories=[str(k) for k in range(self.n_components)])
         if responsibilities_key:
             target.obsm[responsibilities_key] = self.get_responsibilities(z=z)
-        target.uns[uns_key] = {"params": {k: v for k, v in self.params.items() if v is not None},
+        target.uns[uns_key] = {"params": {k: v for k, v in self.params.items() if v is not None and v != []},
                                "key_added": key_added, "cluster_key": cluster_key}
         return target
 
@@ -467,6 +818,14 @@ class DGD(BaseModel):
             tensors["representation.train"] = self.train_rep.z.detach()
             if self.val_rep is not None:
                 tensors["representation.val"] = self.val_rep.z.detach()
+            for j, table in enumerate(self.train_cov_reps):
+                tensors[f"representation.train.covariate{j}"] = table.z.detach()
+            for j, table in enumerate(self.val_cov_reps):
+                tensors[f"representation.val.covariate{j}"] = table.z.detach()
+            if self.has_covariates:
+                tensors["covariate.codes"] = torch.from_numpy(np.ascontiguousarray(self.covariate_codes))
+                if self.covariate_continuous is not None:
+                    tensors["covariate.continuous"] = torch.from_numpy(self.covariate_continuous)
             tensors["split.train"] = torch.from_numpy(self.train_idx.astype(np.int64))
             tensors["split.val"] = torch.from_numpy(self.val_idx.astype(np.int64))
             if self.library_size is not None:
@@ -479,6 +838,8 @@ class DGD(BaseModel):
             "var_names": list(map(str, self.var_names)),
             "obs_names": list(map(str, self.obs_names)) if with_reps else None,
         }
+        if self.has_covariates:
+            config["covariates"] = self.covariates
         return tensors, config
 
     @classmethod
@@ -504,6 +865,11 @@ class DGD(BaseModel):
         obj.train_idx = tensors["split.train"].numpy() if has_reps else np.arange(0)
         obj.val_idx = tensors["split.val"].numpy() if has_reps else np.arange(0)
         obj.library_size = tensors["library_size"].numpy() if "library_size" in tensors else None
+        obj.covariates = config.get("covariates") or {"categorical": [], "continuous": []}
+        n_cat = len(obj.covariates["categorical"])
+        obj.covariate_codes = (tensors["covariate.codes"].numpy() if "covariate.codes" in tensors
+                               else np.zeros((len(obj.obs_names), n_cat), np.int64))
+        obj.covariate_continuous = tensors["covariate.continuous"].numpy() if "covariate.continuous" in tensors else None
         obj._build(len(obj.var_names))
         state = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
         obj.module.load_state_dict(state, strict=True)
@@ -512,8 +878,13 @@ class DGD(BaseModel):
                 obj.train_rep.z.copy_(tensors["representation.train"])
                 if obj.val_rep is not None:
                     obj.val_rep.z.copy_(tensors["representation.val"])
+                for j, table in enumerate(obj.train_cov_reps):
+                    table.z.copy_(tensors[f"representation.train.covariate{j}"])
+                for j, table in enumerate(obj.val_cov_reps):
+                    table.z.copy_(tensors[f"representation.val.covariate{j}"])
         else:
             obj.train_rep = None
+            obj.train_cov_reps, obj.val_cov_reps = [], []
         obj.device = torch.device("cpu")
         obj.adata = None
         obj._matrix = None
@@ -569,3 +940,32 @@ def _gamma(shape: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     with torch.random.fork_rng(devices=[] if shape.device.type == "cpu" else [shape.device]):
         torch.manual_seed(seed)
         return torch._standard_gamma(shape)
+
+
+def _categorical_keys(batch_key, categorical_covariate_keys) -> list[str]:
+    if isinstance(categorical_covariate_keys, str):
+        categorical_covariate_keys = [categorical_covariate_keys]
+    keys = ([] if batch_key is None else [str(batch_key)]) + [str(k) for k in (categorical_covariate_keys or [])]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"A covariate is given twice ({keys}); batch_key is already the first categorical covariate.")
+    return keys
+
+
+def _obs_column(obs: pd.DataFrame, key: str) -> pd.Series:
+    if key not in obs.columns:
+        raise ValueError(f"obs has no column {key!r} (columns: {list(obs.columns)[:20]}).")
+    return obs[key]
+
+
+def _continuous_column(obs: pd.DataFrame, key: str, *, what: str) -> np.ndarray:
+    values = _obs_column(obs, key)
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"obs[{key!r}] is a continuous covariate but is not numeric ({err}); pass it under "
+                         "categorical_covariate_keys instead.") from err
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise ValueError(f"obs[{key!r}] has {int(bad.sum())} NaN or infinite value(s) among {what}; fill or drop "
+                         "those cells (a continuous covariate is a decoder input and must be finite).")
+    return arr

@@ -43,11 +43,11 @@ class MLP(nn.Sequential):
 
 def mlp_decoder(n_latent: int, n_out: int, hidden: Sequence[int] = (100, 100, 100), activation: str = "relu",
                 dropout: float = 0.0) -> MLP:
-    """An MLP decoder ``n_latent -> hidden... -> n_out`` (reference DGD: 100-100-100, ReLU)."""
+    """An MLP decoder ``n_latent -> *hidden -> n_out`` (reference DGD: 100-100-100, ReLU)."""
     return MLP(n_latent, n_out, hidden, activation, dropout)
 
 
 def mlp_encoder(n_in: int, n_latent: int, hidden: Sequence[int] = (100, 100, 100), activation: str = "relu",
                 dropout: float = 0.0) -> MLP:
-    """The mirror of :func:`mlp_decoder`: ``n_in -> reversed(hidden)... -> n_latent``."""
+    """The mirror of :func:`mlp_decoder`: ``n_in -> *reversed(hidden) -> n_latent``."""
     return MLP(n_in, n_latent, list(reversed(list(hidden))), activation, dropout)

@@ -68,14 +68,22 @@ class Likelihood(nn.Module):
 class NegativeBinomial(Likelihood):
     """Negative binomial counts with mean ``scale * activation(out)`` and learned dispersion.
 
-    ``activation``:
-      - ``"softmax"`` (default): ``out`` becomes a per-cell composition (rows sum to 1) and ``scale``
-        is the library size, so the mean is ``library * composition`` (multiDGD, scVI).
-      - ``"softplus"``: the reference scDGD HEAD, usually with ``scale`` = max count of the cell.
-      - ``"sigmoid"``: the scDGD paper version, mean bounded by ``scale`` (max count of the cell).
-    ``dispersion``: ``"gene"`` (one r per feature, the reference) or ``"shared"`` (one r overall).
-    ``r_min``: the reference uses ``r = exp(log_r) + 1`` so r >= 1; ``r_min=1.0`` reproduces that
-    (default), ``r_min=0`` allows over-dispersion beyond r = 1.
+    Parameters
+    ----------
+    n_features
+        Number of output features (genes).
+    activation
+        ``"softmax"`` (default): ``out`` becomes a per-cell composition (rows sum to 1) and ``scale`` is
+        the library size, so the mean is ``library * composition`` (multiDGD, scVI). ``"softplus"``: the
+        reference scDGD HEAD, usually with ``scale`` = max count of the cell. ``"sigmoid"``: the scDGD
+        paper version, mean bounded by ``scale`` (max count of the cell).
+    dispersion
+        ``"gene"`` (one r per feature, the reference) or ``"shared"`` (one r overall).
+    r_init
+        Initial dispersion r.
+    r_min
+        The reference uses ``r = exp(log_r) + 1`` so r >= 1; ``r_min=1.0`` reproduces that (default),
+        ``r_min=0`` allows over-dispersion beyond r = 1.
     """
 
     name = "nb"

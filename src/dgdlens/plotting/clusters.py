@@ -37,9 +37,27 @@ def contingency_heatmap(
     square is the cell count. With ``reorder`` clusters are sorted by their dominant label, so a good
     match shows as a diagonal. The title gives ARI and NMI (see :func:`cluster_agreement`).
 
+    Parameters
+    ----------
+    clusters, labels
+        One cluster and one label per cell (arrays, lists, Series or Categoricals of equal length).
+    ax
+        Axes to draw on; default a new figure.
+    annotate
+        Print the cell count in every square.
+    reorder
+        Sort the clusters by their dominant label.
+    cmap
+        Matplotlib colour map of the fractions.
+    cluster_name, label_name
+        Axis labels.
+    figsize
+        Size of a new figure (default: from the table's shape).
+
     Returns
     -------
-    The figure drawn on (``ax.figure`` when ``ax`` is given).
+    matplotlib.figure.Figure
+        The figure drawn on (``ax.figure`` when ``ax`` is given).
     """
     counts = contingency_table(clusters, labels)
     fractions = counts.div(counts.sum(axis=1), axis=0)

@@ -139,7 +139,8 @@ def embedding(
 
     Returns
     -------
-    The figure drawn on (``ax.figure`` when ``ax`` is given).
+    matplotlib.figure.Figure
+        The figure drawn on (``ax.figure`` when ``ax`` is given).
     """
     coords, values, color_name = _resolve_input(data, color, basis)
     fig, ax = new_axes(ax, figsize)
@@ -198,8 +199,23 @@ def feature_activations(
         with an AnnData also the ``obsm`` key holding them (e.g. ``"X_sae"`` from :func:`dgdlens.tl.sae`).
     features
         Column indices of the features to show.
+    basis
+        With an AnnData, the ``obsm`` key of the coordinates.
     titles
         One title per feature (default ``"feature <index>"``).
+    ncols
+        Panels per row.
+    cmap
+        Matplotlib colour map of the activations.
+    size
+        Marker size (default: from the number of cells).
+    panel_size
+        Width and height of one panel, in inches.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The grid.
     """
     if is_anndata(coords):
         if isinstance(activations, str):

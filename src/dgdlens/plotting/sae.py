@@ -32,9 +32,31 @@ def activation_frequency(
     Dead features (rate 0) cannot sit on a log axis; their number is reported instead. The dashed
     line marks ``dense_threshold``.
 
+    Parameters
+    ----------
+    activations
+        Cells x features (dense or sparse), or an AnnData with them in ``obsm[basis]``.
+    rates
+        Precomputed firing rate per feature (instead of ``activations``).
+    n_cells
+        Number of cells behind ``rates`` (for the title).
+    basis
+        With an AnnData, the ``obsm`` key of the activations.
+    threshold
+        A feature fires in a cell when its activation exceeds this.
+    dense_threshold
+        Rate above which a feature counts as dense (the dashed line).
+    bins
+        Histogram bins.
+    ax
+        Axes to draw on; default a new figure.
+    figsize
+        Size of a new figure.
+
     Returns
     -------
-    The figure drawn on (``ax.figure`` when ``ax`` is given).
+    matplotlib.figure.Figure
+        The figure drawn on (``ax.figure`` when ``ax`` is given).
     """
     if (activations is None) == (rates is None):
         raise ValueError("pass exactly one of activations= or rates=.")

@@ -37,7 +37,8 @@ def steering_lfc(
 
     Returns
     -------
-    The figure drawn on (``ax.figure`` when ``ax`` is given).
+    matplotlib.figure.Figure
+        The figure drawn on (``ax.figure`` when ``ax`` is given).
     """
     if n_up < 0 or n_down < 0:
         raise ValueError("n_up and n_down must be >= 0.")

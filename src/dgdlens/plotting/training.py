@@ -51,7 +51,8 @@ def training_curves(
 
     Returns
     -------
-    The figure drawn on (``ax.figure`` when ``ax`` is given).
+    matplotlib.figure.Figure
+        The figure drawn on (``ax.figure`` when ``ax`` is given).
     """
     df = as_history(history)
     groups = history_metrics(df)

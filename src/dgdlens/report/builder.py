@@ -108,9 +108,12 @@ _TEXT = {
         "terms. 'overlap' is the number of the feature's changed genes that belong to the set (out of "
         "the set's size among the measured genes), 'odds ratio' how much more often set genes are "
         "among the changed genes than expected by chance, 'pval' the one-sided hypergeometric p-value "
-        "and 'padj' that p-value corrected for testing many sets (Benjamini-Hochberg); 'genes' are the "
-        "changed genes in the set. A term is a hypothesis about the feature, not a proof. Grey rows do "
-        "not pass the significance threshold."
+        "and 'padj' that p-value corrected (Benjamini-Hochberg) over every feature and set tested together "
+        "(the table's 'padj_global'), so the threshold bounds the expected share of false rows in the "
+        "whole table; 'genes' are the changed genes in the set. Terms of one feature that share most of "
+        "these genes (nested GO terms) are shown once, under the most specific term, with the number of "
+        "similar terms folded into it. A term is a hypothesis about the feature, not a proof. Grey rows "
+        "do not pass the significance threshold."
     ),
     "feature_umap": (
         "Where are these features active? Each panel shows the same map of cells as above, coloured by "
@@ -124,7 +127,10 @@ _TEXT = {
         "representation is moved by that change along the feature's direction (everything the SAE does "
         "not capture is kept), and the generative model turns the new representations into expected "
         "expression. The bars show the genes whose expected expression changed most between the "
-        "steered and the original cells (red: up, blue: down, as log2 fold change). The table lists "
+        "steered and the original cells (red: up, blue: down, as log2 fold change). A gene counts as "
+        "changed only when its change is larger than what the same edit along random directions of the "
+        "same length typically does (an empirical p-value from at least 100 such control edits, corrected "
+        "over genes); any move of the cells changes the decoded expression somewhat. The table lists "
         "gene sets over-represented among the changed genes. These are predictions of the model, a "
         "way to form hypotheses, not measurements."
     ),
@@ -342,9 +348,26 @@ def _check_features(features) -> pd.DataFrame:
     return features
 
 
+def _score_column(df: pd.DataFrame) -> str:
+    """The adjusted p-value the lens filters on: the global BH (``padj_global``) when present."""
+    return next(c for c in ("padj_global", "padj", "pval") if c in df.columns)
+
+
+def _collapse_redundant(features: pd.DataFrame) -> pd.DataFrame:
+    """The annotation table without rows folded into a more specific term (``dgdlens.lens.collapse``);
+    tables without the needed columns are returned unchanged."""
+    if "collapsed_into" not in features.columns:
+        if not {"genes", "significant", "set_size"} <= set(features.columns):
+            return features
+        from ..lens import mark_redundant
+
+        features = mark_redundant(features)
+    return features[features["collapsed_into"].fillna("").astype(str) == ""]
+
+
 def rank_features(features: pd.DataFrame) -> pd.DataFrame:
     """One row per feature with its best (lowest) adjusted p-value, best first."""
-    score = "padj" if "padj" in features.columns else "pval"
+    score = _score_column(features)
     df = features.assign(_score=pd.to_numeric(features[score], errors="coerce"))
     if df["_score"].isna().all():
         raise ValueError(f"features[{score!r}] holds no numbers.")
@@ -381,7 +404,8 @@ def _features_section(features, alpha, n_top_features, terms_per_feature):
     features = _check_features(features)
     if len(features) == 0:
         return section.add_note("No feature was annotated: the annotation table is empty."), []
-    score = "padj" if "padj" in features.columns else "pval"
+    features = _collapse_redundant(features)
+    score = _score_column(features)
     ranking = rank_features(features)
     top = ranking.head(n_top_features)["feature"].tolist()
     df = features.assign(_score=pd.to_numeric(features[score], errors="coerce"))
@@ -391,6 +415,9 @@ def _features_section(features, alpha, n_top_features, terms_per_feature):
         block = df[df["feature"] == feat].sort_values(sort_cols, kind="stable").head(terms_per_feature)
         for i, (_, r) in enumerate(block.iterrows()):
             row = {"feature": r["feature"], "term": _term_label(r)}
+            n_similar = int(_scalar(r["n_collapsed"])) if "n_collapsed" in df.columns else 0
+            if n_similar:
+                row["term"] += f" (+{n_similar} similar)"
             if "direction" in df.columns:
                 row["direction"] = r["direction"]
             if "overlap" in df.columns:
@@ -399,9 +426,9 @@ def _features_section(features, alpha, n_top_features, terms_per_feature):
                                   if "set_size" in df.columns else overlap)
             if "odds_ratio" in df.columns:
                 row["odds ratio"] = float(_scalar(r["odds_ratio"]))
-            for col in ("pval", "padj"):
+            for col in ("pval", score if score != "pval" else "padj"):
                 if col in df.columns:
-                    row[col] = r[col]
+                    row["padj" if col == "padj_global" else col] = r[col]
             if "genes" in df.columns:
                 row["genes"] = _gene_text(r["genes"])
             rows.append(row)
@@ -449,7 +476,7 @@ def _feature_umap_section(coords, activations, features, top_ids, feature_names,
     chosen = list(columns.items())[:n_panels]
     if chosen:
         best_terms = {}
-        score = "padj" if "padj" in features.columns else "pval"
+        score = _score_column(features)
         for fid, _ in chosen:
             rows = features[features["feature"] == fid]
             best = rows.iloc[int(np.argmin(pd.to_numeric(rows[score], errors="coerce").fillna(np.inf)))]
@@ -496,7 +523,7 @@ def _steering_section(steering, features, alpha, n_genes, n_terms, dpi) -> Secti
     if features is not None and feature is not None and "feature" in features.columns:
         rows = features[features["feature"].astype(str) == str(feature)]
         if len(rows):
-            score = "padj" if "padj" in rows.columns else "pval"
+            score = _score_column(rows)
             best = rows.iloc[int(np.argmin(pd.to_numeric(rows[score], errors="coerce").fillna(np.inf)))]
             what += f" (top term: {_term_label(best)})"
     verb = _MODE_VERBS.get(str(mode), f"changed ({mode} {value})" if mode else "changed")

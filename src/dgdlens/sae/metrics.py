@@ -217,10 +217,10 @@ def recovery(activations, variables, *, threshold: float = 0.9, names=None, keep
              chunk_size: int = 4096) -> RecoveryResult:
     """How well SAE features recover continuous ground-truth variables (use held-out cells).
 
-    For every variable: the signed Pearson r with the largest |r| over live features and that feature
-    (``best_r``, ``best_feature``), and the feature and |r| it gets in a one-to-one Hungarian matching
-    (``matched_feature``, ``matched_abs_r``). Summary: ``fraction_recovered`` (best |r| >= threshold),
-    ``fraction_recovered_matched``, mean and median best |r|, ``n_live_features``.
+    For every variable: the signed Pearson r with the largest ``|r|`` over live features and that feature
+    (``best_r``, ``best_feature``), and the feature and ``|r|`` it gets in a one-to-one Hungarian matching
+    (``matched_feature``, ``matched_abs_r``). Summary: ``fraction_recovered`` (best ``|r|`` >= threshold),
+    ``fraction_recovered_matched``, mean and median best ``|r|``, ``n_live_features``.
     """
     A = _as_feature_matrix(activations)
     V = _as_variables(variables, A.shape[0])

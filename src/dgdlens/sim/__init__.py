@@ -6,9 +6,12 @@
 - :func:`simulate_superposition`: the SAE paper's simulation (programs -> covariate offset ->
   cell-type masks -> genes), every level kept; :func:`embed_superposition` embeds it with an autoencoder.
 - :func:`planted_sparse_codes`: sparse codes in superposition (more atoms than dimensions).
+- :func:`simulate_batches`: cell types seen through batches (gene-wise and library batch effects, a
+  batch lacking some types, unseen batches), the truth in ``uns``.
 - :func:`simulate_count_chunks`: large count matrices generated chunk by chunk (scale benchmark).
 """
 
+from .batches import simulate_batches
 from .counts import simulate_count_chunks
 from .grn import GRNSimulation, hill_response, simulate_grn
 from .superposition import (
@@ -28,5 +31,5 @@ __all__ = [
     "simulate_superposition", "simulate_superposition_runs", "load_superposition", "SuperpositionData",
     "embed_superposition", "SuperpositionEmbedding", "planted_sparse_codes", "PlantedSparseCodes",
     "reference_hidden_sizes",
-    "simulate_count_chunks",
+    "simulate_count_chunks", "simulate_batches",
 ]

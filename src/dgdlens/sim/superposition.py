@@ -446,7 +446,7 @@ def planted_sparse_codes(n_samples: int = 5000, n_atoms: int = 64, dim: int = 16
     noise_sd
         Gaussian noise per entry.
     max_coherence
-        If set, atoms are redrawn until no two have |cosine| above it (up to 1,000 tries each).
+        If set, atoms are redrawn until no two have ``|cosine|`` above it (up to 1,000 tries each).
     """
     _check_positive_int(n_samples=n_samples, n_atoms=n_atoms, dim=dim, k_active=k_active)
     if k_active > n_atoms:

@@ -442,7 +442,7 @@ class DecoderOnlyPlan(TrainingPlan):
                 for batch in loader:
                     codes, cont = self._batch_covariates(batch.index, cov)
 
-                    def objective(x, z, scale, codes=codes, cont=cont):
+                    def objective(x, z, scale, codes=codes, cont=cont, dims=dims):
                         recon, prior = self.module.batch_nll(x, list(torch.split(z, dims, dim=1)), scale, codes, cont)
                         return recon + prior
 
