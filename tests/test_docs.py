@@ -81,10 +81,6 @@ def _returns_something(func) -> bool:
     return False
 
 
-def _nested_defs_returns(func) -> bool:
-    return _returns_something(func)
-
-
 def _check_function(qualname: str, func, problems: list[str], *, method: bool = False) -> None:
     doc = inspect.getdoc(func) if not method else (func.__doc__ or "")
     if not doc or not doc.strip():
@@ -136,8 +132,6 @@ def _check_class(qualname: str, cls, problems: list[str]) -> None:
             if not sections & ok:
                 problems.append(f"{qualname}: __init__ takes {params} but the class docstring has no "
                                 "Parameters section")
-    if _is_dataclass_like(cls) and "__init__" not in cls.__dict__ and not dataclasses.is_dataclass(cls):
-        pass
     for name, attr, kind in _own_methods(cls):
         mq = f"{qualname}.{name}"
         if getattr(attr, "__module__", "") and not str(getattr(attr, "__module__", "")).startswith("dgdlens"):
@@ -176,9 +170,28 @@ def docstring_problems() -> list[str]:
     return problems
 
 
+# Gaps that existed when this test was written (one problem a line, as ``docstring_problems`` words
+# it). The list only shrinks: a new public name or method must be documented, and a line whose gap
+# has been fixed must be deleted (the second test says which).
+GAPS_FILE = Path(__file__).with_name("docstring_gaps.txt")
+
+
+def _known_gaps() -> set[str]:
+    if not GAPS_FILE.exists():
+        return set()
+    return {line.strip() for line in GAPS_FILE.read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+
+
 def test_public_names_have_numpydoc_docstrings():
-    problems = docstring_problems()
-    assert not problems, f"{len(problems)} public names are under-documented:\n" + "\n".join(problems)
+    new = [p for p in docstring_problems() if p not in _known_gaps()]
+    assert not new, (f"{len(new)} public names are under-documented (numpydoc: a Parameters section when "
+                     "it takes parameters, Returns when it returns something):\n" + "\n".join(new))
+
+
+def test_docstring_gap_list_has_no_fixed_entries():
+    fixed = sorted(_known_gaps() - set(docstring_problems()))
+    assert not fixed, (f"documented now, delete these lines from {GAPS_FILE.name}:\n" + "\n".join(fixed))
 
 
 # --------------------------------------------------------------------------------------- API reference
@@ -216,7 +229,6 @@ def test_every_cli_subcommand_is_in_the_cli_reference():
     page = _cli_module().render(parser)
     for name in subcommands:
         assert re.search(rf"^## `dgdlens {name}`$", page, re.M), f"no section for `dgdlens {name}`"
-        assert parser.subcommands[name].format_help().splitlines()[0].split()[1:3] == ["dgdlens", name] or True
         # every option of the subcommand is shown
         for action in parser.subcommands[name]._actions:
             for opt in action.option_strings:

@@ -412,6 +412,8 @@ def composition_split_model(log_composition: Callable, log_r, *, n_latent: int |
     freeze
         A torch module whose parameters get no gradient during inference (the decoder).
 
+    Notes
+    -----
     The objective for observed genes A is ``-sum_{g in A} log NB(x_g; L * c_g(z) / sum_{h in A} c_h(z), r_g)
     + prior_nll(z)`` with ``L`` the observed total; :meth:`nb_params` renormalises the composition over
     the scored genes in the same way (a no-op when all genes are used).

@@ -16,6 +16,17 @@ def pbmc68k_counts(*, keep_scanpy_fields: bool = False):
     deviation from an integer: 0.08). ``X`` is CSR int-valued float32, also in ``layers["counts"]``.
     ``obs["bulk_labels"]`` holds 10 noisy cell-type labels (correlation with sorted bulk profiles).
     Library sizes for the DGD are the row sums over these 765 genes, not ``n_counts``.
+
+    Parameters
+    ----------
+    keep_scanpy_fields
+        Keep scanpy's processed fields of ``pbmc68k_reduced`` (PCA, neighbours, UMAP, ...) as well.
+
+    Returns
+    -------
+    anndata.AnnData
+        700 cells x 765 genes with exact integer counts in ``X`` and ``layers["counts"]`` and the cell
+        annotations (``bulk_labels``, ...) in ``obs``.
     """
     import anndata as ad
     import scanpy as sc

@@ -239,6 +239,16 @@ def load_digits_images(*, scale: bool = True) -> ImageData:
     """scikit-learn's bundled handwritten digits: 1,797 images of 8x8, 10 classes (offline).
 
     ``scale=True`` divides the 0-16 grey levels by 16, so pixels are float32 in [0, 1].
+
+    Parameters
+    ----------
+    scale
+        Scale the pixels to ``[0, 1]`` (else scikit-learn's 0-16 values).
+
+    Returns
+    -------
+    ImageData
+        ``X`` (1,797 images x 64 pixels), ``labels`` (the digits) and ``image_shape``.
     """
     from sklearn.datasets import load_digits
 

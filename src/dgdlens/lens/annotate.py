@@ -117,12 +117,13 @@ def annotate(
 
     Returns
     -------
-    DataFrame, one row per reported (feature, gene set, direction) with the columns
-    ``feature, term, description, direction, overlap, set_size, n_selected, universe_size, expected,
-    fold_enrichment, odds_ratio, pval, padj, padj_global, genes, significant, collapsed_into,
-    n_collapsed, collapsed_terms`` (plus the reference's columns with ``compat="paper"``); ``.attrs``
-    holds the gene-set provenance and the settings (``fdr``, ``count_split`` as applied). With
-    ``return_features=True``: ``(results, features)``.
+    pandas.DataFrame or tuple of pandas.DataFrame
+        DataFrame, one row per reported (feature, gene set, direction) with the columns
+        ``feature, term, description, direction, overlap, set_size, n_selected, universe_size, expected,
+        fold_enrichment, odds_ratio, pval, padj, padj_global, genes, significant, collapsed_into,
+        n_collapsed, collapsed_terms`` (plus the reference's columns with ``compat="paper"``); ``.attrs``
+        holds the gene-set provenance and the settings (``fdr``, ``count_split`` as applied). With
+        ``return_features=True``: ``(results, features)``.
     """
     if compat not in _COMPAT:
         raise ValueError(f"compat must be None or 'paper', got {compat!r}.")

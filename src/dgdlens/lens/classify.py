@@ -35,9 +35,10 @@ def classify_features(activations, labels, *, z: float = 1.96, return_significan
 
     Returns
     -------
-    DataFrame with one row per feature: ``feature, n_active, n_significant_types, n_types, class,
-    cell_type`` (the significant type of a local feature; the type with the largest difference
-    ``mean_in - mean_out`` otherwise) and ``difference`` (that difference).
+    pandas.DataFrame
+        DataFrame with one row per feature: ``feature, n_active, n_significant_types, n_types, class,
+        cell_type`` (the significant type of a local feature; the type with the largest difference
+        ``mean_in - mean_out`` otherwise) and ``difference`` (that difference).
     """
     A = as_activation_matrix(activations).tocsr()
     n, F = A.shape

@@ -385,8 +385,9 @@ def differential_expression(
 
     Returns
     -------
-    DataFrame with one row per (feature, gene): ``feature, gene, mean_high, mean_low, log2fc, statistic,
-    df, pval, padj, direction`` (``"up"``/``"down"`` for selected genes, else ``""``), ``n_high, n_low``.
+    pandas.DataFrame
+        DataFrame with one row per (feature, gene): ``feature, gene, mean_high, mean_low, log2fc, statistic,
+        df, pval, padj, direction`` (``"up"``/``"down"`` for selected genes, else ``""``), ``n_high, n_low``.
     """
     if not isinstance(expression, PreparedExpression):
         expression, _ = maybe_split(expression, count_split, split_seed)

@@ -124,6 +124,8 @@ class Autoencoder(LatentModel):
 
     @property
     def encoder(self) -> nn.Module:
+        """The encoder (a ``torch.nn.Module``).
+        """
         return self.module.encoder
 
     # ------------------------------------------------------------------ training (BaseModel.train)
@@ -136,6 +138,20 @@ class Autoencoder(LatentModel):
         (:class:`~dgdlens.train.autoencoder_plan.AutoencoderPlanConfig`): ``lr`` (1e-3), ``betas``
         ((0.9, 0.999)) and ``weight_decay`` (1e-4) of Adam over encoder, decoder and likelihood;
         ``validation_batch_size``, ``shuffle_block_size``, ``max_batches``.
+
+        Parameters
+        ----------
+        max_epochs, batch_size, early_stopping
+            As in :meth:`DecoderOnly.train <dgdlens.models.decoder_only.DecoderOnly.train>`.
+        **options
+            The runner's options (``device``, ``checkpoint_path``, ``patience``, ...) and the plan's
+            (``lr``, ``betas``, ``weight_decay``, ``validation_batch_size``, ``shuffle_block_size``,
+            ``max_batches``).
+
+        Returns
+        -------
+        Autoencoder
+            ``self``, trained.
         """
         return super().train(max_epochs, batch_size, early_stopping, **options)
 
@@ -167,6 +183,22 @@ class Autoencoder(LatentModel):
         its reconstruction NLL with the decoder frozen, the decoder-only model's test-time inference
         started from the encoder's guess. Comparing both tells how much of an autoencoder's test error
         is the encoder's (the amortisation gap) and how much the decoder's.
+
+        Parameters
+        ----------
+        X
+            Samples x features to embed; ``None`` for the training data.
+        refine_steps
+            Adam steps on each latent after the encoder (0: the encoder's output as is).
+        lr
+            Learning rate of the refinement.
+        batch_size
+            Samples per forward pass.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n_samples, n_latent)`` float32 latents.
         """
         self._warn_if_untrained()
         if isinstance(refine_steps, bool) or int(refine_steps) != refine_steps or refine_steps < 0:

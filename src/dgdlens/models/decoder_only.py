@@ -480,6 +480,8 @@ class DecoderOnly(LatentModel):
 
     @property
     def prior(self) -> nn.Module:
+        """The prior on the latents (a ``torch.nn.Module``: ``NoPrior``, ``StandardNormal`` or ``GaussianMixture``).
+        """
         return self.module.prior
 
     def _repr_extra(self) -> str:
@@ -579,6 +581,32 @@ class DecoderOnly(LatentModel):
         ``candidate_steps > 0`` optimises every candidate that long before the choice. The objective is
         the reconstruction NLL plus the prior's NLL; each sample's final value is kept in
         ``last_inference_loss_``. Under ``torchrun`` the samples are shared out over the processes.
+
+        Parameters
+        ----------
+        X
+            Samples x features to embed; ``None`` for the training data's learned latents.
+        n_steps
+            Maximum Adam steps per batch of new samples.
+        lr
+            Adam learning rate.
+        n_candidates
+            Learned latents tried as starting points (besides the origin) when the prior is not a mixture.
+        candidate_steps
+            Steps every candidate is optimised before the best is chosen.
+        batch_size
+            Samples optimised together.
+        tol
+            Relative change of the batch loss below which the optimisation stops.
+        device
+            Where to compute (default: the model's device).
+        progress
+            Show a progress bar.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n_samples, n_latent)`` float32 latents.
         """
         self._warn_if_untrained()
         if self._is_registered(X):
@@ -599,6 +627,15 @@ class DecoderOnly(LatentModel):
 
         ``save_latents=False`` leaves out the training samples' latents. dgdlens MLP and conv decoders
         are rebuilt from their config on :meth:`load`; any other decoder must be passed to it again.
+
+        Parameters
+        ----------
+        path
+            The directory to write.
+        overwrite
+            Replace an existing dgdlens model folder at ``path``.
+        save_latents
+            Also save the training samples' latents.
         """
         self._save_latents = bool(save_latents)
         try:

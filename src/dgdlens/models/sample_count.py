@@ -35,6 +35,18 @@ def count_parameters(module: nn.Module, *, trainable_only: bool = True) -> int:
     """Number of scalar parameters of ``module`` (only those with ``requires_grad`` by default).
 
     Parameters shared between submodules are counted once (``module.parameters()`` de-duplicates).
+
+    Parameters
+    ----------
+    module
+        A ``torch.nn.Module``.
+    trainable_only
+        Count only parameters with ``requires_grad``.
+
+    Returns
+    -------
+    int
+        The number of scalar parameters.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected a torch.nn.Module, got {type(module).__name__}.")
@@ -102,6 +114,13 @@ class SampleCounts:
         return self.encoder_samples / self.decoder_samples
 
     def to_dict(self) -> dict:
+        """The fields and the ratio as a plain dict (e.g. for JSON).
+
+        Returns
+        -------
+        dict
+            Every field plus ``ratio``.
+        """
         return asdict(self) | {"ratio": self.ratio}
 
     def __str__(self) -> str:

@@ -40,6 +40,26 @@ def simulate_count_chunks(n_cells: int, n_genes: int, *, n_types: int = 8, chunk
     sets resample those cells and thin every count binomially (each cell keeps a random 60-100 %
     of its molecules), so every cell is distinct at the cost of a few draws per non-zero entry, not
     per gene: a million cells take minutes, not hours. Deterministic given ``seed``.
+
+    Parameters
+    ----------
+    n_cells, n_genes
+        Size of the whole matrix.
+    n_types
+        Number of cell types (expression programs).
+    chunk_size
+        Cells per yielded chunk (the last one may be smaller).
+    mean_library
+        Mean total count per template cell.
+    template_cells
+        Cells drawn from the Poisson model; more cells are resampled and thinned from these.
+    seed
+        Random seed.
+
+    Yields
+    ------
+    tuple of (scipy.sparse.csr_matrix, numpy.ndarray)
+        The counts of the next ``chunk_size`` cells (float32 CSR) and their cell types.
     """
     if n_cells < 1 or n_genes < 1 or chunk_size < 1:
         raise ValueError("n_cells, n_genes and chunk_size must be positive")

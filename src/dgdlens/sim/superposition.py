@@ -211,6 +211,11 @@ def simulate_superposition(
         with mean ``library_scale * max(Y, 0)`` (negative binomial: variance ``mu + mu^2 / nb_dispersion``).
     seed, structure_seed
         Seeds of the cells and of the fixed structure (the reference always uses structure seed 0).
+
+    Returns
+    -------
+    SuperpositionData
+        The observable data ``Y`` and every level of the ground truth.
     """
     _check_positive_int(n_cells=n_cells, n_programs=n_programs, n_genes=n_genes, n_cell_types=n_cell_types,
                         n_covariates=n_covariates)
@@ -385,6 +390,11 @@ def embed_superposition(data, *, n_latent: int = 150, depth: int = 2, width: str
     num_threads
         CPU threads for torch while training (restored afterwards; ``None`` leaves torch's setting). On a
         busy machine one thread can be many times faster than oversubscribed cores.
+
+    Returns
+    -------
+    SuperpositionEmbedding
+        The fitted autoencoder and the latents of ``data``.
     """
     from ..models.autoencoder import Autoencoder
     from ..sae.train import torch_threads
@@ -437,6 +447,8 @@ def planted_sparse_codes(n_samples: int = 5000, n_atoms: int = 64, dim: int = 16
 
     Parameters
     ----------
+    n_samples
+        Number of samples.
     n_atoms, dim, k_active
         Dictionary size, input dimension, and active atoms per sample (drawn uniformly without replacement).
     magnitude
@@ -447,6 +459,11 @@ def planted_sparse_codes(n_samples: int = 5000, n_atoms: int = 64, dim: int = 16
         Gaussian noise per entry.
     max_coherence
         If set, atoms are redrawn until no two have ``|cosine|`` above it (up to 1,000 tries each).
+
+    Returns
+    -------
+    PlantedSparseCodes
+        ``X`` (samples x ``dim``), the true ``codes`` (samples x atoms), the ``atoms`` and the ``offset``.
     """
     _check_positive_int(n_samples=n_samples, n_atoms=n_atoms, dim=dim, k_active=k_active)
     if k_active > n_atoms:
