@@ -52,7 +52,8 @@ def check(root) -> list[str]:
         One ``"page: link (why)"`` line per broken link; empty when every link resolves.
     """
     root = Path(root).resolve()
-    pages = {p: _parse(p) for p in root.rglob("*.html")}
+    # the theme's template fragments in _static/ are not pages
+    pages = {p: _parse(p) for p in root.rglob("*.html") if p.relative_to(root).parts[0] not in ("_static", "_sources")}
     broken = []
     for page, parsed in pages.items():
         for attr, link in parsed.links:
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
         print(f"check_links: {root} has no index.html; build the site first (make docs)", file=sys.stderr)
         return 1
     broken = check(root)
-    n_pages = sum(1 for _ in root.rglob("*.html"))
+    n_pages = sum(1 for p in root.rglob("*.html") if p.relative_to(root).parts[0] != "_static")
     for line in broken:
         print(line)
     print(f"check_links: {n_pages} pages, {len(broken)} broken internal links")

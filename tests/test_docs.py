@@ -248,3 +248,12 @@ def test_built_site_has_no_broken_internal_links():
         sys.path.pop(0)
     broken = checker.check(DOCS / "_build" / "html")
     assert not broken, "\n".join(broken[:50])
+
+
+@pytest.mark.skipif(not (DOCS / "_build" / "html" / "index.html").exists(), reason="site not built (make docs)")
+def test_every_tutorial_page_shows_figures():
+    pages = sorted((DOCS / "_build" / "html" / "tutorials").glob("0*.html"))
+    assert len(pages) == len(sorted((DOCS / "tutorials").glob("0*.md")))
+    for page in pages:
+        n_images = page.read_text().count("<img")
+        assert n_images >= 1, f"{page.name} shows no figure"
