@@ -30,13 +30,7 @@ FAST = {"batch_size": 64, "rep_step": "batch", "lr_rep": 0.05, "hyperprior": "pe
         "device": "cpu", "progress": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster than two fighting over shared cores, and deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def simulate_nb_mixture(n_cells: int = 360, n_genes: int = 100, n_types: int = 3, seed: int = 0) -> ad.AnnData:

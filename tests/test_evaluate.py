@@ -30,12 +30,7 @@ from dgdlens.evaluate import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def simulate(n_cells=3000, n_genes=25, seed=0):
