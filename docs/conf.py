@@ -28,6 +28,7 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",   # MathJax 3 served from _static/mathjax (sets mathjax_path): no CDN
     "sphinx.ext.viewcode",
     "myst_nb",
     "sphinx_design",

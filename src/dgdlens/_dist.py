@@ -18,7 +18,7 @@ from ._device import resolve_device
 
 __all__ = [
     "init", "is_distributed", "rank", "world_size", "local_rank", "is_main_process", "barrier",
-    "shard_bounds", "shard_sizes", "local_device", "all_reduce_sum", "all_agree", "gather_rows", "run_on_main",
+    "shard_bounds", "shard_sizes", "local_device", "all_reduce_sum", "all_reduce_max", "all_agree", "gather_rows", "run_on_main",
     "broadcast_tensor", "broadcast_module", "all_reduce_gradients", "shard_file",
 ]
 
@@ -121,6 +121,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.detach().to(_comm_device(), copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     dist.broadcast(out, src=0)
+    return out.to(tensor.device)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over processes (the same on every rank)."""
+    if not is_distributed():
+        return tensor
+    init()
+    out = tensor.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out.to(tensor.device)
 
 

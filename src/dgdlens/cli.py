@@ -267,6 +267,12 @@ def _annotate_parser(sub, common) -> None:
                    help="also write one row per feature (group sizes, genes changed, top term)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="random seed (subsampling of silent cells)")
+    p.add_argument("--backed", action="store_true",
+                   help="read DATA.h5ad from disk in chunks of cells (backed='r') instead of loading it: "
+                        "memory bounded by --max-memory-gb plus one chunk, not by the number of cells")
+    p.add_argument("--max-memory-gb", type=float, default=2.5, metavar="GB",
+                   help="with --backed: memory for the group statistics (16 bytes x features x genes, 32 with "
+                        "max_low_cells=None); more features than fit take one more pass over the file each")
     _add_overwrite(p, "the output files")
     _add_progress(p)
     p.set_defaults(handler=_cmd_annotate, required=("activations", "expression", "out"))
@@ -303,6 +309,9 @@ def _steer_parser(sub, common) -> None:
                    help="random same-size edits each gene's change is compared with (empirical p-values)")
     p.add_argument("--random-control", action="store_true",
                    help="also steer along one more same-length random direction, scored like the feature")
+    p.add_argument("--max-cells", type=_positive_int, default=10_000, metavar="N",
+                   help="steer a seeded random subsample of at most N of the selected cells (the result "
+                        "holds cells x genes values)")
     _add_device(p)
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (random control)")
     _add_overwrite(p, "files in OUT_DIR")
@@ -814,7 +823,7 @@ def _cmd_annotate(args) -> None:
                      what="--features-summary")
     _distinct_outputs({"--out": out, "--features-summary": args.features_summary})
     A, cells = read_matrix(args.activations, "activations")
-    adata = read_h5ad(args.expression)
+    adata = read_h5ad(args.expression, backed=args.backed)
     adata.obsm["activations"] = _aligned_activations(A, cells, adata, args.activations)
     n_genes = adata.raw.n_vars if args.layer == "raw" and adata.raw is not None else adata.n_vars
     _echo(f"Annotating {A.shape[1]:,} features over {adata.n_obs:,} cells x {n_genes:,} genes "
@@ -825,7 +834,7 @@ def _cmd_annotate(args) -> None:
         percentile=args.percentile, min_active_cells=args.min_active_cells, test=args.test,
         min_set_size=args.min_set_size, max_set_size=args.max_set_size, max_padj=args.max_padj,
         fdr=args.fdr, count_split="auto" if args.count_split is None else args.count_split,
-        background=args.background, seed=args.seed, progress=args.progress)
+        background=args.background, seed=args.seed, progress=args.progress, max_memory=args.max_memory_gb * 1e9)
     results, features = adata.uns["annotation"]["results"], adata.uns["annotation"]["features"]
     _write_table(results, out)
     if args.features_summary:
@@ -892,7 +901,8 @@ def _cmd_steer(args) -> None:
           f"{f' (latents from obsm[{use_rep!r}])' if use_rep else ' (embedding them first)'}.")
     result = steer(model, sae, adata, feature=args.feature, mode=args.mode, value=args.value, cells=cells,
                    use_rep=use_rep, layer=args.layer, gene_sets=_gene_sets_arg(args.gene_sets),
-                   random_control=args.random_control, n_controls=args.n_controls, seed=args.seed)
+                   random_control=args.random_control, n_controls=args.n_controls, seed=args.seed,
+                   max_cells=args.max_cells)
     out.mkdir(parents=True, exist_ok=True)
     _write_table(result.genes, out / "genes.csv")
     _write_table(result.enrichment, out / "enrichment.csv")

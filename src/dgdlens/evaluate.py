@@ -143,6 +143,23 @@ def contingency_table(clusters, labels, *, normalize: str | None = None) -> pd.D
     Cells with a missing cluster or label are left out. ``normalize="rows"`` divides each row by its
     total (the label composition of each cluster), ``"columns"`` each column, ``None`` keeps counts.
     Clusters and labels that no remaining cell carries are dropped.
+
+    Parameters
+    ----------
+    clusters
+        One cluster (mixture component) per cell: a list, array, pandas Series or Categorical of length
+        ``n_cells``. A Categorical keeps its category order; other values are sorted.
+    labels
+        One label per cell (e.g. ``adata.obs["cell_type"]``), same length and cell order as ``clusters``.
+    normalize
+        ``None`` (default) for cell counts, ``"rows"`` for row fractions (each row sums to 1),
+        ``"columns"`` for column fractions.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``n_clusters x n_labels`` table, index named ``"cluster"``, columns named ``"label"``; int64 counts,
+        or float fractions when ``normalize`` is set.
     """
     if normalize not in (None, "rows", "columns"):
         raise ValueError(f"normalize must be None, 'rows' or 'columns', got {normalize!r}.")
@@ -164,6 +181,19 @@ def cluster_agreement(clusters, labels) -> dict[str, float]:
 
     Computed with scikit-learn over the cells that have both; also returns ``n_cells`` used.
     Both scores are 1 for identical partitions (whatever the names) and about 0 for unrelated ones.
+
+    Parameters
+    ----------
+    clusters
+        One cluster per cell (list, array, Series or Categorical).
+    labels
+        One reference label per cell, same length and order as ``clusters``.
+
+    Returns
+    -------
+    dict
+        ``{"ari": float, "nmi": float, "n_cells": int}``: the two scores and the number of cells with
+        both a cluster and a label.
     """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
@@ -207,6 +237,18 @@ def history_metrics(history) -> dict[str, dict[str, str]]:
 
     Columns named ``train_<m>`` / ``val_<m>`` are paired by ``<m>``; a bare ``loss`` column counts as
     the training loss. ``"loss"`` comes first, other metrics follow in column order.
+
+    Parameters
+    ----------
+    history
+        A training history: a DataFrame with one row per epoch (``model.history_``), a dict of columns,
+        or a list of per-epoch dicts.
+
+    Returns
+    -------
+    dict of str to dict of str to str
+        ``{metric: {split: column}}`` with ``split`` ``"train"`` and/or ``"val"``. Raises ``ValueError``
+        if there is no loss-like column or a metric column is not numeric.
     """
     df = as_history(history)
     metrics: dict[str, dict[str, str]] = {}
@@ -241,7 +283,23 @@ def history_epochs(df: pd.DataFrame) -> np.ndarray:
 
 
 def find_best_epoch(history, *, column: str = "val_loss"):
-    """Epoch with the lowest value of ``column`` (ignoring NaN); ``None`` if the column is absent or all NaN."""
+    """Epoch with the lowest value of ``column`` (ignoring NaN); ``None`` if the column is absent or all NaN.
+
+    Parameters
+    ----------
+    history
+        A training history (DataFrame, dict of columns, or list of per-epoch dicts; see
+        :func:`history_metrics`).
+    column
+        The column to minimise, by default ``"val_loss"``.
+
+    Returns
+    -------
+    int, float or None
+        The value of the history's ``epoch`` column at the minimum (a Python scalar), or its 1-based row
+        number when the history has no ``epoch`` column; ``None`` when ``column`` is missing or has no
+        finite value.
+    """
     df = as_history(history)
     if column not in df.columns:
         return None
@@ -264,6 +322,16 @@ def as_lfc_series(lfc) -> pd.Series:
     Accepts a Series indexed by gene, a dict ``{gene: lfc}``, or a DataFrame with one of the columns
     ``lfc, log2fc, log2_fold_change, logfoldchange, lfc_mean`` (genes in the index or a ``gene`` column),
     e.g. the ``genes`` table of a :class:`dgdlens.steer.SteerResult`.
+
+    Parameters
+    ----------
+    lfc
+        Per-gene log fold changes: Series, dict or DataFrame as described above.
+
+    Returns
+    -------
+    pandas.Series
+        float64 fold changes indexed by gene name (as ``str``), NaN and infinite values removed.
     """
     if isinstance(lfc, dict):
         lfc = pd.Series(lfc, dtype=np.float64)
@@ -285,7 +353,24 @@ def as_lfc_series(lfc) -> pd.Series:
 
 
 def top_changed_genes(lfc, *, n_up: int = 15, n_down: int = 15) -> tuple[pd.Series, pd.Series]:
-    """The ``n_up`` largest positive and ``n_down`` most negative fold changes (ties broken by gene order)."""
+    """The ``n_up`` largest positive and ``n_down`` most negative fold changes (ties broken by gene order).
+
+    Parameters
+    ----------
+    lfc
+        Per-gene log fold changes (any input :func:`as_lfc_series` accepts).
+    n_up
+        Number of up-regulated (positive) genes to keep.
+    n_down
+        Number of down-regulated (negative) genes to keep.
+
+    Returns
+    -------
+    tuple of pandas.Series
+        ``(up, down)``: at most ``n_up`` positive fold changes sorted descending and at most ``n_down``
+        negative fold changes sorted ascending (most negative first), indexed by gene name. Zeros are
+        in neither.
+    """
     values = as_lfc_series(lfc)
     up = values[values > 0].sort_values(ascending=False, kind="stable").head(n_up)
     down = values[values < 0].sort_values(ascending=True, kind="stable").head(n_down)
@@ -308,6 +393,21 @@ def binomial_split(X, p: float = 0.5, seed: int = 0):
     draw is reproducible for a given ``seed`` (``numpy.random.default_rng``), and ``X_a + X_b == X``.
     If ``X ~ Poisson(mu)`` the parts are independent Poisson(p mu) and Poisson((1 - p) mu); if
     ``X ~ NB(mu, r)`` they are NB(p mu, r) and NB((1 - p) mu, r) marginally but not independent.
+
+    Parameters
+    ----------
+    X
+        Raw counts, cells x genes (sparse matrix or 2-D array of non-negative integers).
+    p
+        Probability that a count goes to part A, strictly between 0 and 1 (default 0.5: an even split).
+    seed
+        Seed of the binomial draw.
+
+    Returns
+    -------
+    tuple
+        ``(X_a, X_b)``, each cells x genes with ``X``'s dtype: CSR matrices for a sparse ``X``, numpy
+        arrays for a dense one.
     """
     p = float(p)
     if not 0.0 < p < 1.0:
@@ -342,6 +442,23 @@ def nb_nll(x, mean, r, *, batch_size: int = 1024) -> np.ndarray:
     dispersion (shape parameter; broadcastable: per gene ``(G,)`` or ``(1, G)``, or per entry).
     Equals ``-scipy.stats.nbinom.logpmf(x, r, r / (r + mean)).sum(1)``; a zero mean with a zero count
     scores 0.
+
+    Parameters
+    ----------
+    x
+        Observed counts, cells x genes (dense array or scipy sparse matrix).
+    mean
+        NB means, cells x genes (same shape as ``x``).
+    r
+        NB dispersion (inverse overdispersion; larger is closer to Poisson): per gene ``(G,)`` or
+        ``(1, G)``, or per entry (cells x genes).
+    batch_size
+        Cells per chunk (only ``batch_size`` rows of ``x`` are densified at a time).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_cells,)`` float64 NLL per cell in nats, summed over genes.
     """
     from scipy.special import gammaln, xlogy
 
@@ -376,6 +493,17 @@ class NBSplitModel:
 
     Build one with :func:`split_model` (a DGD or DecoderOnly) or :func:`composition_split_model` (any
     softmax-composition decoder with an NB likelihood, such as scVI's), or write the two callables.
+
+    Parameters
+    ----------
+    infer
+        ``(x, library, genes) -> latents``, as above.
+    nb_params
+        ``(latents, library, genes) -> (mean, r)``, as above.
+    n_genes
+        Number of genes of the model, if known (:func:`split_model` sets it); ``None`` otherwise.
+    name
+        A label for the model (e.g. in benchmark tables); :func:`split_model` uses the model's class name.
     """
 
     infer: Callable[[sp.csr_matrix, np.ndarray, np.ndarray], Any]
@@ -397,7 +525,10 @@ def composition_split_model(log_composition: Callable, log_r, *, n_latent: int |
         ``z`` (torch, cells x n_latent) -> log composition over all the model's genes (cells x G), e.g.
         ``torch.log_softmax(decoder(z), -1)``; differentiable in ``z``.
     log_r
-        Log NB dispersion per gene, ``(G,)`` or ``(1, G)`` (tensor or array), or a scalar.
+        Log NB dispersion per gene, ``(G,)`` or ``(1, G)`` (tensor or array), or a scalar; or a
+        zero-argument callable returning one (read at each call, e.g. a module's parameter getter).
+    n_latent
+        Latent dimension; required with ``start=None`` (the start is then the origin).
     prior_nll
         ``z -> (cells,)`` negative log prior density added to the inference objective (e.g.
         ``0.5 * (z ** 2).sum(1)`` for N(0, I) up to a constant); ``None``: maximum likelihood.
@@ -409,8 +540,20 @@ def composition_split_model(log_composition: Callable, log_r, *, n_latent: int |
     n_steps, lr, betas, tol
         Adam on the latents (:func:`dgdlens.train.inference.optimise_latents`; the DGD's held-out
         defaults: 200 steps, lr 1e-2, betas (0.5, 0.7)); ``tol`` > 0 stops early on a relative change.
+    batch_size
+        Cells per inference batch.
+    device
+        Torch device the latents are optimised on (``"cpu"``, ``"cuda"``, ...).
     freeze
         A torch module whose parameters get no gradient during inference (the decoder).
+    name
+        The returned model's :attr:`NBSplitModel.name`.
+
+    Returns
+    -------
+    NBSplitModel
+        ``infer`` returns a float32 array (cells x n_latent); ``nb_params`` returns ``(mean, r)`` as
+        numpy arrays (cells x ``len(genes)`` and ``(len(genes),)`` or ``(1,)``).
 
     Notes
     -----
@@ -502,6 +645,22 @@ def split_model(model, **infer_kwargs) -> NBSplitModel:
     algorithm runs on the composition renormalised over the observed genes
     (:func:`composition_split_model`: best candidate start by likelihood + prior, then Adam with the
     model's held-out defaults, overridable by ``n_steps``, ``lr``, ``tol``, ``batch_size``).
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~dgdlens.DGD` (``output_activation="softmax"``, ``scaling="sum"``) or
+        :class:`~dgdlens.DecoderOnly` (``likelihood="nb"``, softmax composition, ``scaling="sum"``);
+        anything else raises.
+    **infer_kwargs
+        Passed to ``model.get_latent_representation`` for count splitting (``progress=False`` unless
+        given); ``n_steps``, ``lr``, ``tol``, ``batch_size`` (and ``n_candidates`` for a DecoderOnly)
+        also set the gene-splitting inference.
+
+    Returns
+    -------
+    NBSplitModel
+        The model's held-out interface, with ``n_genes`` the model's gene count and ``name`` its class name.
     """
     import anndata as ad
     import torch
@@ -638,6 +797,28 @@ def count_split_nll(model, adata, *, layer: str | None = None, p: float = 0.5, s
     ``layer``; default the model's training layer; genes aligned to the model's by name) or a matrix
     in the model's gene order. Returns a Series indexed by cell (NaN for a cell with no count in one
     part).
+
+    Parameters
+    ----------
+    model
+        A trained DGD, an NB DecoderOnly, or an :class:`NBSplitModel`.
+    adata
+        Held-out raw counts: AnnData or a cells x genes matrix in the model's gene order.
+    layer
+        Layer of ``adata`` holding the counts (``"X"``, ``"raw"`` or a layer name); ``None`` uses the
+        model's training layer.
+    p
+        Share of each count that goes to the observed part A (:func:`binomial_split`).
+    seed
+        Seed of the split; compare models only on the same ``p`` and ``seed``.
+    **infer_kwargs
+        Inference options for :func:`split_model` (not allowed with an :class:`NBSplitModel`).
+
+    Returns
+    -------
+    pandas.Series
+        float64 NLL of part B per cell (nats, summed over genes), indexed by cell name (or 0..n-1 for a
+        matrix), named ``"count_split_nll"``.
     """
     m = _as_split_model(model, infer_kwargs)
     X, obs = _held_out_counts(model, adata, layer)
@@ -654,6 +835,27 @@ def gene_split_nll(model, adata, *, layer: str | None = None, fraction: float = 
     scored (set B). The latent is inferred by MAP from ``X[:, A]`` with the composition renormalised
     over A and A's library size; B is scored with the composition renormalised over B times B's
     library size (module docstring). Arguments as :func:`count_split_nll`.
+
+    Parameters
+    ----------
+    model
+        A trained DGD, an NB DecoderOnly, or an :class:`NBSplitModel`.
+    adata
+        Held-out raw counts: AnnData or a cells x genes matrix in the model's gene order.
+    layer
+        Layer of ``adata`` holding the counts; ``None`` uses the model's training layer.
+    fraction
+        Share of the genes that is observed (set A), strictly between 0 and 1; the rest is scored.
+    seed
+        Seed of the gene permutation.
+    **infer_kwargs
+        Inference options for :func:`split_model` (not allowed with an :class:`NBSplitModel`).
+
+    Returns
+    -------
+    pandas.Series
+        float64 NLL per cell over the genes in B (nats), indexed by cell, named ``"gene_split_nll"``;
+        NaN for a cell with no count in A or in B.
     """
     fraction = float(fraction)
     if not 0.0 < fraction < 1.0:

@@ -82,7 +82,8 @@ class SteerResult:
         ``off_manifold``, the threshold and fractions (see :func:`dgdlens.steer_control.manifold_check`);
         ``None`` for a model without a prior.
     n_controls
-        ``{"random": ..., "features": ...}``: how many control directions the p-values used.
+        ``{"random": ..., "features": ..., "pval_from": ...}``: how many control directions of each kind
+        were used and which of them gave ``pval`` (the ``control`` argument of :func:`steer`).
     """
 
     feature: int
@@ -243,7 +244,7 @@ def steer(
     min_log2fc: float = 0.25, top_genes: int = 200, enrichment_kwargs: dict | None = None, seed: int = 0,
     device: str | torch.device | None = None, n_controls: int = 200, feature_controls: bool = True,
     max_feature_controls: int = 500, control: str = "random", reference=None,
-    manifold_quantile: float = 1.0, transform_batch=None) -> SteerResult:
+    manifold_quantile: float = 1.0, transform_batch=None, max_cells: int | None = 10_000) -> SteerResult:
     """Change one SAE feature, move the latents along its decoder direction, decode, and compare.
 
     Parameters
@@ -262,6 +263,11 @@ def steer(
         ``"clamp"`` to ``value``, ``"add"`` ``value``, ``"scale"`` by ``value``, or ``"ablate"`` (no value).
     cells
         Indices or boolean mask of the cells to steer (default: all).
+    max_cells
+        Steer at most this many of them: a larger selection is replaced by a seeded uniform random
+        subsample (sorted; ``result.cells`` lists it, ``seed`` draws it). The result holds cells x genes
+        decoded means, so this bounds its memory on an atlas; with at most ``max_cells`` selected cells the
+        result is the same as without the limit. ``None``: every selected cell.
     transform_batch
         For a model with covariates (``DGD(..., batch_key=...)``): ``None`` (default) decodes every cell with
         its own covariate latents (as the seed's multiDGD study does; needs the cells' AnnData); a batch
@@ -301,6 +307,16 @@ def steer(
         Seeds the control directions.
     device
         Where the SAE encodes and the model decodes (moves both there); default: where they are.
+
+    Returns
+    -------
+    SteerResult
+        The edit (``feature``, ``mode``, ``value``), the steered cell indices, latents, activations and
+        decoded means before and after (cells x latent dims, cells, cells x genes), the per-gene table
+        ``genes`` (``log2fc``, empirical ``pval``, BH ``padj``, ``direction`` "up"/"down"/""), the ORA
+        of the changed genes (``enrichment``), per-set tests (``gene_set_tests``), the off-manifold check
+        (``manifold``), the control counts (``n_controls``) and, with ``random_control=True``, the same
+        result for a random direction (``control``). See :class:`SteerResult`.
     """
     if pseudocount <= 0:
         raise ValueError(f"pseudocount must be positive, got {pseudocount}.")
@@ -315,7 +331,7 @@ def steer(
         raise ValueError(f"Latents must have shape (cells, {sae.d_in}) to match the SAE, got {z_all.shape}.")
     if not np.all(np.isfinite(z_all)):
         raise ValueError("Latents contain NaN or infinite values.")
-    idx = _cell_indices(cells, len(z_all))
+    idx = _subsample(_cell_indices(cells, len(z_all)), max_cells, seed)
     z = z_all[idx]
     extra_all = _covariate_input(model, adata_or_latents, layer, transform_batch, len(z_all))
     extra = None if extra_all is None else extra_all[idx]
@@ -379,6 +395,16 @@ def steer(
     return result
 
 
+def _subsample(idx: np.ndarray, max_cells: int | None, seed: int) -> np.ndarray:
+    """At most ``max_cells`` of ``idx``: a seeded uniform subsample, kept in the given order."""
+    if max_cells is None or len(idx) <= max_cells:
+        return idx
+    if max_cells < 1:
+        raise ValueError(f"max_cells must be a positive integer or None, got {max_cells}.")
+    keep = np.sort(np.random.default_rng([seed, 2]).choice(len(idx), max_cells, replace=False))
+    return idx[keep]
+
+
 def _cell_indices(cells, n: int) -> np.ndarray:
     if cells is None:
         return np.arange(n)
@@ -400,7 +426,24 @@ def _cell_indices(cells, n: int) -> np.ndarray:
 
 
 def steering_summary(result: SteerResult) -> dict:
-    """Numbers that describe a steering result (``summary.json`` of ``dgdlens steer`` and the demo)."""
+    """Numbers that describe a steering result (``summary.json`` of ``dgdlens steer`` and the demo).
+
+    Parameters
+    ----------
+    result
+        What :func:`steer` returned.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable summary: ``feature``, ``mode``, ``value``, ``n_cells`` (steered cells),
+        ``mean_shift`` (mean Euclidean latent distance moved), ``genes_up``, ``genes_down`` and
+        ``enriched_terms`` (rows of the ORA table). When the result has them, also ``significance`` (how
+        the p-values were obtained), ``n_controls_random``, ``n_controls_features``,
+        ``gene_sets_significant``, ``fraction_off_manifold`` (after the edit),
+        ``fraction_off_manifold_before``, ``median_delta_log_prior`` and ``control_genes_changed``
+        (genes called up or down for the random-direction control).
+    """
     genes = result.genes
     summary = {"feature": int(result.feature), "mode": result.mode, "value": result.value,
                "n_cells": int(len(result.cells)), "mean_shift": float(result.shift.mean()),

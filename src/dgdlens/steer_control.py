@@ -72,22 +72,28 @@ def decoded_effects(model, z: np.ndarray, lib, delta: np.ndarray, directions: np
     ``directions``): (n_directions x genes). Cells with ``delta == 0`` contribute 0 without decoding.
     ``extra``: each cell's covariate input for a model with covariates (``decode_latent(..., extra=)``)."""
     n, G = mu.shape
-    moved = np.flatnonzero(delta != 0)
+    moved_all = np.flatnonzero(delta != 0)
     out = np.zeros((len(directions), G))
-    if len(moved) == 0 or len(directions) == 0:
+    if len(moved_all) == 0 or len(directions) == 0:
         return out
-    base = np.log2(mu[moved].astype(np.float64) * scale + pseudocount)
-    zm = z[moved].astype(np.float64)
-    dm = delta[moved]
-    libm = None if lib is None else np.asarray(lib)[moved]
-    per_batch = max(1, int(budget // max(8 * len(moved) * G, 1)))
-    for start in range(0, len(directions), per_batch):
-        V = directions[start:start + per_batch]
-        z_new = (zm[None, :, :] + dm[None, :, None] * V[:, None, :]).reshape(-1, zm.shape[1]).astype(np.float32)
-        lib_new = None if libm is None else np.tile(libm, len(V))
-        kw = {} if extra is None else {"extra": np.tile(np.asarray(extra)[moved], (len(V), 1))}
-        mu_new = np.asarray(model.decode_latent(z_new, lib_new, **kw), dtype=np.float64).reshape(len(V), len(moved), G)
-        out[start:start + len(V)] = (np.log2(mu_new * scale + pseudocount) - base[None]).sum(axis=1) / n
+    # decoded values held at once: directions x cells x genes float64, within ``budget`` bytes (cells are
+    # taken in chunks too, so the memory does not grow with the number of cells)
+    cells_per_chunk = max(1, int(budget // max(8 * G, 1)))
+    for c0 in range(0, len(moved_all), cells_per_chunk):
+        moved = moved_all[c0:c0 + cells_per_chunk]
+        base = np.log2(mu[moved].astype(np.float64) * scale + pseudocount)
+        zm = z[moved].astype(np.float64)
+        dm = delta[moved]
+        libm = None if lib is None else np.asarray(lib)[moved]
+        per_batch = max(1, int(budget // max(8 * len(moved) * G, 1)))
+        for start in range(0, len(directions), per_batch):
+            V = directions[start:start + per_batch]
+            z_new = (zm[None, :, :] + dm[None, :, None] * V[:, None, :]).reshape(-1, zm.shape[1]).astype(np.float32)
+            lib_new = None if libm is None else np.tile(libm, len(V))
+            kw = {} if extra is None else {"extra": np.tile(np.asarray(extra)[moved], (len(V), 1))}
+            mu_new = np.asarray(model.decode_latent(z_new, lib_new, **kw), dtype=np.float64).reshape(
+                len(V), len(moved), G)
+            out[start:start + len(V)] += (np.log2(mu_new * scale + pseudocount) - base[None]).sum(axis=1) / n
     return out
 
 

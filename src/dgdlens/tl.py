@@ -130,6 +130,9 @@ def annotate_features(
 ):
     """Annotate every SAE feature in ``adata.obsm[use_rep]`` with gene sets (:func:`dgdlens.lens.annotate`).
 
+    A backed AnnData (``anndata.read_h5ad(path, backed="r")`` or a zarr store) is streamed in chunks of
+    cells, never loaded (``max_memory=``, ``chunk_cells=`` tune it; see :mod:`dgdlens.lens.streaming`).
+
     Parameters
     ----------
     adata

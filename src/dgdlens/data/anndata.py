@@ -22,7 +22,28 @@ def _is_anndata(obj) -> bool:
 
 def get_matrix(adata, layer: str | None = None) -> RowMatrix:
     """The matrix to model: ``adata.layers[layer]``, ``adata.raw.X`` for ``layer="raw"``, else ``adata.X``
-    (``layer=None`` or ``"X"``; ``"X"`` lets a caller ask for ``X`` explicitly where ``None`` means a default)."""
+    (``layer=None`` or ``"X"``; ``"X"`` lets a caller ask for ``X`` explicitly where ``None`` means a default).
+
+    Parameters
+    ----------
+    adata
+        An :class:`anndata.AnnData` (in memory or backed), ``cells x genes``.
+    layer
+        ``None`` or ``"X"``: ``adata.X`` (``"X"`` reads ``adata.layers["X"]`` if such a layer exists);
+        ``"raw"``: ``adata.raw.X``; any other name: ``adata.layers[layer]``.
+
+    Returns
+    -------
+    RowMatrix
+        A row-access wrapper around the chosen matrix (dense, sparse or backed; not copied), ``cells x genes``.
+
+    Raises
+    ------
+    TypeError
+        If ``adata`` is not an AnnData.
+    ValueError
+        If ``layer="raw"`` and ``adata.raw`` is ``None``, or the layer does not exist.
+    """
     if not _is_anndata(adata):
         raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}. Wrap arrays with anndata.AnnData(X).")
     if layer is None or (layer == "X" and "X" not in adata.layers):
@@ -56,6 +77,30 @@ def check_labels_key(adata, labels_key: str | None) -> pd.Categorical | None:
 
     Labels set the number of mixture components (one per category), so a column that looks
     continuous (non-integer numbers) or has very many categories (an id column) gets a warning.
+
+    Parameters
+    ----------
+    adata
+        An :class:`anndata.AnnData`.
+    labels_key
+        A column of ``adata.obs`` (e.g. cell types), or ``None``.
+
+    Returns
+    -------
+    pandas.Categorical or None
+        One label per cell (missing values stay missing, code ``-1``), or ``None`` when ``labels_key`` is
+        ``None``.
+
+    Raises
+    ------
+    ValueError
+        If ``labels_key`` is not a column of ``adata.obs``.
+
+    Warns
+    -----
+    UserWarning
+        When the column holds non-integer numbers, or has more than :data:`MAX_LABEL_CATEGORIES`
+        categories or (with at least 20 cells) more categories than half the cells.
     """
     if labels_key is None:
         return None
@@ -91,6 +136,26 @@ def align_genes(new_var_names, model_var_names) -> np.ndarray:
     """Column indices into the new data that give the model's genes in the model's order.
 
     Missing genes raise :class:`GeneMismatchError`; extra genes are dropped with a warning.
+
+    Parameters
+    ----------
+    new_var_names
+        Gene names of the new data (its columns, e.g. ``adata.var_names``), unique.
+    model_var_names
+        Gene names the model was trained on, in the model's order.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_model_genes,)`` integer column indices into the new data: ``new[:, idx]`` has the model's
+        genes in the model's order.
+
+    Raises
+    ------
+    ValueError
+        If the new gene names have duplicates.
+    GeneMismatchError
+        If any of the model's genes is missing from the new data.
     """
     new = pd.Index(new_var_names)
     model = pd.Index(model_var_names)

@@ -72,7 +72,18 @@ class ImageData:
         return self.X.reshape(-1, *self.image_shape)
 
     def subset(self, index) -> ImageData:
-        """The images at ``index`` (integer positions or a boolean mask), copied."""
+        """The images at ``index`` (integer positions or a boolean mask), copied.
+
+        Parameters
+        ----------
+        index
+            Integer positions (any order), a boolean mask of length ``n``, or a slice.
+
+        Returns
+        -------
+        ImageData
+            The selected images and labels (copies), with the same ``image_shape`` and ``name``.
+        """
         return ImageData(self.X[index].copy(), self.labels[index].copy(), self.image_shape, self.name)
 
 
@@ -97,6 +108,17 @@ def read_idx(path) -> np.ndarray:
     The header is two zero bytes, a type code, the number of dimensions, then one big-endian int32
     per dimension; the data follow in C order. Compression is detected from the file's first bytes,
     not its name.
+
+    Parameters
+    ----------
+    path
+        The IDX file (str or path-like), e.g. ``train-images-idx3-ubyte.gz``.
+
+    Returns
+    -------
+    numpy.ndarray
+        The array with the header's shape (MNIST images: ``(n, 28, 28)`` uint8; labels: ``(n,)`` uint8),
+        in native byte order.
 
     Raises
     ------
@@ -134,6 +156,26 @@ def write_idx(path, array: np.ndarray, *, compress: bool | None = None) -> Path:
     """Write ``array`` as an IDX file (gzip-compressed when ``compress`` or the name ends in ``.gz``).
 
     The inverse of :func:`read_idx`; useful for tests and for exporting subsets in the MNIST format.
+
+    Parameters
+    ----------
+    path
+        Destination file (str or path-like); overwritten if it exists.
+    array
+        Data with 1 to 255 dimensions and dtype uint8, int8, int16, int32, float32 or float64 (e.g.
+        ``(n, 28, 28)`` uint8 images).
+    compress
+        Gzip the file; ``None``: only when ``path`` ends in ``.gz``.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    ValueError
+        For a dtype or number of dimensions IDX cannot store.
     """
     path = Path(path)
     array = np.asarray(array)
@@ -261,7 +303,30 @@ def load_digits_images(*, scale: bool = True) -> ImageData:
 
 def load_images(name: str = "digits", path=None, split: str = "train", **kwargs) -> ImageData:
     """Load an image data set by name: ``"digits"`` (offline, default), ``"mnist"`` or ``"fashion_mnist"``
-    (these need ``path``, a folder with the IDX files; see :func:`load_mnist`)."""
+    (these need ``path``, a folder with the IDX files; see :func:`load_mnist`).
+
+    Parameters
+    ----------
+    name
+        ``"digits"``, ``"mnist"`` or ``"fashion_mnist"`` (case-insensitive; also ``"fashion"``,
+        ``"fashion-mnist"``, ``"fmnist"``).
+    path
+        Folder with the IDX files (MNIST kinds only; ignored for ``"digits"``).
+    split
+        ``"train"`` or ``"test"`` (MNIST kinds only; the digits have no split).
+    **kwargs
+        Passed on: ``scale`` for the digits; ``scale`` and ``limit`` for :func:`load_mnist`.
+
+    Returns
+    -------
+    ImageData
+        Flat float32 pixel rows, labels and the image shape.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, or an MNIST kind without ``path``.
+    """
     key = str(name).lower()
     if key == "digits":
         return load_digits_images(**kwargs)

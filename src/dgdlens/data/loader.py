@@ -37,6 +37,20 @@ DEFAULT_BUFFER_BLOCKS = 16
 
 @dataclass
 class Batch:
+    """One mini-batch of a :class:`BatchLoader`, on the loader's device.
+
+    Attributes
+    ----------
+    index
+        ``(batch,)`` int64 positions of the samples within the loader's split (``0 .. n - 1``, not rows of
+        the matrix), e.g. to look up per-sample latents.
+    x
+        ``batch x features`` dense float32 data (e.g. counts).
+    scale
+        ``(batch,)`` float32 per-sample scale factors (e.g. library sizes), or ``None`` when the loader has
+        none.
+    """
+
     index: torch.Tensor  # positions into the table of this split (0..n-1), int64
     x: torch.Tensor  # dense float32 (batch, features)
     scale: torch.Tensor | None  # per-sample scale, e.g. library size, (batch,)
@@ -65,6 +79,34 @@ def batch_indices(n: int, batch_size: int, *, shuffle: bool, rng: np.random.Gene
     order) is shuffled jointly, so every batch reads from few contiguous regions while the epoch is
     still shuffled. ``n_batches`` splits the order into exactly that many batches of near-equal size
     (distributed training needs every process to take the same number of steps).
+
+    Parameters
+    ----------
+    n
+        Number of positions (samples in the split).
+    batch_size
+        Positions per batch (the last may be shorter); ignored with ``n_batches``.
+    shuffle
+        Shuffle the order; ``False`` gives ``0 .. n - 1`` in order.
+    rng
+        NumPy generator for the shuffle (required when ``shuffle`` is true); it is advanced.
+    block_size
+        Contiguous block length for block shuffling (``None``, or ``>= n``: a full permutation).
+    buffer_blocks
+        Consecutive (shuffled) blocks mixed together.
+    n_batches
+        Exact number of batches (``numpy.array_split`` of the order; batches may be empty when
+        ``n_batches > n``).
+
+    Returns
+    -------
+    list of numpy.ndarray
+        Integer position arrays, one per batch, that together cover ``range(n)`` once.
+
+    Raises
+    ------
+    ValueError
+        If ``n_batches < 1``.
     """
     if not shuffle:
         order = np.arange(n)
@@ -146,9 +188,11 @@ class BatchLoader:
 
     @property
     def n(self) -> int:
+        """Number of samples in the split (the rows this loader serves)."""
         return len(self.rows)
 
     def reset_stats(self) -> None:
+        """Zero the timing and counting statistics in ``stats`` (a fresh ``LoaderStats``)."""
         self.stats = LoaderStats()
 
     # ------------------------------------------------------------------ batches
@@ -163,7 +207,19 @@ class BatchLoader:
                      None if scale is None else scale.to(self.device, non_blocking=nb))
 
     def get(self, positions: np.ndarray) -> Batch:
-        """The batch of the given split positions, read directly (no block cache)."""
+        """The batch of the given split positions, read directly (no block cache).
+
+        Parameters
+        ----------
+        positions
+            Integer positions within the split (``0 .. n - 1``), any order.
+
+        Returns
+        -------
+        Batch
+            ``index`` = ``positions``, ``x`` the dense rows (``len(positions) x features``) and ``scale``,
+            on the loader's device.
+        """
         return self._to_batch(positions, self.matrix.rows(self.rows[positions]))
 
     def _epoch_batches(self) -> list[np.ndarray]:

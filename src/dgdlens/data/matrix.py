@@ -84,14 +84,18 @@ class RowMatrix:
 
     @property
     def n_obs(self) -> int:
+        """Number of rows (cells / samples)."""
         return self.shape[0]
 
     @property
     def n_vars(self) -> int:
+        """Number of columns (genes / features)."""
         return self.shape[1]
 
     @property
     def backed(self) -> bool:
+        """Whether the data stay on disk (an anndata backed sparse dataset or an h5py dataset): then rows
+        are read in contiguous blocks and loaders prefetch."""
         return self.kind.startswith("backed")
 
     # ------------------------------------------------------------------ reading
@@ -103,7 +107,20 @@ class RowMatrix:
         return block
 
     def rows(self, index, dtype=np.float32) -> np.ndarray:
-        """Dense rows for ``index`` (any order); the only place where data become dense."""
+        """Dense rows for ``index`` (any order); the only place where data become dense.
+
+        Parameters
+        ----------
+        index
+            Row indices (any integer array-like, any order, repeats allowed).
+        dtype
+            Dtype of the result.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``len(index) x n_vars`` dense array, rows in the order of ``index``.
+        """
         index = np.asarray(index, dtype=np.int64)
         block = self.read_rows(index)
         return (block.toarray() if sp.issparse(block) else np.asarray(block)).astype(dtype, copy=False)
@@ -114,6 +131,19 @@ class RowMatrix:
         On disk, rows are read in increasing order (h5py needs it) as contiguous slices: rows less
         than ``max_gap`` apart share one slice and the rows in between are dropped after reading,
         which is much faster than row-by-row access. The requested order is restored at the end.
+
+        Parameters
+        ----------
+        index
+            Row indices (any integer array-like, any order, repeats allowed).
+        max_gap
+            On disk: rows at most this far apart are read in one contiguous slice (larger reads fewer,
+            bigger slices). Ignored in memory.
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix or numpy.ndarray
+            ``len(index) x n_vars`` rows in the order of ``index``: CSR for sparse data, an array for dense.
         """
         index = np.asarray(index, dtype=np.int64)
         if not self.backed:
@@ -139,25 +169,74 @@ class RowMatrix:
         return block[position]
 
     def iter_chunks(self, chunk_size: int = 10_000) -> Iterator[tuple[int, int, object]]:
-        """Yield ``(start, stop, block)`` over contiguous row blocks; block is CSR or ndarray."""
+        """Yield ``(start, stop, block)`` over contiguous row blocks; block is CSR or ndarray.
+
+        Parameters
+        ----------
+        chunk_size
+            Rows per block (the last block may be shorter).
+
+        Yields
+        ------
+        start, stop : int
+            The block holds rows ``start .. stop - 1``.
+        block : scipy.sparse.csr_matrix or numpy.ndarray
+            ``(stop - start) x n_vars`` rows, not densified.
+        """
         for start in range(0, self.n_obs, chunk_size):
             stop = min(start + chunk_size, self.n_obs)
             yield start, stop, self._slice(start, stop)
 
     def row_sums(self, chunk_size: int = 10_000) -> np.ndarray:
+        """Sum of every row (e.g. each cell's library size), computed block by block.
+
+        Parameters
+        ----------
+        chunk_size
+            Rows read at a time.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n_obs,)`` float64 sums.
+        """
         out = np.empty(self.n_obs, dtype=np.float64)
         for start, stop, block in self.iter_chunks(chunk_size):
             out[start:stop] = np.asarray(block.sum(axis=1)).ravel()
         return out
 
     def col_sums(self, chunk_size: int = 10_000) -> np.ndarray:
+        """Sum of every column (e.g. each gene's total count), computed block by block.
+
+        Parameters
+        ----------
+        chunk_size
+            Rows read at a time.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n_vars,)`` float64 sums.
+        """
         out = np.zeros(self.n_vars, dtype=np.float64)
         for _, _, block in self.iter_chunks(chunk_size):
             out += np.asarray(block.sum(axis=0)).ravel()
         return out
 
     def subset_columns(self, columns: np.ndarray) -> RowMatrix:
-        """A view restricted to ``columns`` (in memory only; backed data are subset per batch)."""
+        """A view restricted to ``columns`` (in memory only; backed data are subset per batch).
+
+        Parameters
+        ----------
+        columns
+            Column indices (e.g. from :func:`~dgdlens.data.align_genes`), in the order wanted.
+
+        Returns
+        -------
+        RowMatrix
+            ``n_obs x len(columns)``. In memory a new matrix built from ``X[:, columns]``; for backed data
+            a wrapper that reads full rows from disk and selects the columns per block.
+        """
         if self.backed:
             return _ColumnSubset(self, np.asarray(columns))
         return RowMatrix(self.X[:, columns])
@@ -209,6 +288,36 @@ def validate_counts(
     rewritten to filter them) and are never an error: ``empty_genes="warn"`` (the default) issues a
     ``UserWarning`` saying how many there are (a negative-binomial model learns their mean to ~0),
     ``"ignore"`` says nothing.
+
+    Parameters
+    ----------
+    matrix
+        The data, ``cells x genes`` (a :class:`RowMatrix`; backed data are read chunk by chunk).
+    what
+        How the messages name the matrix (e.g. ``"adata.layers['counts']"``).
+    require_integer
+        Reject non-integer values (normalised or log-transformed data).
+    allow_empty_cells
+        Accept cells whose counts are all zero.
+    empty_genes
+        ``"warn"`` or ``"ignore"`` genes without any count.
+    min_cells
+        Fewest cells accepted.
+    chunk_size
+        Rows read at a time.
+
+    Returns
+    -------
+    dict
+        ``row_sums``: ``(n_obs,)`` float64 per-cell totals (library sizes); ``col_sums``: ``(n_vars,)``
+        float64 per-gene totals.
+
+    Raises
+    ------
+    CountValidationError
+        For the problems listed above.
+    ValueError
+        For an invalid ``empty_genes``.
     """
     if empty_genes not in ("warn", "ignore"):
         raise ValueError(f"empty_genes must be 'warn' or 'ignore', got {empty_genes!r}.")

@@ -14,7 +14,7 @@ Bundled collections (offline, human symbols): ``go_bp``, ``go_mf``, ``go_cc`` (G
 from .annotate import annotate
 from .classify import classify_features
 from .collapse import collapse_terms, mark_redundant
-from .de import differential_expression
+from .de_table import differential_expression
 from .enrichment import GeneSetIndex, enrich, hypergeom_pvalues, index_gene_sets
 from .expression import prepare_expression
 from .genesets import (
@@ -28,13 +28,14 @@ from .genesets import (
     write_gmt,
 )
 from .groups import make_feature_groups
-from .simulate import PlantedData, planted_data
+from .simulate import PlantedData, planted_data, write_planted_h5ad
 from .splitting import split_counts
+from .streaming import StreamedExpression
 
 __all__ = [
     "annotate", "classify_features", "differential_expression", "enrich",
     "hypergeom_pvalues", "index_gene_sets", "GeneSetIndex", "prepare_expression", "make_feature_groups",
     "GeneSets", "gene_sets", "available_gene_sets", "read_gmt", "write_gmt", "gene_aliases",
     "ensembl_to_symbol", "map_gene_names", "planted_data", "PlantedData", "collapse_terms", "mark_redundant",
-    "split_counts",
+    "split_counts", "write_planted_h5ad", "StreamedExpression",
 ]

@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["group_moments", "numba_available", "welch_from_moments"]
+__all__ = ["group_moments", "numba_available", "welch_from_moments", "binomial_half"]
 
 # variance guards of the Welch test, as integer codes for the compiled kernel (see de.py)
 GUARD_CODES = {None: 0, "floor": 1, "overestim": 2}
@@ -169,7 +169,7 @@ def _as_group_csr(groups) -> sp.csr_matrix:
     return groups
 
 
-def group_moments(groups, X, *, engine: str = "auto", X_squared=None) -> tuple[np.ndarray, np.ndarray]:
+def group_moments(groups, X, *, engine: str = "auto", X_squared=None, out=None) -> tuple[np.ndarray, np.ndarray]:
     """Per-group, per-gene sums and sums of squares.
 
     Parameters
@@ -182,6 +182,9 @@ def group_moments(groups, X, *, engine: str = "auto", X_squared=None) -> tuple[n
         ``"auto"`` (numba when available), ``"numba"`` or ``"scipy"``.
     X_squared
         Optional precomputed ``X**2`` for the scipy engine (saves recomputing it chunk after chunk).
+    out
+        Optional ``(sums, sums_of_squares)`` float64 C-contiguous arrays to add into (a stream over row
+        chunks of ``X`` accumulates this way without a temporary per chunk).
 
     Returns
     -------
@@ -197,9 +200,14 @@ def group_moments(groups, X, *, engine: str = "auto", X_squared=None) -> tuple[n
     kernels = _numba_kernels() if engine in {"auto", "numba"} else None
     if engine == "numba" and kernels is None:
         raise ValueError("engine='numba' was requested but numba is not available; use engine='scipy'.")
+    if out is not None:
+        out_sum, out_sq = out
+        if out_sum.shape != (n_groups, n_genes) or out_sq.shape != (n_groups, n_genes):
+            raise ValueError(f"out arrays must have shape {(n_groups, n_genes)}.")
     if kernels is not None:
-        out_sum = np.zeros((n_groups, n_genes))
-        out_sq = np.zeros((n_groups, n_genes))
+        if out is None:
+            out_sum = np.zeros((n_groups, n_genes))
+            out_sq = np.zeros((n_groups, n_genes))
         if n_groups == 0 or groups.nnz == 0:
             return out_sum, out_sq
         g_indptr = groups.indptr.astype(np.int64, copy=False)
@@ -215,10 +223,16 @@ def group_moments(groups, X, *, engine: str = "auto", X_squared=None) -> tuple[n
     if sp.issparse(X):
         Xf = X.astype(np.float64)
         Xsq = X_squared.astype(np.float64) if X_squared is not None else Xf.multiply(Xf).tocsr()
-        return np.asarray((G @ Xf).toarray()), np.asarray((G @ Xsq).toarray())
-    Xf = np.asarray(X, dtype=np.float64)
-    Xsq = np.asarray(X_squared, dtype=np.float64) if X_squared is not None else Xf * Xf
-    return np.asarray(G @ Xf), np.asarray(G @ Xsq)
+        s, q = np.asarray((G @ Xf).toarray()), np.asarray((G @ Xsq).toarray())
+    else:
+        Xf = np.asarray(X, dtype=np.float64)
+        Xsq = np.asarray(X_squared, dtype=np.float64) if X_squared is not None else Xf * Xf
+        s, q = np.asarray(G @ Xf), np.asarray(G @ Xsq)
+    if out is None:
+        return s, q
+    out_sum += s
+    out_sq += q
+    return out_sum, out_sq
 
 
 def welch_from_moments(s_h, q_h, p_s, p_q, inverse, e_s, e_q, n_h, n_l, guard):
@@ -238,3 +252,86 @@ def welch_from_moments(s_h, q_h, p_s, p_q, inverse, e_s, e_q, n_h, n_l, guard):
                np.ascontiguousarray(e_q), np.asarray(n_h, dtype=np.int64), np.asarray(n_l, dtype=np.int64),
                GUARD_CODES[guard], *outs)
     return tuple(outs)
+
+
+# ------------------------------------------------------------------------------------- count splitting
+# Binomial(c, 1/2) is the number of ones among c fair random bits. One uniform float64 from numpy's
+# generator carries 52 random bits (the mantissa of u * 2**52), so counts up to 52 take one uniform each;
+# larger counts take a numpy binomial draw. Both engines compute exactly the same integers.
+HALF_BITS = 52
+
+
+@functools.lru_cache(maxsize=1)
+def _thinning_kernel():
+    try:
+        import numba
+    except ImportError:  # pragma: no cover
+        return None
+
+    @numba.njit(cache=True, nogil=True)
+    def thin(counts, uniforms, large_draws, out, complement):  # pragma: no cover - compiled
+        j = 0
+        for i in range(len(counts)):
+            c = np.int64(counts[i])
+            if c > 52:
+                a = large_draws[j]
+                j += 1
+            else:
+                bits = np.int64(uniforms[i] * 4503599627370496.0) & ((np.int64(1) << c) - 1)
+                # popcount (SWAR)
+                bits = bits - ((bits >> 1) & 0x5555555555555555)
+                bits = (bits & 0x3333333333333333) + ((bits >> 2) & 0x3333333333333333)
+                bits = (bits + (bits >> 4)) & 0x0F0F0F0F0F0F0F0F
+                a = (bits * 0x0101010101010101) >> 56 & 0xFF
+            out[i] = c - a if complement else a
+        return 0
+
+    try:
+        thin(np.ones(2), np.full(2, 0.5), np.zeros(0, dtype=np.int64), np.zeros(2, dtype=np.float32), False)
+    except Exception as err:  # pragma: no cover - broken toolchain: the numpy path gives the same draws
+        warnings.warn(f"numba thinning kernel unavailable ({err}); using numpy.", stacklevel=2)
+        return None
+    return thin
+
+
+def binomial_half(rng: np.random.Generator, counts: np.ndarray, buffer: np.ndarray | None = None, *,
+                  out: np.ndarray | None = None, complement: bool = False) -> np.ndarray:
+    """``Binomial(c, 1/2)`` for every count ``c`` (non-negative integers), drawn from ``rng``: one uniform
+    per count (its 52 mantissa bits, popcount of the lowest ``c``), then numpy's binomial for counts above
+    52, in that order.
+
+    Parameters
+    ----------
+    rng
+        The generator to draw from.
+    counts
+        Non-negative integer counts (any numeric dtype).
+    buffer
+        Optional float64 scratch of at least ``len(counts)`` for the uniforms.
+    out
+        Optional array to write into (default: a new float32 array).
+    complement
+        Write ``c - draw`` (the other half) instead of the draw.
+
+    Returns
+    -------
+    numpy.ndarray
+        The draws (or their complements), one per count.
+    """
+    n = len(counts)
+    uniforms = rng.random(out=buffer[:n]) if buffer is not None and len(buffer) >= n else rng.random(n)
+    large = counts > HALF_BITS
+    large_draws = rng.binomial(counts[large].astype(np.int64), 0.5) if large.any() else np.zeros(0, np.int64)
+    out = np.empty(n, dtype=np.float32) if out is None else out
+    kernel = _thinning_kernel()
+    if kernel is not None:
+        kernel(counts, uniforms, large_draws, out, complement)
+        return out
+    small = ~large
+    c = np.asarray(counts, dtype=np.int64)
+    bits = (uniforms[small] * 4503599627370496.0).astype(np.int64).astype(np.uint64)
+    draws = np.empty(n, dtype=np.int64)
+    draws[small] = np.bitwise_count(bits & ((np.uint64(1) << c[small].astype(np.uint64)) - np.uint64(1)))
+    draws[large] = large_draws
+    out[:] = c - draws if complement else draws
+    return out

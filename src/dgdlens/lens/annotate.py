@@ -29,6 +29,7 @@ This is the array-level function; :func:`dgdlens.tl.annotate_features` is the An
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -40,6 +41,7 @@ from .expression import prepare_expression
 from .groups import make_feature_groups
 from .paper import PAPER_SETTINGS, PaperAccumulator
 from .splitting import maybe_split as _maybe_split
+from .streaming import StreamedExpression, is_streamable, iter_streamed_de_chunks, open_matrix
 
 __all__ = ["annotate"]
 
@@ -56,7 +58,8 @@ def annotate(
     chunk_size: int | None = None, engine: str = "auto", progress: bool = False,
     return_features: bool = False, timings: dict | None = None, fdr: str = "global",
     count_split: bool | str = "auto", split_seed: int = 0, background: str = "all", n_bins: int = 10,
-    collapse_jaccard: float | None = 0.5, groupby=None):
+    collapse_jaccard: float | None = 0.5, groupby=None, stream: bool | str = "auto", chunk_cells: int = 4096,
+    max_memory: float = 2.5e9):
     """Gene-set annotation of SAE features (see the module docstring for the method).
 
     Parameters
@@ -109,6 +112,14 @@ def annotate(
         row's (``collapsed_into``); ``None`` skips it.
     chunk_size, engine, progress
         Features per chunk (default: bounded memory), group-sum engine, progress bar.
+    stream, chunk_cells, max_memory
+        ``"auto"`` (default): expression that lives on disk (a path to an ``.h5ad`` / ``.zarr``, a backed
+        AnnData's ``X``, an h5py dataset) is streamed in chunks of ``chunk_cells`` rows and never loaded
+        whole; ``True`` streams in-memory data too; ``False`` loads backed data into memory. Streaming
+        keeps the group statistics of as many features as ``max_memory`` bytes hold (``16 x features x
+        genes`` bytes; 32 with ``max_low_cells=None``) and passes over the cells once per such block; the results equal the in-memory
+        path's to float rounding (the t-test only; see :mod:`dgdlens.lens.streaming` for the memory bound
+        and torchrun).
     return_features
         Also return the per-feature summary (status, group sizes, DEG counts, top term).
     timings
@@ -141,16 +152,14 @@ def annotate(
         raise ValueError(f"max_genes must be a positive integer or None, got {max_genes}.")
     clock = _Clock(timings)
 
-    prepared = hasattr(expression, "kind") and hasattr(expression, "scale")
-    expression, split_applied = (expression, False) if prepared else _maybe_split(
-        expression, settings["count_split"], split_seed)
-    prep = (
-        expression
-        if prepared
-        else prepare_expression(
-            expression, gene_names, kind=settings["expression_kind"], target_sum=target_sum
-        )
-    )
+    streaming = _use_stream(stream, expression)
+    if streaming:
+        prep = StreamedExpression(
+            expression, gene_names, kind=settings["expression_kind"], target_sum=target_sum,
+            count_split=settings["count_split"], split_seed=split_seed, chunk_cells=chunk_cells, progress=progress)
+        split_applied = prep.split_applied
+    else:
+        prep, split_applied = _prepare_in_memory(expression, gene_names, settings, target_sum, split_seed)
     clock.lap("prepare")
     groups = make_feature_groups(
         activations, features=features, percentile=percentile, low=settings["low"],
@@ -162,23 +171,29 @@ def annotate(
             "they must describe the same cells in the same order."
         )
     clock.lap("groups")
+    de_kwargs = dict(test=settings["test"], variance_guard=settings["variance_guard"], pseudocount=pseudocount,
+                     chunk_size=chunk_size, engine=engine, progress=progress)
+    chunks = (iter_streamed_de_chunks(prep, groups, max_memory=max_memory, **de_kwargs) if streaming
+              else iter_de_chunks(prep, groups, desc="features", **de_kwargs))
+    # the first chunk comes before the gene sets: a stream learns which genes are expressed on its first pass
+    first_chunk = next(chunks, None)
+    clock.lap("de")
     index = index_gene_sets(
         prep.gene_names, gene_sets, tested=prep.expressed_genes(), min_size=settings["min_set_size"],
         max_size=settings["max_set_size"], use_aliases=use_aliases)
     if compat == "paper":
         acc = PaperAccumulator(index, keep_all=max_padj is None)
     else:
-        gene_means = _gene_means(prep) if settings["background"] == "matched" else None
+        gene_means = None
+        if settings["background"] == "matched":
+            gene_means = prep.gene_means() if streaming else _gene_means(prep)
         acc = ORAAccumulator(index, store_pvalue=1.0 if max_padj is None else max(max_padj, 0.05), fdr=fdr,
                              background=settings["background"], gene_means=gene_means, n_bins=n_bins, seed=seed)
     clock.lap("gene_sets")
 
     counts = []
-    chunks = iter_de_chunks(
-        prep, groups, test=settings["test"], variance_guard=settings["variance_guard"],
-        pseudocount=pseudocount, chunk_size=chunk_size, engine=engine, progress=progress, desc="features")
     while True:
-        chunk = next(chunks, None)
+        chunk, first_chunk = (first_chunk, None) if first_chunk is not None else (next(chunks, None), None)
         clock.lap("de")
         if chunk is None:
             break
@@ -212,6 +227,7 @@ def annotate(
             min_log2fc=min_log2fc, max_genes=max_genes, max_padj=max_padj, seed=seed,
             expression_kind_detected=prep.kind, universe_size=index.universe_size, n_sets=index.n_sets,
             n_tests=acc.n_tests_total, fdr=fdr, count_split_applied=split_applied, split_seed=split_seed,
+            streamed=streaming,
             n_bins=n_bins, collapse_jaccard=collapse_jaccard, **settings)
     )
     clock.lap("table")
@@ -251,8 +267,28 @@ def _feature_summary(
 
 def _gene_means(prep) -> np.ndarray:
     """Mean of the prepared (log-normalised) expression per gene, the binning variable of the matched
-    background."""
-    return np.asarray(prep.X.mean(axis=0), dtype=np.float64).ravel()
+    background (summed in float64, as the streaming path sums it)."""
+    return np.asarray(prep.X.sum(axis=0, dtype=np.float64)).ravel() / prep.n_cells
+
+
+def _use_stream(stream, expression) -> bool:
+    if stream not in ("auto", True, False):
+        raise ValueError(f"stream must be 'auto', True or False, got {stream!r}.")
+    if hasattr(expression, "kind") and hasattr(expression, "scale"):  # already prepared
+        return isinstance(expression, StreamedExpression)
+    return is_streamable(expression) if stream == "auto" else bool(stream)
+
+
+def _prepare_in_memory(expression, gene_names, settings: dict, target_sum: float, split_seed: int):
+    """(PreparedExpression, whether the count split was applied) for data in memory (or loaded whole)."""
+    if hasattr(expression, "kind") and hasattr(expression, "scale"):
+        return expression, False
+    if isinstance(expression, (str, Path)) or getattr(expression, "isbacked", False):
+        matrix, file_names = open_matrix(expression)
+        expression, gene_names = matrix._slice(0, matrix.n_obs), file_names if gene_names is None else gene_names
+    expression, split_applied = _maybe_split(expression, settings["count_split"], split_seed)
+    return prepare_expression(expression, gene_names, kind=settings["expression_kind"],
+                              target_sum=target_sum), split_applied
 
 
 def _jsonable_settings(settings: dict) -> dict:

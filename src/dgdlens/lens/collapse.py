@@ -25,6 +25,33 @@ def mark_redundant(results: pd.DataFrame, *, min_jaccard: float = 0.5, significa
 
     Rows that are not significant (column ``significant``, when ``significant_only``) are never
     representatives and are not collapsed (``collapsed_into`` stays "").
+
+    Parameters
+    ----------
+    results
+        An enrichment table with one row per (feature, direction, term), e.g. from
+        :func:`dgdlens.lens.annotate` or :func:`dgdlens.lens.enrich`. Used columns: ``term``, ``genes``
+        (comma-separated overlapping genes that drove the test), and when present ``set_size`` and
+        ``pval`` (the visiting order: fewest set genes first, ties by smaller p-value), ``significant``
+        and the ``group_by`` columns. Without ``term`` or ``genes`` every row is kept.
+    min_jaccard
+        A row is collapsed into an already kept row of its group when the Jaccard index of their
+        ``genes`` is at least this, in (0, 1]. 0.5 (default) merges terms sharing at least half of
+        their combined overlapping genes; 1 merges only identical gene lists.
+    significant_only
+        Consider only rows whose ``significant`` column is true (default). With ``False``, or when the
+        column is missing, every row takes part.
+    group_by
+        Columns within whose combinations rows are compared (default: per feature and direction);
+        columns not in ``results`` are ignored, and with none left the whole table is one group.
+
+    Returns
+    -------
+    pandas.DataFrame
+        A copy of ``results`` (same rows, order and index) with three columns added (or overwritten):
+        ``collapsed_into`` (the representative's term for a collapsed row, "" otherwise),
+        ``n_collapsed`` (``int64``, how many rows were collapsed into this one) and ``collapsed_terms``
+        (their terms, comma-separated).
     """
     if not 0 < min_jaccard <= 1:
         raise ValueError(f"min_jaccard must be in (0, 1], got {min_jaccard}.")
@@ -69,7 +96,26 @@ def mark_redundant(results: pd.DataFrame, *, min_jaccard: float = 0.5, significa
 
 def collapse_terms(results: pd.DataFrame, *, min_jaccard: float = 0.5, significant_only: bool = True) -> pd.DataFrame:
     """Only the kept (non-redundant) rows of ``results``, significant ones when ``significant_only``
-    (see the module docstring); ``results`` without ``collapsed_into`` is marked first."""
+    (see the module docstring); ``results`` without ``collapsed_into`` is marked first.
+
+    Parameters
+    ----------
+    results
+        An enrichment table (see :func:`mark_redundant`), marked or not. When it already has a
+        ``collapsed_into`` column those marks are used as they are and ``min_jaccard`` has no effect.
+    min_jaccard
+        Jaccard threshold on the overlapping genes for marking (see :func:`mark_redundant`); default 0.5.
+    significant_only
+        Mark among significant rows only and return only significant kept rows (default). Ignored when
+        ``results`` has no ``significant`` column.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The representative rows with all columns of the marked table (including ``n_collapsed`` and
+        ``collapsed_terms``, which list what each row stands for), in the original order, with a fresh
+        ``RangeIndex``.
+    """
     marked = results if "collapsed_into" in results else mark_redundant(
         results, min_jaccard=min_jaccard, significant_only=significant_only)
     keep = marked["collapsed_into"].astype(str).to_numpy() == ""

@@ -27,7 +27,7 @@ shared random cell order minus the excluded cells inside the prefix (see ``group
 For the selection only p-values below ``de_alpha`` matter, so p-values are evaluated only where
 ``|t|`` reaches the normal quantile of ``de_alpha / 2`` (a t-distribution has heavier tails, so every
 other gene has p > de_alpha). Adjusted p-values at or below ``de_alpha`` are exact.
-:func:`differential_expression` computes the full table for chosen features.
+:func:`dgdlens.lens.differential_expression` computes the full table for chosen features.
 """
 
 from __future__ import annotations
@@ -40,13 +40,12 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import special, stats
 
-from ..stats import bh_adjust, bh_adjust_grouped, t_pvalues, welch_t
+from ..stats import bh_adjust_grouped, t_pvalues, welch_t
 from ._kernels import group_moments, welch_from_moments
-from .expression import PreparedExpression, prepare_expression
-from .groups import FeatureGroups, make_feature_groups
-from .splitting import maybe_split
+from .expression import PreparedExpression
+from .groups import FeatureGroups
 
-__all__ = ["differential_expression", "DEChunk", "iter_de_chunks", "select_genes", "auto_chunk_size"]
+__all__ = ["DEChunk", "iter_de_chunks", "select_genes", "auto_chunk_size", "stats_from_moments", "t_test_chunk"]
 
 _GUARDS = ("floor", "overestim", None)
 _TESTS = ("t-test", "wilcoxon")
@@ -156,7 +155,14 @@ def _group_stats(prep, groups: FeatureGroups, rows, prefix: PrefixSums, engine: 
     ks, inverse = np.unique(groups.low_k[rows], return_inverse=True)
     p_s, p_q = prefix.at(ks)
     e_s, e_q = group_moments(groups.low_excluded[rows], prep.X, engine=engine, **sq_kw)
-    n_h, n_l = groups.n_high[rows], groups.n_low[rows]
+    return stats_from_moments(s_h, q_h, p_s, p_q, inverse, e_s, e_q, groups.n_high[rows], groups.n_low[rows],
+                              engine, guard)
+
+
+def stats_from_moments(s_h, q_h, p_s, p_q, inverse, e_s, e_q, n_h, n_l, engine: str, guard):
+    """(n_h, n_l, mean_h, var_h, mean_l, var_l, welch_t, df, tested) from group sums: high-group sums
+    ``s_h, q_h``; low-group sums as prefix sums ``p_s[inverse], p_q[inverse]`` minus the excluded cells'
+    ``e_s, e_q`` (pass zeros for ``e`` and ``inverse = arange`` when the low sums are direct)."""
     fused = None if engine == "scipy" else welch_from_moments(s_h, q_h, p_s, p_q, inverse, e_s, e_q, n_h, n_l, guard)
     if fused is not None:
         return (n_h, n_l, *fused)
@@ -234,18 +240,22 @@ def iter_de_chunks(
         starts = tqdm(starts, total=len(starts), desc=desc, unit="chunk")
     for start in starts:
         rows = order[start:start + chunk]
-        n_h, n_l, mean_h, var_h, mean_l, var_l, stat, df, tested = _group_stats(
-            prep, groups, rows, prefix, engine, variance_guard)
+        stats_ = _group_stats(prep, groups, rows, prefix, engine, variance_guard)
         if test == "t-test":
-            pvals = t_pvalues(stat, df) if full_pvalues else None
-        else:
-            stat, tested_w = _wilcoxon_chunk(prep, groups, rows)
-            tested = tested_w
-            df = None
-            pvals = _wilcoxon_p(stat) if full_pvalues else None
-        if pvals is not None:
-            pvals = np.where(tested, pvals, 1.0)
-        yield DEChunk(rows, stat, df, tested, mean_h, mean_l, var_h, var_l, n_h, n_l, prep.scale, pseudocount, pvals)
+            yield t_test_chunk(rows, stats_, prep.scale, pseudocount, full_pvalues)
+            continue
+        n_h, n_l, mean_h, var_h, mean_l, var_l, _, _, _ = stats_
+        stat, tested = _wilcoxon_chunk(prep, groups, rows)
+        pvals = np.where(tested, _wilcoxon_p(stat), 1.0) if full_pvalues else None
+        yield DEChunk(rows, stat, None, tested, mean_h, mean_l, var_h, var_l, n_h, n_l, prep.scale, pseudocount,
+                      pvals)
+
+
+def t_test_chunk(rows, stats_, scale: str, pseudocount: float, full_pvalues: bool) -> DEChunk:
+    """The Welch-test :class:`DEChunk` of the features ``rows`` from :func:`stats_from_moments`' output."""
+    n_h, n_l, mean_h, var_h, mean_l, var_l, stat, df, tested = stats_
+    pvals = np.where(tested, t_pvalues(stat, df), 1.0) if full_pvalues else None
+    return DEChunk(rows, stat, df, tested, mean_h, mean_l, var_h, var_l, n_h, n_l, scale, pseudocount, pvals)
 
 
 def select_genes(
@@ -349,85 +359,6 @@ def _rank_sum_z(row, col, val, feat_of_cell, high_of_cell, n_feat, n_genes, n_h,
     tested = sigma > 1e-12
     z = np.where(tested, z, 0.0)
     return z.reshape(n_feat, n_genes), tested.reshape(n_feat, n_genes)
-
-
-# ------------------------------------------------------------------------------------- public table
-def differential_expression(
-    activations,
-    expression,
-    features,
-    *,
-    gene_names=None,
-    expression_kind: str = "auto",
-    target_sum: float = 1e4,
-    percentile: float = 99.0,
-    low: str = "silent",
-    max_low_cells: int | None = 2000,
-    min_active_cells: int = 20,
-    min_group_cells: int = 3,
-    test: str = "t-test",
-    variance_guard: str | None = "floor",
-    pseudocount: float = 1.0,
-    de_alpha: float = 0.05,
-    min_log2fc: float = 0.25,
-    seed: int = 0,
-    engine: str = "auto",
-    count_split: bool | str = "auto",
-    split_seed: int = 0,
-    high: str = "top",
-) -> pd.DataFrame:
-    """Full per-gene DE table (high vs low group) for a few features.
-
-    Uses the same groups and statistics as :func:`dgdlens.lens.annotate` (see this module's docstring),
-    but evaluates every p-value and the exact BH adjustment. ``count_split`` and ``split_seed`` as in
-    :func:`~dgdlens.lens.annotate` (integer counts: the DE uses the same binomial half), ``high`` as in
-    :func:`~dgdlens.lens.groups.make_feature_groups`.
-
-    Returns
-    -------
-    pandas.DataFrame
-        DataFrame with one row per (feature, gene): ``feature, gene, mean_high, mean_low, log2fc, statistic,
-        df, pval, padj, direction`` (``"up"``/``"down"`` for selected genes, else ``""``), ``n_high, n_low``.
-    """
-    if not isinstance(expression, PreparedExpression):
-        expression, _ = maybe_split(expression, count_split, split_seed)
-    prep = expression if isinstance(expression, PreparedExpression) else prepare_expression(
-        expression, gene_names, kind=expression_kind, target_sum=target_sum)
-    features = np.atleast_1d(np.asarray(features))
-    groups = make_feature_groups(
-        activations, features=features, percentile=percentile, low=low, max_low_cells=max_low_cells,
-        min_active_cells=min_active_cells, min_group_cells=min_group_cells, seed=seed, high=high)
-    _check_rows(groups, prep)
-    skipped = groups.summary[groups.summary["status"] != "ok"]
-    if len(skipped):
-        raise ValueError(
-            "Some features cannot be tested: "
-            + ", ".join(f"{f} ({s})" for f, s in zip(skipped["feature"], skipped["status"], strict=True))
-            + ". Lower min_active_cells / min_group_cells or choose other features."
-        )
-    frames = []
-    for chunk in iter_de_chunks(prep, groups, test=test, variance_guard=variance_guard, pseudocount=pseudocount,
-                                engine=engine, full_pvalues=True):
-        log2fc = chunk.log2fc
-        for i, row in enumerate(chunk.rows):
-            p = chunk.pvals[i]
-            tested = chunk.tested[i]
-            padj = np.ones_like(p)
-            if tested.any():
-                padj[tested] = bh_adjust(p[tested])
-            direction = np.full(len(p), "", dtype=object)
-            sig = tested & (padj < de_alpha)
-            direction[sig & (chunk.statistic[i] > 0) & (log2fc[i] >= min_log2fc)] = "up"
-            direction[sig & (chunk.statistic[i] < 0) & (log2fc[i] <= -min_log2fc)] = "down"
-            frames.append(pd.DataFrame({
-                "feature": groups.features[row], "gene": prep.gene_names,
-                "mean_high": chunk.mean_high[i], "mean_low": chunk.mean_low[i], "log2fc": log2fc[i],
-                "statistic": chunk.statistic[i], "df": chunk.df[i] if chunk.df is not None else np.nan,
-                "pval": p, "padj": padj, "tested": tested, "direction": direction,
-                "n_high": chunk.n_high[i], "n_low": chunk.n_low[i],
-            }))
-    out = pd.concat(frames, ignore_index=True)
-    return out.sort_values(["feature", "pval", "statistic"], ascending=[True, True, False], ignore_index=True)
 
 
 def _check_rows(groups: FeatureGroups, prep: PreparedExpression) -> None:

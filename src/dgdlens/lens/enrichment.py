@@ -95,10 +95,12 @@ class GeneSetIndex:
 
     @property
     def universe_size(self) -> int:
+        """Number of universe genes (``N`` of the hypergeometric test): tested genes found in the collection."""
         return int(self.universe.sum())
 
     @property
     def n_sets(self) -> int:
+        """Number of sets kept after the size filter (rows of ``membership``)."""
         return len(self.terms)
 
 
@@ -120,6 +122,15 @@ def index_gene_sets(
         Keep sets with this many universe genes.
     use_aliases
         Rescue outdated symbols and Ensembl IDs through the bundled human tables.
+
+    Returns
+    -------
+    GeneSetIndex
+        ``membership`` is a (kept sets x ``len(gene_names)``) CSR 0/1 matrix whose columns follow
+        ``gene_names``; ``universe`` marks the tested genes that are in the collection (and in ``tested``);
+        ``terms``, ``descriptions`` and ``set_sizes`` (universe genes per set, between ``min_size`` and
+        ``max_size``) describe its rows. Raises ``ValueError`` when no gene is in the collection or no
+        set passes the size filter.
     """
     sets = resolve_gene_sets(gene_sets)
     gene_names = np.asarray([str(g) for g in gene_names], dtype=object)
@@ -178,6 +189,24 @@ def hypergeom_pvalues(K, n, k, N: int) -> np.ndarray:
 
     The (K, n, k) triples are packed into one integer key so that the distinct ones are found by a
     1-D sort, which stays fast for tens of millions of overlaps.
+
+    Parameters
+    ----------
+    K
+        Overlaps: selected genes that are in the set (integer array-like or scalar).
+    n
+        Set sizes counted in the universe (same length as ``K``, or a scalar).
+    k
+        Selection sizes: selected universe genes (same length as ``K``, or a scalar).
+    N
+        Universe size, shared by all tests. Every value must satisfy ``0 <= K``, ``n <= N``, ``k <= N``;
+        they are not checked here.
+
+    Returns
+    -------
+    numpy.ndarray
+        1-D ``float64`` p-values, one per (K, n, k) triple; the inputs are flattened, so a 2-D input comes
+        back raveled (C order). Empty input gives an empty array.
     """
     return np.exp(_hypergeom_logp(K, n, k, N))
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = ["PreparedExpression", "prepare_expression", "detect_expression_kind"]
+__all__ = ["PreparedExpression", "prepare_expression", "detect_expression_kind", "prepare_block", "ValueFacts"]
 
 _KINDS = ("auto", "counts", "lognorm", "means", "raw")
 
@@ -103,41 +103,62 @@ def _to_matrix(expression):
     return arr, names
 
 
-def _values(X, start: int, stop: int) -> np.ndarray:
-    block = X[start:stop]
-    return block.data if sp.issparse(block) else np.asarray(block).ravel()
-
-
 def _iter_blocks(X, chunk: int = 4096):
     for start in range(0, X.shape[0], chunk):
         yield start, min(start + chunk, X.shape[0])
 
 
-def _check_values(X, *, allow_negative: bool) -> dict:
-    """Finite/non-negative checks and the facts ``detect_expression_kind`` needs, one pass in row blocks."""
-    all_integer = True
-    vmax = -np.inf
-    vmin = np.inf
-    row_sums = np.empty(X.shape[0])
-    for start, stop in _iter_blocks(X):
-        vals = _values(X, start, stop)
+class ValueFacts:
+    """What :func:`detect_expression_kind` needs, accumulated over row blocks (in memory or streamed):
+    integer-ness, minimum, maximum and whether every non-empty row sums to 1. Non-finite values raise."""
+
+    def __init__(self) -> None:
+        self.all_integer = True
+        self.vmax = -np.inf
+        self.vmin = np.inf
+        self.rows_not_one = 0
+
+    def add(self, block, start: int, stop: int) -> np.ndarray:
+        """Check the rows ``start:stop`` (CSR or dense ``block``) and return their sums (float64)."""
+        vals = block.data if sp.issparse(block) else np.asarray(block).ravel()
         if vals.size:
             if not np.all(np.isfinite(vals)):
                 raise ValueError(
                     f"expression contains NaN or infinite values (rows {start}-{stop}); remove or impute them first."
                 )
-            vmin = min(vmin, float(vals.min()))
-            vmax = max(vmax, float(vals.max()))
-            if all_integer:
-                all_integer = bool(np.all(vals == np.round(vals)))
-        block = X[start:stop]
-        row_sums[start:stop] = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
-    if not allow_negative and vmin < 0:
-        raise ValueError(
-            f"expression contains negative values (min {vmin:g}): it looks scaled or centred (e.g. sc.pp.scale). "
-            "Pass counts, log-normalised values (normalize_total + log1p) or a decoder's means instead."
-        )
-    return {"all_integer": all_integer, "max": vmax, "min": vmin, "row_sums": row_sums}
+            self.vmin = min(self.vmin, float(vals.min()))
+            self.vmax = max(self.vmax, float(vals.max()))
+            if self.all_integer:
+                self.all_integer = bool(np.all(vals == np.round(vals)))
+        sums = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+        nonempty = sums[sums > 0]
+        # np.allclose(sums, 1, rtol=1e-3, atol=0), row by row so that blocks can be combined
+        self.rows_not_one += int(np.count_nonzero(np.abs(nonempty - 1.0) > 1e-3))
+        return sums
+
+    def check_sign(self, allow_negative: bool) -> None:
+        """Raise for negative values unless ``allow_negative``."""
+        if not allow_negative and self.vmin < 0:
+            raise ValueError(
+                f"expression contains negative values (min {self.vmin:g}): it looks scaled or centred (e.g. "
+                "sc.pp.scale). Pass counts, log-normalised values (normalize_total + log1p) or a decoder's means "
+                "instead."
+            )
+
+    def as_dict(self) -> dict:
+        """The facts as :func:`detect_expression_kind` reads them."""
+        return {"all_integer": self.all_integer, "max": self.vmax, "min": self.vmin,
+                "rows_not_one": self.rows_not_one}
+
+
+def _check_values(X, *, allow_negative: bool) -> dict:
+    """Finite/non-negative checks and the facts ``detect_expression_kind`` needs, one pass in row blocks."""
+    facts = ValueFacts()
+    row_sums = np.empty(X.shape[0])
+    for start, stop in _iter_blocks(X):
+        row_sums[start:stop] = facts.add(X[start:stop], start, stop)
+    facts.check_sign(allow_negative)
+    return {**facts.as_dict(), "row_sums": row_sums}
 
 
 def detect_expression_kind(X, facts: dict | None = None) -> str:
@@ -145,8 +166,7 @@ def detect_expression_kind(X, facts: dict | None = None) -> str:
     facts = facts or _check_values(X, allow_negative=True)
     if facts["all_integer"]:
         return "counts"
-    sums = facts["row_sums"]
-    if facts["max"] > 30 or (len(sums) and np.allclose(sums[sums > 0], 1.0, rtol=1e-3, atol=0)):
+    if facts["max"] > 30 or facts["rows_not_one"] == 0:
         return "means"
     return "lognorm"
 
@@ -174,23 +194,19 @@ def prepare_expression(
         Per-cell total after normalisation of counts or means.
     dense_threshold
         Dense input with at least this fraction of non-zeros stays dense; sparser input becomes CSR.
+
+    Returns
+    -------
+    PreparedExpression
+        The prepared float32 matrix (CSR, or dense when mostly non-zero), the kind detected or given,
+        its scale (``"log1p"`` or ``"linear"``), the gene names and ``target_sum`` where it applied.
     """
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}.")
     X, df_names = _to_matrix(expression)
     if gene_names is None:
         gene_names = df_names
-    if gene_names is None:
-        raise ValueError("gene_names are required (one per expression column), e.g. gene_names=adata.var_names.")
-    gene_names = np.asarray([str(g) for g in gene_names], dtype=object)
-    if len(gene_names) != X.shape[1]:
-        raise ValueError(f"{len(gene_names)} gene names for {X.shape[1]} expression columns; they must match.")
-    dup = pd.Index(gene_names)
-    if dup.has_duplicates:
-        raise ValueError(
-            f"gene_names contain duplicates (e.g. {dup[dup.duplicated()].unique()[:5].tolist()}); "
-            "make them unique first (adata.var_names_make_unique())."
-        )
+    gene_names = check_gene_names(gene_names, X.shape[1])
     if X.shape[0] < 2 or X.shape[1] < 1:
         raise ValueError(f"expression needs at least 2 cells and 1 gene, got shape {X.shape}.")
     if sp.issparse(X) and X.format != "csr":
@@ -208,6 +224,36 @@ def prepare_expression(
         return PreparedExpression(_finalise(out, dense_threshold), detected, "log1p", gene_names, target_sum)
     out = _as_float32(X, copy=True)
     return PreparedExpression(_finalise(out, dense_threshold), "lognorm", "log1p", gene_names, None)
+
+
+def check_gene_names(gene_names, n_columns: int) -> np.ndarray:
+    """Gene names as an object array of strings, one per column and unique, or an error saying what to do."""
+    if gene_names is None:
+        raise ValueError("gene_names are required (one per expression column), e.g. gene_names=adata.var_names.")
+    names = np.asarray([str(g) for g in gene_names], dtype=object)
+    if len(names) != n_columns:
+        raise ValueError(f"{len(names)} gene names for {n_columns} expression columns; they must match.")
+    index = pd.Index(names)
+    if index.has_duplicates:
+        raise ValueError(
+            f"gene_names contain duplicates (e.g. {index[index.duplicated()].unique()[:5].tolist()}); "
+            "make them unique first (adata.var_names_make_unique())."
+        )
+    return names
+
+
+def prepare_block(block, kind: str, target_sum: float | None):
+    """Rows of the expression prepared as :func:`prepare_expression` prepares the whole matrix (``kind``
+    already decided): float32 CSR, values identical to the corresponding rows of the whole result."""
+    block = sp.csr_matrix(block) if not sp.issparse(block) or block.format != "csr" else block
+    if kind in {"counts", "means"}:
+        sums = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+        scale = np.divide(target_sum, sums, out=np.zeros_like(sums), where=sums > 0)
+        out = _scale_rows_log1p(block, scale)
+    else:
+        out = _as_float32(block, copy=True)
+    out.sort_indices()
+    return out
 
 
 def _as_float32(X, copy: bool):

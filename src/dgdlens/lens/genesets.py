@@ -100,6 +100,20 @@ class GeneSets(dict):
 
     A plain ``dict`` subclass, so it can be used wherever a dict of gene lists is expected.
 
+    Parameters
+    ----------
+    sets
+        ``{term ID: iterable of gene names}``. Term IDs are converted to ``str``; each gene list is
+        cleaned: names are stripped, empty names dropped and duplicates removed (first occurrence kept,
+        order preserved). A set given as a single string raises ``ValueError``. ``None`` (default) makes
+        an empty collection.
+    descriptions
+        ``{term ID: human-readable description}``; terms without one fall back to their ID in
+        :meth:`description`. Default: none.
+    name, title, release, license, citation
+        Provenance strings (collection key, long title, release/version, licence, citation to give
+        with results); empty by default, as for user-made sets.
+
     Attributes
     ----------
     descriptions
@@ -139,28 +153,77 @@ class GeneSets(dict):
         return out
 
     def description(self, term: str) -> str:
-        """The description of ``term`` (the term itself when none is known)."""
+        """The description of ``term`` (the term itself when none is known).
+
+        Parameters
+        ----------
+        term
+            A term ID (a key of the collection, or any string).
+
+        Returns
+        -------
+        str
+            ``descriptions[term]`` (e.g. the GO term name), or ``term`` itself when no description is
+            stored.
+        """
         return self.descriptions.get(term, term)
 
     def genes(self) -> set[str]:
-        """All genes that belong to at least one set."""
+        """All genes that belong to at least one set.
+
+        Returns
+        -------
+        set of str
+            The union of all gene lists (the collection's gene universe before any restriction to
+            tested genes).
+        """
         out: set[str] = set()
         for genes in self.values():
             out.update(genes)
         return out
 
     def sizes(self) -> pd.Series:
-        """Number of genes per set."""
+        """Number of genes per set.
+
+        Returns
+        -------
+        pandas.Series
+            ``int64`` sizes indexed by term ID, in collection order (counted over the whole set, not
+            restricted to any tested genes).
+        """
         return pd.Series({t: len(g) for t, g in self.items()}, dtype=np.int64)
 
     def provenance(self) -> dict[str, str]:
-        """Name, release, licence and citation as a small dict (for result metadata)."""
+        """Name, release, licence and citation as a small dict (for result metadata).
+
+        Returns
+        -------
+        dict of str to str
+            Keys ``"name"``, ``"title"``, ``"release"``, ``"license"`` and ``"citation"`` (empty strings
+            for user-made sets).
+        """
         return {"name": self.name, "title": self.title, "release": self.release, "license": self.license,
                 "citation": self.citation}
 
     def restrict(self, genes: Iterable[str] | None = None, *, min_size: int | None = None,
                  max_size: int | None = None) -> GeneSets:
-        """A new collection with each set intersected with ``genes`` and filtered by size afterwards."""
+        """A new collection with each set intersected with ``genes`` and filtered by size afterwards.
+
+        Parameters
+        ----------
+        genes
+            Genes to keep (e.g. the tested genes); each set keeps only its members among them, in the
+            original order. ``None`` (default) keeps every member and only filters by size.
+        min_size, max_size
+            Inclusive bounds on the size of a set *after* the intersection; sets outside them are
+            dropped. ``None`` (default) means no bound.
+
+        Returns
+        -------
+        GeneSets
+            A new collection (the original is not modified) with the kept sets, their descriptions and
+            the same provenance.
+        """
         keep = None if genes is None else set(genes)
         out = {}
         for term, members in self.items():
@@ -177,6 +240,14 @@ class GeneSets(dict):
                 "citation": self.citation}
 
     def copy(self) -> GeneSets:  # dict.copy would return a plain dict and drop the metadata
+        """A copy that keeps the descriptions and provenance (``dict.copy`` would drop them).
+
+        Returns
+        -------
+        GeneSets
+            New collection with copied gene lists and descriptions, so either can be edited without
+            affecting the other.
+        """
         return GeneSets._trusted({t: list(g) for t, g in self.items()}, dict(self.descriptions), **self._meta())
 
     def __repr__(self) -> str:
@@ -232,7 +303,15 @@ def read_gmt(path: str | os.PathLike, *, name: str = "") -> GeneSets:
     path
         ``.gmt`` or ``.gmt.gz`` file: one set per line, ``ID<TAB>description<TAB>gene1<TAB>gene2...``.
     name
-        Optional label stored on the result.
+        Optional label stored on the result (``.name``); default: the file name without ``.gmt``/``.gmt.gz``.
+
+    Returns
+    -------
+    GeneSets
+        ``{ID: [genes]}`` in file order with the description column as ``.descriptions``. Gene lists are
+        stripped and de-duplicated; the provenance fields other than ``name`` are empty. Gzip is detected
+        from the file content, not the suffix. Raises ``ValueError`` for a malformed line, an empty or
+        duplicated ID, or a file without sets.
     """
     path = Path(path)
     if not path.exists():
@@ -249,7 +328,18 @@ def read_gmt(path: str | os.PathLike, *, name: str = "") -> GeneSets:
 
 
 def write_gmt(gene_sets: Mapping[str, Iterable[str]], path: str | os.PathLike) -> None:
-    """Write gene sets as GMT (gzipped when ``path`` ends in ``.gz``)."""
+    """Write gene sets as GMT (gzipped when ``path`` ends in ``.gz``).
+
+    Parameters
+    ----------
+    gene_sets
+        A :class:`GeneSets` or a ``{term ID: [genes]}`` mapping (cleaned as by :class:`GeneSets`). Each
+        line is ``ID<TAB>description<TAB>gene1<TAB>gene2...``; the description is
+        :meth:`GeneSets.description` (the ID itself when none is known), with tabs and newlines replaced
+        by spaces. An ID containing a tab or newline raises ``ValueError``.
+    path
+        Output file; overwritten if it exists. A ``.gz`` suffix writes gzip-compressed text.
+    """
     sets = gene_sets if isinstance(gene_sets, GeneSets) else GeneSets(gene_sets)
     lines = []
     for term, genes in sets.items():
@@ -321,7 +411,16 @@ def gene_sets(name: str = "go_bp", *, min_size: int | None = None, max_size: int
 
 
 def available_gene_sets() -> pd.DataFrame:
-    """The bundled collections with their size, release, licence and citation."""
+    """The bundled collections with their size, release, licence and citation.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per bundled collection, columns ``name`` (the key to pass to :func:`gene_sets`),
+        ``title``, ``n_sets`` (number of sets before any size filter), ``release``, ``license``,
+        ``citation`` and ``file`` (the package data file). Each collection is loaded once to count its
+        sets.
+    """
     rows = []
     for key, info in _COLLECTIONS.items():
         entries, _ = _load_collection(key)
@@ -371,12 +470,26 @@ def _ensembl_table() -> dict[str, str]:
 
 
 def gene_aliases() -> dict[str, str]:
-    """Unambiguous human alias -> current symbol pairs (org.Hs.eg.db 3.16.0, NCBI Gene 2022-09-12)."""
+    """Unambiguous human alias -> current symbol pairs (org.Hs.eg.db 3.16.0, NCBI Gene 2022-09-12).
+
+    Returns
+    -------
+    dict of str to str
+        ``{alias or previous symbol: current HGNC symbol}``, the table :func:`map_gene_names` uses; a
+        fresh copy on each call, so it may be modified.
+    """
     return dict(_alias_table())
 
 
 def ensembl_to_symbol() -> dict[str, str]:
-    """Unambiguous human Ensembl gene ID -> symbol pairs (org.Hs.eg.db 3.16.0, Ensembl 2022-06-28)."""
+    """Unambiguous human Ensembl gene ID -> symbol pairs (org.Hs.eg.db 3.16.0, Ensembl 2022-06-28).
+
+    Returns
+    -------
+    dict of str to str
+        ``{Ensembl gene ID without version (ENSG...): symbol}``; IDs that map to several symbols are left
+        out. A fresh copy on each call.
+    """
     return dict(_ensembl_table())
 
 
@@ -394,6 +507,8 @@ class GeneMapping:
     how
         Per input gene: ``"direct"``, ``"ensembl"``, ``"alias"``, ``"duplicate"`` (another input gene already
         stands for that symbol) or ``"unmapped"``.
+    counts
+        Number of input genes per ``how`` value (all five keys present).
     """
 
     symbols: list[str | None]
@@ -422,6 +537,13 @@ def map_gene_names(names: Sequence[str], collection_genes: Iterable[str], *, use
         All genes of the gene-set collection.
     use_aliases
         Rescue through the alias/Ensembl tables (human). With ``False`` only exact matches count.
+
+    Returns
+    -------
+    GeneMapping
+        Per input gene (same order and length as ``names``): the collection symbol it stands for or
+        ``None`` (``symbols``), how it was matched (``how``), the number of genes per kind (``counts``),
+        and ``mask``, the boolean universe mask over ``names``.
     """
     names = [str(n) for n in names]
     known = set(collection_genes)

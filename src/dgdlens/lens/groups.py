@@ -32,10 +32,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from ..data import RowMatrix
 
 __all__ = ["FeatureGroups", "make_feature_groups", "as_activation_matrix", "column_percentiles"]
 
@@ -45,6 +48,10 @@ _HIGH_RULES = ("top", "percentile")
 
 def as_activation_matrix(activations, *, max_dense_entries: int = 200_000_000) -> sp.csc_matrix:
     """Validate activations (cells x features) and return them as CSC float64.
+
+    Activations on disk (a ``.npy`` / ``.npz`` / ``.h5ad`` path, a memory-mapped array, an h5py or backed
+    sparse dataset) are read in row chunks and only their non-zeros are kept, so a dense file larger than
+    memory works when the activations are sparse (SAE features are).
 
     Non-negative activations (SAE features) keep their sparsity. If any value is negative (e.g. raw
     latent dimensions), every entry, zeros included, is stored explicitly so that percentiles and
@@ -59,6 +66,8 @@ def as_activation_matrix(activations, *, max_dense_entries: int = 200_000_000) -
         pass
     if isinstance(activations, pd.DataFrame):
         activations = activations.to_numpy()
+    if _on_disk(activations):
+        activations = _read_sparse_in_chunks(activations)
     if sp.issparse(activations):
         A = sp.csc_matrix(activations, dtype=np.float64)
         A.sum_duplicates()
@@ -96,6 +105,42 @@ def as_activation_matrix(activations, *, max_dense_entries: int = 200_000_000) -
         A = _dense_to_full_csc(A.toarray())
     A.sort_indices()
     return A
+
+
+def _on_disk(activations) -> bool:
+    """A path, a numpy memmap, an h5py dataset or an anndata backed sparse dataset."""
+    if isinstance(activations, (str, Path, np.memmap)):
+        return True
+    if sp.issparse(activations) or isinstance(activations, np.ndarray):
+        return False
+    return hasattr(activations, "to_memory") or type(activations).__module__.startswith("h5py")
+
+
+def _read_sparse_in_chunks(source, chunk_cells: int = 16384) -> sp.csr_matrix:
+    """Activations stored on disk, read ``chunk_cells`` rows at a time and kept sparse (only the non-zeros
+    are ever held): a ``.npy`` file (memory-mapped), an ``.npz`` sparse matrix, an ``.h5ad`` whose ``X``
+    holds them, an h5py dataset or a backed sparse dataset."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"activations file {path} does not exist.")
+        if path.suffix == ".npz":
+            return sp.load_npz(path).tocsr()  # already sparse (load_npz never unpickles)
+        if path.suffix == ".npy":
+            source = np.load(path, mmap_mode="r", allow_pickle=False)
+        elif path.suffix == ".h5ad":
+            import anndata
+
+            source = anndata.read_h5ad(path, backed="r").X
+        else:
+            raise ValueError(f"activations file {path}: expected .npy, .npz or .h5ad (its X).")
+    matrix = RowMatrix(source)
+    blocks = []
+    for _, _, block in matrix.iter_chunks(chunk_cells):
+        block = sp.csr_matrix(block, dtype=np.float64)
+        block.eliminate_zeros()
+        blocks.append(block)
+    return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix(matrix.shape)
 
 
 def _dense_to_full_csc(arr: np.ndarray) -> sp.csc_matrix:
@@ -220,29 +265,43 @@ class FeatureGroups:
 
 
 def _select_entries(A: sp.csc_matrix, mask: np.ndarray) -> sp.csr_matrix:
-    """CSR (features x cells) holding the stored entries of A (cells x features) where ``mask``."""
+    """CSR (features x cells) holding the stored entries of A (cells x features) where ``mask``.
+
+    A's columns are the features and its row indices are sorted, so the transposed selection is A's own
+    structure with the unselected entries dropped (no sort). Values are int8 ones: a million-cell atlas
+    has tens of millions of memberships.
+    """
     cols = _entry_columns(A)
-    M = sp.csr_matrix((np.ones(int(mask.sum())), (cols[mask], A.indices[mask])), shape=(A.shape[1], A.shape[0]))
-    M.sort_indices()
+    indptr = np.r_[0, np.cumsum(np.bincount(cols[mask], minlength=A.shape[1]))].astype(np.int64)
+    indices = A.indices[mask].astype(np.int32 if A.shape[0] < 2**31 else np.int64)
+    M = sp.csr_matrix((np.ones(len(indices), dtype=np.int8), indices, indptr), shape=(A.shape[1], A.shape[0]))
+    M.has_sorted_indices = True
     return M
 
 
 def _top_active(A: sp.csc_matrix, cols: np.ndarray, active: np.ndarray, k: int):
     """Mask over ``A.data`` of the ``k`` largest active entries per column (ties: lower cell index first)
-    and, per column, the smallest activation in that top group (0 for a column with no active entry)."""
+    and, per column, the smallest activation in that top group (0 for a column with no active entry).
+
+    Columns with at most ``k`` active entries keep them all; only the others are sorted."""
     F = A.shape[1]
-    idx = np.flatnonzero(active)
-    # sort active entries by column, then activation descending, then cell index
-    order = idx[np.lexsort((A.indices[idx], -A.data[idx], cols[idx]))]
-    c = cols[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(c)) + 1] if len(c) else np.zeros(0, dtype=np.int64)
-    lengths = np.diff(np.r_[starts, len(c)])
-    rank = np.arange(len(c)) - np.repeat(starts, lengths)
-    take = order[rank < k]
-    mask = np.zeros(len(A.data), dtype=bool)
-    mask[take] = True
-    threshold = np.full(F, np.inf)
-    np.minimum.at(threshold, cols[take], A.data[take])
+    mask = active.copy()
+    n_active = np.bincount(cols[active], minlength=F)
+    crowded = n_active > k
+    if crowded.any():
+        idx = np.flatnonzero(active & crowded[cols])
+        # sort those entries by column, then activation descending, then cell index
+        order = idx[np.lexsort((A.indices[idx], -A.data[idx], cols[idx]))]
+        c = cols[order]
+        starts = np.r_[0, np.flatnonzero(np.diff(c)) + 1]
+        rank = np.arange(len(c)) - np.repeat(starts, np.diff(np.r_[starts, len(c)]))
+        mask[order[rank >= k]] = False
+    # smallest kept value per column: A.data is grouped by column, so one reduceat
+    values = np.where(mask, A.data, np.inf)
+    threshold = np.zeros(F)
+    nonempty = np.flatnonzero(np.diff(A.indptr) > 0)
+    if len(nonempty):
+        threshold[nonempty] = np.minimum.reduceat(values, A.indptr[nonempty])
     threshold[~np.isfinite(threshold)] = 0.0
     return mask, threshold
 
@@ -250,10 +309,15 @@ def _top_active(A: sp.csc_matrix, cols: np.ndarray, active: np.ndarray, k: int):
 def _low_prefix(excluded: sp.csr_matrix, rank: np.ndarray, order: np.ndarray, m: int | None, n: int):
     """Prefix lengths k_f and the excluded cells inside each prefix (see the module docstring)."""
     F = excluded.shape[0]
-    E = excluded.copy()
-    E.indices = rank[E.indices].astype(E.indices.dtype, copy=False)  # columns as positions in the random order
-    E.has_sorted_indices = False
-    E.sort_indices()
+    row_len = np.diff(excluded.indptr)
+    rows = np.repeat(np.arange(F), row_len)
+    r = rank[excluded.indices]
+    if m is not None:
+        # k_f <= m + (excluded cells of f), so later positions can be dropped before sorting
+        keep = r < np.minimum(m + row_len, n)[rows]
+        rows, r = rows[keep], r[keep]
+    E = sp.csr_matrix((np.ones(len(r), dtype=np.int8), (rows, r)), shape=(F, n))
+    E.sort_indices()  # by position in the random order
     row_len = np.diff(E.indptr)
     rows = np.repeat(np.arange(F), row_len)
     pos_in_row = np.arange(E.nnz) - np.repeat(E.indptr[:-1], row_len)
@@ -265,7 +329,7 @@ def _low_prefix(excluded: sp.csr_matrix, rank: np.ndarray, order: np.ndarray, m:
         k = np.minimum(m + np.bincount(rows[before], minlength=F), n).astype(np.int64)
     inside = E.indices < k[rows]
     in_prefix = sp.csr_matrix(
-        (np.ones(int(inside.sum())), (rows[inside], order[E.indices[inside]])), shape=(F, n)
+        (np.ones(int(inside.sum()), dtype=np.int8), (rows[inside], order[E.indices[inside]])), shape=(F, n)
     )
     in_prefix.sort_indices()
     n_low = k - np.bincount(rows[inside], minlength=F)
@@ -360,6 +424,13 @@ def make_feature_groups(
         ``max_low_cells``; labels without high cells contribute none), so a gene that differs between
         batches is not reported because the feature fires more in one batch. Needs ``low="silent"``.
         Memory: the low groups are then stored explicitly (features x cells entries for the complement).
+
+    Returns
+    -------
+    FeatureGroups
+        The analysed features' high groups (CSR membership), the low groups as prefixes of one random
+        cell order minus excluded cells, group sizes and thresholds, and ``summary``: one row per
+        requested feature with its ``status`` (``"ok"`` or why it was skipped).
     """
     if high not in _HIGH_RULES:
         raise ValueError(f"high must be one of {_HIGH_RULES}, got {high!r}.")

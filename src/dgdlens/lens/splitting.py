@@ -26,14 +26,38 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-__all__ = ["split_counts", "is_integer_counts", "maybe_split"]
+from ._kernels import binomial_half
+
+__all__ = ["split_counts", "split_rows", "is_integer_counts", "maybe_split", "SPLIT_BLOCK_ROWS"]
+
+
+# Rows are thinned in blocks of this many, block b with its own generator seeded by (seed, b): the draws
+# of a row depend only on its block, so a stream over row chunks (aligned to blocks) or a shard on another
+# process reproduces exactly the split of the whole matrix.
+SPLIT_BLOCK_ROWS = 4096
 
 
 def split_counts(X, p: float = 0.5, seed: int = 0) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """``(X_a, X_b)``: ``X_a = Binomial(X, p)`` entrywise and ``X_b = X - X_a`` (CSR, float32).
 
     The same thinning as the held-out protocol's ``binomial_split`` (``dgdlens.evaluate``), written here
-    because the lens may not import ``evaluate`` (same layer, see the import contracts).
+    because the lens may not import ``evaluate`` (same layer, see the import contracts). The draws are
+    made per block of ``SPLIT_BLOCK_ROWS`` rows (see :func:`split_rows`), so the lens' streaming path
+    splits a file chunk by chunk, or across processes, into exactly these halves.
+
+    Parameters
+    ----------
+    X
+        cells x genes non-negative integer counts (dense or sparse).
+    p
+        Expected fraction of each count that goes to ``X_a``.
+    seed
+        Seed of the thinning.
+
+    Returns
+    -------
+    tuple of scipy.sparse.csr_matrix
+        ``(X_a, X_b)``, float32, explicit zeros removed.
     """
     if not 0 < p < 1:
         raise ValueError(f"p must be in (0, 1), got {p}.")
@@ -41,10 +65,54 @@ def split_counts(X, p: float = 0.5, seed: int = 0) -> tuple[sp.csr_matrix, sp.cs
     X.sum_duplicates()
     if X.nnz and (X.data.min() < 0 or np.any(X.data != np.round(X.data))):
         raise ValueError("count splitting needs non-negative integer counts.")
-    rng = np.random.default_rng(seed)
-    a = rng.binomial(X.data.astype(np.int64), p).astype(np.float32)
-    X_a = sp.csr_matrix((a, X.indices.copy(), X.indptr.copy()), shape=X.shape)
-    X_b = sp.csr_matrix((X.data.astype(np.float32) - a, X.indices.copy(), X.indptr.copy()), shape=X.shape)
+    return split_rows(X, 0, p, seed)
+
+
+def split_rows(X: sp.csr_matrix, first_row: int, p: float, seed: int, *, halves: str = "both"):
+    """Thin the rows ``first_row, first_row + 1, ...`` of a larger matrix, given as the CSR block ``X``.
+
+    ``first_row`` must be a multiple of ``SPLIT_BLOCK_ROWS``; the result equals the corresponding rows of
+    :func:`split_counts` on the whole matrix.
+
+    Parameters
+    ----------
+    X
+        CSR block of non-negative integer counts (validated by the caller).
+    first_row
+        Index of the block's first row in the whole matrix.
+    p, seed
+        As in :func:`split_counts`.
+    halves
+        ``"both"`` or ``"b"`` (only ``X_b``, what the lens tests on; saves a copy).
+
+    Returns
+    -------
+    tuple of scipy.sparse.csr_matrix or scipy.sparse.csr_matrix
+        ``(X_a, X_b)`` for the block, float32; only ``X_b`` with ``halves="b"``.
+    """
+    if first_row % SPLIT_BLOCK_ROWS:
+        raise ValueError(f"first_row must be a multiple of {SPLIT_BLOCK_ROWS}, got {first_row}.")
+    only_b = halves == "b"
+    # the half the caller keeps, as float32 (X_b directly when only X_b is wanted)
+    half = np.empty(X.nnz, dtype=np.float32)
+    bounds = np.r_[X.indptr[:-1:SPLIT_BLOCK_ROWS], X.indptr[-1]] if X.shape[0] else np.zeros(1, dtype=np.int64)
+    buffer = np.empty(int(np.diff(bounds).max(initial=0))) if p == 0.5 else None
+    for start in range(0, X.shape[0], SPLIT_BLOCK_ROWS):
+        stop = min(start + SPLIT_BLOCK_ROWS, X.shape[0])
+        lo, hi = X.indptr[start], X.indptr[stop]
+        rng = np.random.default_rng([seed, (first_row + start) // SPLIT_BLOCK_ROWS])
+        counts = X.data[lo:hi]
+        if p == 0.5:
+            binomial_half(rng, counts, buffer, out=half[lo:hi], complement=only_b)
+        else:
+            draws = rng.binomial(counts.astype(np.int64), p)
+            half[lo:hi] = counts - draws if only_b else draws
+    if only_b:
+        X_b = sp.csr_matrix((half, X.indices.copy(), X.indptr.copy()), shape=X.shape)
+        X_b.eliminate_zeros()
+        return X_b
+    X_a = sp.csr_matrix((half, X.indices.copy(), X.indptr.copy()), shape=X.shape)
+    X_b = sp.csr_matrix(((X.data - half).astype(np.float32), X.indices.copy(), X.indptr.copy()), shape=X.shape)
     X_a.eliminate_zeros()
     X_b.eliminate_zeros()
     return X_a, X_b

@@ -297,6 +297,7 @@ class DGD(BaseModel):
 
     @property
     def has_covariates(self) -> bool:
+        """Whether the model was built with categorical or continuous covariates (``batch_key`` etc.)."""
         cov = getattr(self, "covariates", None)
         return bool(cov and (cov["categorical"] or cov["continuous"]))
 
@@ -310,10 +311,23 @@ class DGD(BaseModel):
 
     @property
     def categorical_covariate_keys(self) -> list[str]:
+        """``obs`` keys of the categorical covariates, ``batch_key`` first; ``[]`` without covariates."""
         return [c["key"] for c in self.covariates["categorical"]] if self.has_covariates else []
 
     def covariate_categories(self, key: str | None = None) -> list[str]:
-        """The trained categories of a categorical covariate (default: the first, ``batch_key``)."""
+        """The trained categories of a categorical covariate (default: the first, ``batch_key``).
+
+        Parameters
+        ----------
+        key
+            ``obs`` key of a categorical covariate; ``None`` for the first one (``batch_key``).
+
+        Returns
+        -------
+        list of str
+            The categories in the order of their mixture components (a pandas Categorical's order, otherwise
+            sorted). Raises ``ValueError`` for a model without categorical covariates or an unknown ``key``.
+        """
         return list(self.covariates["categorical"][self._covariate_index(key)]["categories"])
 
     def _covariate_index(self, key: str | None) -> int:
@@ -450,7 +464,37 @@ class DGD(BaseModel):
         of ``adata`` (default: the training cells): each cell's own, or with ``transform_batch`` every cell's
         batch covariate at that batch's component mean. ``n_cells`` without ``adata`` and with
         ``transform_batch``: for that many cells of no particular AnnData (continuous covariates at the
-        training mean). ``None`` for a model without covariates."""
+        training mean). ``None`` for a model without covariates.
+
+        Parameters
+        ----------
+        adata
+            AnnData of the cells; ``None`` (or the training AnnData itself) means the training cells and their
+            learned latents, any other AnnData is embedded as new cells (genes aligned by name).
+        layer
+            Where a new AnnData's raw counts are: ``None`` the model's training layer, ``"X"`` for
+            ``adata.X``, ``"raw"`` for ``adata.raw.X``, otherwise a layer name.
+        transform_batch
+            ``None`` for each cell's own covariate latents; a category of ``batch_key``, or
+            ``{key: category}`` for several categorical covariates, to put every cell at that category's
+            component mean.
+        n_cells
+            With ``adata=None`` and ``transform_batch``: build the input for this many cells of no
+            particular AnnData (covariate latents at the chosen components, continuous covariates at 0,
+            the training mean).
+        **infer_kwargs
+            Options of the held-out inference for new cells (``n_steps``, ``batch_size``, ``lr``,
+            ``select_by``, ``candidate_steps``, ``new_category_rounds``, ``device``, ``progress``; see
+            :meth:`get_latent_representation`). Unused for the training cells.
+
+        Returns
+        -------
+        numpy.ndarray or None
+            float32 ``(n_cells, n_covariate_inputs)``: the categorical covariates' latents
+            (``n_latent_covariate`` columns each, in :attr:`categorical_covariate_keys` order) followed by the
+            standardised continuous covariates; ``None`` without covariates. Pass it as ``extra`` to
+            :meth:`decode_latent`.
+        """
         if not self.has_covariates:
             return None
         if n_cells is not None and adata is None:
@@ -460,14 +504,18 @@ class DGD(BaseModel):
 
     @property
     def n_latent(self) -> int:
+        """Dimension of the biological latent space."""
         return self.params["n_latent"]
 
     @property
     def n_components(self) -> int:
+        """Number of components of the Gaussian-mixture prior."""
         return self.params["n_components"]
 
     @property
     def gmm(self) -> GaussianMixture:
+        """The Gaussian-mixture prior over the biological latents (a torch module: means, covariances,
+        mixture weights)."""
         return self.module.prior
 
     def __repr__(self) -> str:
@@ -489,6 +537,24 @@ class DGD(BaseModel):
         of :class:`~dgdlens.train.DecoderOnlyPlanConfig` (learning rates, ``rep_step``, ``hyperprior``,
         ``lr_decay_epoch``, ``refit_prior_at_end``, ``polish_steps``, ...). Defaults: 500 epochs, batches of
         256, early stopping on the validation cells' reconstruction NLL.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the training cells (``None``: 500).
+        batch_size
+            Cells per mini-batch (``None``: 256).
+        early_stopping
+            Stop when the validation loss has not improved for ``patience`` epochs and restore the best
+            epoch (the training loss is monitored when there is no validation split).
+        **kwargs
+            Runner options (``device``, ``checkpoint_path``, ``patience``, ``seed``, ...) and
+            :class:`~dgdlens.train.DecoderOnlyPlanConfig` options; an unknown name raises ``TypeError``.
+
+        Returns
+        -------
+        DGD
+            ``self``, trained (``history_`` and ``train_summary_`` set), so calls can be chained.
         """
         self._require_data("train")
         return super().train(max_epochs, batch_size, early_stopping, **kwargs)
@@ -594,6 +660,40 @@ class DGD(BaseModel):
         is learned from that batch's cells over ``new_category_rounds`` rounds while everything trained
         stays frozen (several new batches at once; a one-cell batch works, its batch effect then cannot be
         told apart from its biology).
+
+        Parameters
+        ----------
+        adata
+            AnnData of the cells; ``None`` (or the training AnnData itself) means the training cells and their
+            learned latents, any other AnnData is embedded as new cells (genes aligned by name).
+        layer
+            Where a new AnnData's raw counts are: ``None`` the model's training layer, ``"X"`` for
+            ``adata.X``, ``"raw"`` for ``adata.raw.X``, otherwise a layer name.
+        n_steps
+            Maximum Adam steps per new cell (the optimisation may stop earlier once the loss has converged).
+        batch_size
+            Cells inferred together.
+        lr
+            Adam learning rate on the latents.
+        select_by
+            How the start is chosen among the mixture means: ``"recon+prior"`` (reconstruction NLL + prior
+            NLL, the paper) or ``"recon"`` (reconstruction only, multiDGD).
+        candidate_steps
+            If > 0, optimise every candidate start that many steps before choosing (slower; not supported
+            with covariates).
+        device
+            Torch device for the inference of new cells (``None``: the model's current device); the model
+            is moved there.
+        progress
+            Show a progress bar.
+        new_category_rounds
+            Rounds of alternating fits of new categories' component means and the cells' latents (covariate
+            models with unseen categories only).
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(n_cells, n_latent)``, rows in ``adata``'s cell order.
         """
         return self._embed(adata, layer, n_steps=n_steps, batch_size=batch_size, lr=lr, select_by=select_by,
                            candidate_steps=candidate_steps, device=device, progress=progress,
@@ -603,7 +703,28 @@ class DGD(BaseModel):
                                      **infer_kwargs) -> np.ndarray:
         """Covariate latents (n_cells, n_latent_covariate) of the categorical covariate ``key`` (default:
         the first, ``batch_key``): learned for the training cells, inferred for new cells (as in
-        :meth:`get_latent_representation`, which takes the same options)."""
+        :meth:`get_latent_representation`, which takes the same options).
+
+        Parameters
+        ----------
+        adata
+            AnnData of the cells; ``None`` (or the training AnnData itself) means the training cells and their
+            learned latents, any other AnnData is embedded as new cells (genes aligned by name).
+        key
+            ``obs`` key of the categorical covariate; ``None`` for ``batch_key`` (the first).
+        layer
+            Where a new AnnData's raw counts are: ``None`` the model's training layer, ``"X"`` for
+            ``adata.X``, ``"raw"`` for ``adata.raw.X``, otherwise a layer name.
+        **infer_kwargs
+            Options of the held-out inference for new cells (``n_steps``, ``batch_size``, ``lr``,
+            ``select_by``, ``candidate_steps``, ``new_category_rounds``, ``device``, ``progress``; see
+            :meth:`get_latent_representation`). Unused for the training cells.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(n_cells, n_latent_covariate)``.
+        """
         j = self._covariate_index(key)
         return self._embed(adata, layer, **infer_kwargs)["covariate_z"][j]
 
@@ -611,7 +732,29 @@ class DGD(BaseModel):
                                  **infer_kwargs) -> np.ndarray:
         """Each cell's category of covariate ``key`` (default ``batch_key``) as strings: as given, or for new
         cells without the column (or with a missing value) the inferred one: the trained category whose
-        component gives the fitted covariate latent the highest ``log pi_k + log N``."""
+        component gives the fitted covariate latent the highest ``log pi_k + log N``.
+
+        Parameters
+        ----------
+        adata
+            AnnData of the cells; ``None`` (or the training AnnData itself) means the training cells and their
+            learned latents, any other AnnData is embedded as new cells (genes aligned by name).
+        key
+            ``obs`` key of the categorical covariate; ``None`` for ``batch_key`` (the first).
+        layer
+            Where a new AnnData's raw counts are: ``None`` the model's training layer, ``"X"`` for
+            ``adata.X``, ``"raw"`` for ``adata.raw.X``, otherwise a layer name.
+        **infer_kwargs
+            Options of the held-out inference for new cells (``n_steps``, ``batch_size``, ``lr``,
+            ``select_by``, ``candidate_steps``, ``new_category_rounds``, ``device``, ``progress``; see
+            :meth:`get_latent_representation`). Unused for the training cells.
+
+        Returns
+        -------
+        numpy.ndarray
+            Object array of ``n_cells`` category names (str); a category the model had not seen keeps its
+            own name.
+        """
         j = self._covariate_index(key)
         emb = self._embed(adata, layer, **infer_kwargs)
         return np.asarray(emb["category_names"][j], dtype=object)[emb["codes"][:, j]]
@@ -625,12 +768,56 @@ class DGD(BaseModel):
         return np.concatenate(out) if out else np.empty((0,))
 
     def get_cluster_assignments(self, adata=None, *, z=None, layer: str | None = None, **infer_kwargs) -> np.ndarray:
-        """Most probable mixture component of each cell (argmax on log-probabilities), int array."""
+        """Most probable mixture component of each cell (argmax on log-probabilities), int array.
+
+        Parameters
+        ----------
+        adata
+            AnnData of the cells; ``None`` (or the training AnnData itself) means the training cells and their
+            learned latents, any other AnnData is embedded as new cells (genes aligned by name).
+        z
+            Biological latents ``(n_cells, n_latent)`` to use instead of the cells' own (fitted or inferred)
+            latents.
+        layer
+            Where a new AnnData's raw counts are: ``None`` the model's training layer, ``"X"`` for
+            ``adata.X``, ``"raw"`` for ``adata.raw.X``, otherwise a layer name.
+        **infer_kwargs
+            Options of the held-out inference for new cells (``n_steps``, ``batch_size``, ``lr``,
+            ``select_by``, ``candidate_steps``, ``new_category_rounds``, ``device``, ``progress``; see
+            :meth:`get_latent_representation`). Unused for the training cells.
+
+        Returns
+        -------
+        numpy.ndarray
+            int64 ``(n_cells,)`` component indices in ``0 .. n_components - 1``.
+        """
         z = self._latent_for(adata, layer, z, **infer_kwargs)
         return self._prior_scores(z, self.gmm.assign).astype(np.int64)
 
     def get_responsibilities(self, adata=None, *, z=None, layer: str | None = None, **infer_kwargs) -> np.ndarray:
-        """Posterior probability of each mixture component per cell, (n_cells, K); rows sum to 1."""
+        """Posterior probability of each mixture component per cell, (n_cells, K); rows sum to 1.
+
+        Parameters
+        ----------
+        adata
+            AnnData of the cells; ``None`` (or the training AnnData itself) means the training cells and their
+            learned latents, any other AnnData is embedded as new cells (genes aligned by name).
+        z
+            Biological latents ``(n_cells, n_latent)`` to use instead of the cells' own (fitted or inferred)
+            latents.
+        layer
+            Where a new AnnData's raw counts are: ``None`` the model's training layer, ``"X"`` for
+            ``adata.X``, ``"raw"`` for ``adata.raw.X``, otherwise a layer name.
+        **infer_kwargs
+            Options of the held-out inference for new cells (``n_steps``, ``batch_size``, ``lr``,
+            ``select_by``, ``candidate_steps``, ``new_category_rounds``, ``device``, ``progress``; see
+            :meth:`get_latent_representation`). Unused for the training cells.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(n_cells, n_components)`` responsibilities.
+        """
         z = self._latent_for(adata, layer, z, **infer_kwargs)
         return self._prior_scores(z, self.gmm.responsibilities)
 
@@ -658,6 +845,28 @@ class DGD(BaseModel):
         latents and standardised continuous covariates, from :meth:`covariate_input`; or
         ``transform_batch=`` (a category of ``batch_key``, or ``{key: category}`` for every categorical
         covariate) to decode every cell as if from that batch (continuous covariates at the training mean).
+
+        Parameters
+        ----------
+        z
+            Biological latents, ``(n_cells, n_latent)``.
+        library_size
+            Per-cell scale of the NB mean (total counts with ``scaling="sum"``): a scalar or ``(n_cells,)``;
+            ``None`` returns the composition instead.
+        extra
+            Covariate input ``(n_cells, n_covariate_inputs)`` from :meth:`covariate_input`; only for a
+            model with covariates.
+        transform_batch
+            Used when ``extra`` is ``None`` in a covariate model: the category (of ``batch_key``, or
+            ``{key: category}``) whose component mean every cell is decoded with.
+        batch_size
+            Cells decoded per forward pass.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(n_cells, n_genes)``: NB means (expected counts), or with ``library_size=None`` each
+            row normalised to sum to 1.
         """
         z = np.asarray(z, dtype=np.float32)
         if z.ndim != 2 or z.shape[1] != self.n_latent:
@@ -706,6 +915,33 @@ class DGD(BaseModel):
         every cell is that category's component mean (a category of ``batch_key``; ``{key: category}`` for
         several covariates; covariates not named keep each cell's own latent). That is batch-corrected
         expression: cells of one type from different batches decode alike.
+
+        Parameters
+        ----------
+        adata
+            AnnData of the cells; ``None`` (or the training AnnData itself) means the training cells and their
+            learned latents, any other AnnData is embedded as new cells (genes aligned by name).
+        z
+            Biological latents ``(n_cells, n_latent)`` to use instead of the cells' own (fitted or inferred)
+            latents.
+        layer
+            Where a new AnnData's raw counts are: ``None`` the model's training layer, ``"X"`` for
+            ``adata.X``, ``"raw"`` for ``adata.raw.X``, otherwise a layer name.
+        gene_list
+            Gene names (model ``var_names``) of the columns to return, in that order; ``None`` for all genes.
+            An unknown gene raises ``ValueError``.
+        transform_batch
+            ``None`` (each cell's own covariates), a category of ``batch_key``, or ``{key: category}``.
+        **infer_kwargs
+            Options of the held-out inference for new cells (``n_steps``, ``batch_size``, ``lr``,
+            ``select_by``, ``candidate_steps``, ``new_category_rounds``, ``device``, ``progress``; see
+            :meth:`get_latent_representation`). Unused for the training cells.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(n_cells, n_genes)`` (or ``len(gene_list)`` columns); rows sum to 1 over all model
+            genes, so a ``gene_list`` subset sums to less.
         """
         z, extra = self._blocks_for(adata, layer, z, transform_batch, **infer_kwargs)
         out = self.decode_latent(z, extra=extra)
@@ -719,7 +955,22 @@ class DGD(BaseModel):
 
     def get_library_sizes(self, adata=None, *, layer: str | None = None) -> np.ndarray | None:
         """Per-cell scale of the NB mean (total counts with the default ``scaling="sum"``) of the training
-        cells, or of new cells (their counts restricted to the model's genes). ``None`` with ``scaling="none"``."""
+        cells, or of new cells (their counts restricted to the model's genes). ``None`` with ``scaling="none"``.
+
+        Parameters
+        ----------
+        adata
+            ``None`` (or the training AnnData) for the training cells; otherwise new cells.
+        layer
+            Where a new AnnData's raw counts are: ``None`` the model's training layer, ``"X"`` for
+            ``adata.X``, ``"raw"`` for ``adata.raw.X``, otherwise a layer name.
+
+        Returns
+        -------
+        numpy.ndarray or None
+            float32 ``(n_cells,)``: total counts (``scaling="sum"``), maximum count (``"max"``) or mean
+            count (``"mean"``) per cell over the model's genes; ``None`` for ``scaling="none"``.
+        """
         if self._is_training_data(adata):
             return self.library_size
         return self._new_data(adata, layer)[1]
@@ -729,7 +980,39 @@ class DGD(BaseModel):
         """Draw counts from the model's NB for each cell (mean = library x composition, variance
         mean + mean^2 / r). Returned as a sparse CSR matrix (cells x genes), built batch by batch.
         ``transform_batch``: counterfactual counts as if every cell came from that batch (see
-        :meth:`get_normalized_expression`), with each cell's own library size."""
+        :meth:`get_normalized_expression`), with each cell's own library size.
+
+        Parameters
+        ----------
+        adata
+            AnnData of the cells; ``None`` (or the training AnnData itself) means the training cells and their
+            learned latents, any other AnnData is embedded as new cells (genes aligned by name).
+        z
+            Biological latents ``(n_cells, n_latent)`` to use instead of the cells' own (fitted or inferred)
+            latents.
+        layer
+            Where a new AnnData's raw counts are: ``None`` the model's training layer, ``"X"`` for
+            ``adata.X``, ``"raw"`` for ``adata.raw.X``, otherwise a layer name.
+        library_size
+            Per-cell scale ``(n_cells,)`` of the NB mean; ``None`` uses the cells' own
+            (:meth:`get_library_sizes`).
+        seed
+            Seed of the draws (a ``torch.Generator`` on the model's device).
+        batch_size
+            Cells drawn per batch.
+        transform_batch
+            ``None``, a category of ``batch_key``, or ``{key: category}`` (as in
+            :meth:`get_normalized_expression`).
+        **infer_kwargs
+            Options of the held-out inference for new cells (``n_steps``, ``batch_size``, ``lr``,
+            ``select_by``, ``candidate_steps``, ``new_category_rounds``, ``device``, ``progress``; see
+            :meth:`get_latent_representation`). Unused for the training cells.
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix
+            Simulated counts, ``(n_cells, n_genes)``, float32 values.
+        """
         z, extra = self._blocks_for(adata, layer, z, transform_batch, **infer_kwargs)
         lib = self.get_library_sizes(adata, layer=layer) if library_size is None else np.asarray(library_size, dtype=np.float32)
         gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -751,6 +1034,34 @@ class DGD(BaseModel):
         the per-cell values instead of the mean; ``per_feature=True`` divides by the number of genes
         (NLL per count entry), the unit :class:`~dgdlens.models.DecoderOnly` reports for images.
         With covariates each cell is decoded with its own covariate latents.
+
+        Parameters
+        ----------
+        adata
+            AnnData of the cells; ``None`` (or the training AnnData itself) means the training cells and their
+            learned latents, any other AnnData is embedded as new cells (genes aligned by name).
+        z
+            Biological latents ``(n_cells, n_latent)`` to use instead of the cells' own (fitted or inferred)
+            latents.
+        layer
+            Where a new AnnData's raw counts are: ``None`` the model's training layer, ``"X"`` for
+            ``adata.X``, ``"raw"`` for ``adata.raw.X``, otherwise a layer name.
+        batch_size
+            Cells scored per batch.
+        per_sample
+            Return one value per cell instead of the mean.
+        per_feature
+            Divide by the number of genes (NLL per count entry instead of per cell).
+        **infer_kwargs
+            Options of the held-out inference for new cells (``n_steps``, ``batch_size``, ``lr``,
+            ``select_by``, ``candidate_steps``, ``new_category_rounds``, ``device``, ``progress``; see
+            :meth:`get_latent_representation`). Unused for the training cells.
+
+        Returns
+        -------
+        float or numpy.ndarray
+            The mean NLL over cells (nats per cell, or per entry with ``per_feature``), or with
+            ``per_sample=True`` a float64 ``(n_cells,)`` array.
         """
         if self._is_training_data(adata):
             self._require_data("get_reconstruction_error")
@@ -780,6 +1091,32 @@ class DGD(BaseModel):
         ``X_dgd_batch``) and, where a new cell's category was inferred, the inferred categories to
         ``obs[f"dgd_{key}"]``. Without ``adata`` this writes into the training AnnData (you asked for it);
         returns the AnnData.
+
+        Parameters
+        ----------
+        adata
+            AnnData to write into; ``None`` writes into the training AnnData. New cells are embedded first.
+        key_added
+            ``obsm`` key of the latents ``(n_cells, n_latent)``; also the prefix of the covariate
+            latents' keys.
+        cluster_key
+            ``obs`` key of the most probable mixture component (categorical ``"0" .. "K-1"``).
+        responsibilities_key
+            ``obsm`` key of the responsibilities ``(n_cells, n_components)``; ``None`` or ``""`` skips them.
+        uns_key
+            ``uns`` key of the model summary (``params``, ``key_added``, ``cluster_key``).
+        layer
+            Where a new AnnData's raw counts are: ``None`` the model's training layer, ``"X"`` for
+            ``adata.X``, ``"raw"`` for ``adata.raw.X``, otherwise a layer name.
+        **infer_kwargs
+            Options of the held-out inference for new cells (``n_steps``, ``batch_size``, ``lr``,
+            ``select_by``, ``candidate_steps``, ``new_category_rounds``, ``device``, ``progress``; see
+            :meth:`get_latent_representation`). Unused for the training cells.
+
+        Returns
+        -------
+        anndata.AnnData
+            The AnnData written to (``adata``, or the training AnnData), modified in place.
         """
         target = self.adata if adata is None else adata
         if target is None:
@@ -804,7 +1141,18 @@ class DGD(BaseModel):
     def save(self, path, overwrite: bool = False, *, save_representations: bool = True) -> None:
         """Save to a directory: ``weights.safetensors`` (decoder, likelihood, mixture, latents, library
         sizes, split) + ``config.json`` (format version, parameters, gene names, cell names, history).
-        Loading needs no training data. ``save_representations=False`` leaves out the per-cell state."""
+        Loading needs no training data. ``save_representations=False`` leaves out the per-cell state.
+
+        Parameters
+        ----------
+        path
+            Directory to write (created if needed).
+        overwrite
+            Replace an existing model directory at ``path``; otherwise an existing one is an error.
+        save_representations
+            Save the per-cell state (training/validation latents, split, library sizes, covariate codes,
+            cell names). ``False`` gives a smaller file from which only new cells can be embedded.
+        """
         self._save_representations = bool(save_representations)
         try:
             super().save(path, overwrite)
@@ -846,7 +1194,24 @@ class DGD(BaseModel):
     def load(cls, path, adata=None, *, layer: str | None = None, device: str | torch.device = "cpu") -> DGD:
         """Load a model saved with :meth:`save`. ``adata`` (optional) re-attaches the training data
         (needed only for :meth:`train` and training-set reconstruction error); it must have the
-        same cells and genes."""
+        same cells and genes.
+
+        Parameters
+        ----------
+        path
+            Directory written by :meth:`save`.
+        adata
+            The training AnnData to re-attach (same genes and cells, in the same order), or ``None``.
+        layer
+            Layer of ``adata`` with the counts; ``None`` keeps the layer the model was trained on.
+        device
+            Torch device to put the model on (``"cpu"``, ``"cuda"``, ``"auto"``, ...).
+
+        Returns
+        -------
+        DGD
+            The loaded model (trained state, history and parameters restored).
+        """
         return super().load(path, device=device, adata=adata, layer=layer)
 
     @classmethod

@@ -76,6 +76,7 @@ class _ConvShape(nn.Module):
 
     @property
     def n_pixels(self) -> int:
+        """Values per flat image row, ``channels * height * width``."""
         c, h, w = self.image_shape
         return c * h * w
 
@@ -83,6 +84,14 @@ class _ConvShape(nn.Module):
         return _ACTIVATIONS[self.activation]()
 
     def config(self) -> dict:
+        """The constructor settings, for saving and rebuilding.
+
+        Returns
+        -------
+        dict
+            ``kind``, ``image_shape`` (``[C, H, W]``), ``n_latent``, ``channels``, ``kernel_size``,
+            ``stride``, ``padding`` and ``activation``.
+        """
         return {"kind": self.kind, "image_shape": list(self.image_shape), "n_latent": self.n_latent,
                 "channels": self.channels, "kernel_size": self.kernel_size, "stride": self.stride,
                 "padding": self.padding, "activation": self.activation}
@@ -102,7 +111,14 @@ class ConvEncoder(_ConvShape):
     kernel_size, stride, padding
         Shared by all convolutions.
     activation
-        Nonlinearity after every convolution (none after the final linear layer: a linear latent).
+        Nonlinearity after every convolution (none after the final linear layer: a linear latent):
+        ``"relu"``, ``"elu"``, ``"gelu"``, ``"silu"`` or ``"leaky_relu"``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown activation, ``n_latent < 1``, empty ``channels``, a malformed ``image_shape``, or
+        more layers than the image size allows.
     """
 
     kind = "conv_encoder"
@@ -120,9 +136,27 @@ class ConvEncoder(_ConvShape):
 
     @property
     def n_in(self) -> int:
+        """Input width: values per flat image row, ``channels * height * width``."""
         return self.n_pixels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode flat image rows.
+
+        Parameters
+        ----------
+        x
+            ``n x (channels * height * width)`` images, flattened in ``(C, H, W)`` order.
+
+        Returns
+        -------
+        torch.Tensor
+            ``n x n_latent`` representations.
+
+        Raises
+        ------
+        ValueError
+            If the rows do not have :attr:`n_in` values.
+        """
         if x.shape[-1] != self.n_in:
             raise ValueError(f"ConvEncoder expects rows of {self.n_in} values ({self.image_shape}), got {x.shape[-1]}")
         h = self.convs(x.reshape(-1, *self.image_shape))
@@ -136,6 +170,26 @@ class ConvDecoder(_ConvShape):
     mirrors ``ConvEncoder(shape, m, ch)``. The transposed convolutions get the ``output_padding``
     that restores the exact encoder sizes, so odd sides (28 -> 14 -> 7 -> 3) come back unchanged.
     The output has no activation: it is the likelihood's raw input (logits for Bernoulli).
+
+    Parameters
+    ----------
+    image_shape
+        ``(channels, height, width)`` or ``(height, width)`` of one output image.
+    n_latent
+        Representation size (input width).
+    channels
+        The mirrored encoder's output channels per convolution, in the encoder's order.
+    kernel_size, stride, padding
+        Shared by all transposed convolutions (as in the mirrored encoder).
+    activation
+        Nonlinearity after the linear layer and after every transposed convolution but the last:
+        ``"relu"``, ``"elu"``, ``"gelu"``, ``"silu"`` or ``"leaky_relu"``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown activation, ``n_latent < 1``, empty ``channels``, a malformed ``image_shape``, or
+        more layers than the image size allows.
     """
 
     kind = "conv_decoder"
@@ -164,19 +218,51 @@ class ConvDecoder(_ConvShape):
 
     @property
     def n_out(self) -> int:
+        """Output width: values per flat image row, ``channels * height * width``."""
         return self.n_pixels
 
     @property
     def n_in(self) -> int:
+        """Input width: the representation size ``n_latent``."""
         return self.n_latent
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Decode latents to flat raw image rows.
+
+        Parameters
+        ----------
+        z
+            ``n x n_latent`` representations.
+
+        Returns
+        -------
+        torch.Tensor
+            ``n x (channels * height * width)`` raw outputs (no activation), flattened in ``(C, H, W)``
+            order.
+        """
         h = self.fc(z).reshape(-1, self.channels[-1], self.heights[-1], self.widths[-1])
         return self.deconvs(h).flatten(1)
 
 
 def conv_encoder(image_shape: Sequence[int], n_latent: int, channels: Sequence[int] = (64, 64), **kwargs) -> ConvEncoder:
-    """Build a :class:`ConvEncoder` (paper MNIST defaults: two 64-channel convs, kernel 4, stride 2)."""
+    """Build a :class:`ConvEncoder` (paper MNIST defaults: two 64-channel convs, kernel 4, stride 2).
+
+    Parameters
+    ----------
+    image_shape
+        ``(channels, height, width)`` or ``(height, width)`` of one image.
+    n_latent
+        Representation size.
+    channels
+        Output channels of each convolution (one entry per layer).
+    **kwargs
+        ``kernel_size``, ``stride``, ``padding`` and ``activation`` of :class:`ConvEncoder`.
+
+    Returns
+    -------
+    ConvEncoder
+        Maps flat image rows ``n x (C * H * W)`` to ``n x n_latent``.
+    """
     return ConvEncoder(image_shape, n_latent, channels, **kwargs)
 
 
@@ -184,5 +270,21 @@ def conv_decoder(n_latent: int, image_shape: Sequence[int], channels: Sequence[i
     """Build the :class:`ConvDecoder` that mirrors ``conv_encoder(image_shape, n_latent, channels)``.
 
     The argument order (latent first) matches :func:`~dgdlens.nn.mlp_decoder`.
+
+    Parameters
+    ----------
+    n_latent
+        Representation size.
+    image_shape
+        ``(channels, height, width)`` or ``(height, width)`` of one output image.
+    channels
+        The mirrored encoder's channels, in the encoder's order.
+    **kwargs
+        ``kernel_size``, ``stride``, ``padding`` and ``activation`` of :class:`ConvDecoder`.
+
+    Returns
+    -------
+    ConvDecoder
+        Maps ``n x n_latent`` to flat raw image rows ``n x (C * H * W)`` (e.g. Bernoulli logits).
     """
     return ConvDecoder(image_shape, n_latent, channels, **kwargs)

@@ -62,6 +62,13 @@ class SupervisedGaussianMixture(nn.Module):
     sd_init, sd_sd
         Initial component sd (default :func:`default_covariate_sd`) and sd of the Gaussian prior on the
         log-precisions around their initial value.
+    generator
+        Torch generator for the initial means (``None``: the global one).
+
+    Raises
+    ------
+    ValueError
+        For non-positive ``n_categories``, ``dim`` or ``sd_init``, or invalid ``counts``.
     """
 
     name = "supervised_gmm"
@@ -97,14 +104,44 @@ class SupervisedGaussianMixture(nn.Module):
         return torch.cat([self.mean, extra_mean.to(self.mean)]), torch.cat([self.neglogvar, nlv])
 
     def component_log_prob(self, c: torch.Tensor, extra_mean: torch.Tensor | None = None) -> torch.Tensor:
-        """``log N(c | mu_k, sigma_k^2 I)`` for every cell and component (no weights), shape (n, K [+ extra])."""
+        """``log N(c | mu_k, sigma_k^2 I)`` for every cell and component (no weights), shape (n, K [+ extra]).
+
+        Parameters
+        ----------
+        c
+            Covariate latents, ``n x dim``.
+        extra_mean
+            Means of extra (new) components, ``n_extra x dim``, appended after the trained ones with the
+            trained components' average log-precision (no gradient to it); ``None`` for none.
+
+        Returns
+        -------
+        torch.Tensor
+            ``n x K`` (``n x (K + n_extra)`` with ``extra_mean``) component log-densities.
+        """
         mean, nlv = self._params(extra_mean)
         maha = (c.unsqueeze(1) - mean.unsqueeze(0)).pow(2).sum(-1) * nlv[:, 0].exp().unsqueeze(0)
         return -0.5 * maha + 0.5 * self.dim * nlv[:, 0] - 0.5 * self.dim * _LOG_2PI
 
     def log_prob(self, c: torch.Tensor, codes: torch.Tensor, extra_mean: torch.Tensor | None = None) -> torch.Tensor:
         """Supervised log-density per cell, shape (n,): own component for ``codes >= 0``, marginal over the
-        trained components (weighted by training frequencies) for ``codes == -1``."""
+        trained components (weighted by training frequencies) for ``codes == -1``.
+
+        Parameters
+        ----------
+        c
+            Covariate latents, ``n x dim``.
+        codes
+            ``(n,)`` int64 category codes: ``0 .. K-1`` trained categories, ``K + m`` the ``m``-th row of
+            ``extra_mean``, any negative value unknown.
+        extra_mean
+            Means of extra components for codes ``>= K`` (see :meth:`component_log_prob`), or ``None``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n,)`` log-densities.
+        """
         comp = self.component_log_prob(c, extra_mean)
         known = codes >= 0
         own = comp.gather(1, codes.clamp_min(0).unsqueeze(1)).squeeze(1)
@@ -114,16 +151,44 @@ class SupervisedGaussianMixture(nn.Module):
         return torch.where(known, own, marginal)
 
     def log_hyperprior(self) -> torch.Tensor:
-        """Soft-ball prior on the means + Gaussian prior on the log-precisions (a scalar)."""
+        """Soft-ball prior on the means + Gaussian prior on the log-precisions (a scalar).
+
+        The weights are fixed training frequencies and have no prior term.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar log-prior of the means and log-precisions (differentiable).
+        """
         lp = softball_log_prob(self.mean, self.softball_radius, self.softball_sharpness).sum()
         d = self.neglogvar - self.neglogvar_prior_mean
         return lp + (-0.5 * (d / self.sd_sd) ** 2 - math.log(self.sd_sd) - 0.5 * _LOG_2PI).sum()
 
     def assign(self, c: torch.Tensor) -> torch.Tensor:
-        """Most probable trained category of each covariate latent (argmax of log pi_k + log N)."""
+        """Most probable trained category of each covariate latent (argmax of log pi_k + log N).
+
+        Parameters
+        ----------
+        c
+            Covariate latents, ``n x dim``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n,)`` int64 category codes in ``0 .. K-1`` (extra components are never chosen).
+        """
         return (self.component_log_prob(c) + self.log_weights).argmax(1)
 
     def config(self) -> dict:
+        """The constructor settings, for saving (means, precisions and the weights buffer are in the state
+        dict).
+
+        Returns
+        -------
+        dict
+            ``name`` (``"supervised_gmm"``), ``n_components``, ``dim``, ``softball_radius``,
+            ``softball_sharpness``, ``sd_init`` and ``sd_sd``.
+        """
         return {"name": self.name, "n_components": self.n_components, "dim": self.dim,
                 "softball_radius": self.softball_radius, "softball_sharpness": self.softball_sharpness,
                 "sd_init": self.sd_init, "sd_sd": self.sd_sd}
@@ -137,6 +202,21 @@ class CovariateDecoderModule(DecoderOnlyModule):
     :meth:`batch_nll` is the training plan's entry point (``zs`` = the blocks, ``codes`` the categories
     (n, n_categorical), ``cont`` the continuous covariates (n, n_continuous)); :meth:`decode` takes the
     biological latent and the rest (``extra``: the covariate latents and continuous values, concatenated).
+
+    Parameters
+    ----------
+    decoder
+        Maps the concatenated input, ``n x (n_latent + sum(covariate_dims) + n_continuous)``, to the
+        likelihood's raw output ``n x features``.
+    likelihood
+        The output distribution (e.g. :class:`~dgdlens.nn.NegativeBinomial`).
+    prior
+        The biological latent's prior (e.g. :class:`~dgdlens.nn.GaussianMixture`).
+    covariate_priors
+        One :class:`SupervisedGaussianMixture` per categorical covariate, in the order of the latent blocks
+        and of the columns of ``codes``.
+    n_continuous
+        Number of standardised continuous covariates appended to the decoder input (``0``: none).
     """
 
     def __init__(self, decoder: nn.Module, likelihood, prior: nn.Module,
@@ -147,6 +227,7 @@ class CovariateDecoderModule(DecoderOnlyModule):
 
     @property
     def covariate_dims(self) -> list[int]:
+        """Latent dimension of each categorical covariate's block, in order."""
         return [p.dim for p in self.covariate_priors]
 
     @property
@@ -155,16 +236,61 @@ class CovariateDecoderModule(DecoderOnlyModule):
         return sum(self.covariate_dims) + self.n_continuous
 
     def extra_input(self, cov_zs: list[torch.Tensor], cont: torch.Tensor | None) -> torch.Tensor:
+        """Concatenate the covariate latents and the continuous covariates into the decoder's extra input.
+
+        Parameters
+        ----------
+        cov_zs
+            One ``n x d_j`` latent per categorical covariate.
+        cont
+            ``n x n_continuous`` standardised continuous covariates, or ``None`` (also left out when
+            ``n_continuous`` is 0).
+
+        Returns
+        -------
+        torch.Tensor
+            ``n x n_extra``.
+        """
         parts = list(cov_zs) + ([] if cont is None or self.n_continuous == 0 else [cont])
         return torch.cat(parts, dim=1)
 
     def decode(self, z: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder output for the biological latent ``z`` and ``extra`` (covariate latents + continuous
-        covariates, concatenated; ``None`` when ``z`` already holds the full decoder input)."""
+        covariates, concatenated; ``None`` when ``z`` already holds the full decoder input).
+
+        Parameters
+        ----------
+        z
+            Biological latents, ``n x n_latent`` (or the full ``n x (n_latent + n_extra)`` input when
+            ``extra`` is ``None``).
+        extra
+            ``n x n_extra`` (see :meth:`extra_input`), moved to ``z``'s device and dtype; or ``None``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``n x features`` raw decoder output.
+        """
         return self.decoder(z if extra is None else torch.cat([z, extra.to(z)], dim=1))
 
     def covariate_prior_nll(self, cov_zs: list[torch.Tensor], codes: torch.Tensor,
                             extra_means: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+        """Summed negative supervised log-density of the covariate latents.
+
+        Parameters
+        ----------
+        cov_zs
+            One ``n x d_j`` latent per categorical covariate.
+        codes
+            ``n x n_categorical`` int64 category codes (``-1``: unknown; ``>= C_j``: extra components).
+        extra_means
+            Per covariate, the means of its extra (new) categories or ``None``; ``None`` for none at all.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n,)``: ``-sum_j log p_j(c_j | code_j)``. ``None`` when ``cov_zs`` is empty.
+        """
         out = cov_zs[0].new_zeros(cov_zs[0].shape[0]) if cov_zs else None
         for j, (prior, c) in enumerate(zip(self.covariate_priors, cov_zs)):
             extra = None if extra_means is None else extra_means[j]
@@ -172,7 +298,31 @@ class CovariateDecoderModule(DecoderOnlyModule):
         return out
 
     def batch_nll(self, x, zs, scale=None, codes=None, cont=None, extra_means=None):
-        """(reconstruction NLL, prior NLL) per sample for the blocks ``zs`` = [biological, covariate 1, ...]."""
+        """(reconstruction NLL, prior NLL) per sample for the blocks ``zs`` = [biological, covariate 1, ...].
+
+        Parameters
+        ----------
+        x
+            Data, ``n x features`` (e.g. ``cells x genes`` counts).
+        zs
+            Latent blocks: ``n x n_latent`` biological, then one ``n x d_j`` per categorical covariate.
+        scale
+            Per-sample scale factors ``(n,)`` (e.g. library sizes), or ``None``.
+        codes
+            ``n x n_categorical`` int64 category codes (see :meth:`SupervisedGaussianMixture.log_prob`);
+            needed when ``zs`` has covariate blocks.
+        cont
+            ``n x n_continuous`` standardised continuous covariates, or ``None``.
+        extra_means
+            Per covariate, means of categories learned at inference (or ``None``), for codes ``>= C_j``.
+
+        Returns
+        -------
+        recon : torch.Tensor
+            ``(n,)`` reconstruction NLLs (summed over features).
+        prior : torch.Tensor
+            ``(n,)`` prior NLLs: the biological prior plus every covariate prior.
+        """
         raw = self.decode(zs[0], self.extra_input(zs[1:], cont))
         recon = self.likelihood.nll(x, raw, scale)
         prior = self.prior_nll(zs[0])
@@ -181,6 +331,13 @@ class CovariateDecoderModule(DecoderOnlyModule):
         return recon, prior
 
     def hyperprior_nll(self) -> torch.Tensor:
+        """Negative log-prior of the biological prior's and every covariate prior's own parameters.
+
+        Returns
+        -------
+        torch.Tensor
+            A scalar.
+        """
         out = -self.prior.log_hyperprior()
         for p in self.covariate_priors:
             out = out - p.log_hyperprior()

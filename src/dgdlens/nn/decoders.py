@@ -16,6 +16,24 @@ class MLP(nn.Sequential):
 
     Stores its own shape (``n_in``, ``hidden``, ``n_out``, ``activation``) so that a saved model can
     rebuild it from its config.
+
+    Parameters
+    ----------
+    n_in
+        Input width (e.g. the latent dimension for a decoder, the number of genes for an encoder).
+    n_out
+        Output width.
+    hidden
+        Widths of the hidden layers, in order (empty: one linear layer).
+    activation
+        ``"relu"``, ``"elu"``, ``"gelu"``, ``"tanh"`` or ``"leaky_relu"``, after every hidden layer.
+    dropout
+        Dropout probability after every hidden activation (``0``: no dropout layers).
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``activation``.
     """
 
     def __init__(self, n_in: int, n_out: int, hidden: Sequence[int] = (100, 100, 100), activation: str = "relu",
@@ -37,17 +55,62 @@ class MLP(nn.Sequential):
         self.dropout = float(dropout)
 
     def config(self) -> dict:
+        """The constructor settings, for saving and rebuilding.
+
+        Returns
+        -------
+        dict
+            ``kind`` (``"mlp"``), ``n_in``, ``n_out``, ``hidden`` (list), ``activation`` and ``dropout``.
+        """
         return {"kind": "mlp", "n_in": self.n_in, "n_out": self.n_out, "hidden": self.hidden,
                 "activation": self.activation, "dropout": self.dropout}
 
 
 def mlp_decoder(n_latent: int, n_out: int, hidden: Sequence[int] = (100, 100, 100), activation: str = "relu",
                 dropout: float = 0.0) -> MLP:
-    """An MLP decoder ``n_latent -> *hidden -> n_out`` (reference DGD: 100-100-100, ReLU)."""
+    """An MLP decoder ``n_latent -> *hidden -> n_out`` (reference DGD: 100-100-100, ReLU).
+
+    Parameters
+    ----------
+    n_latent
+        Latent dimension (input width).
+    n_out
+        Output width: the number of features (genes), the likelihood's raw input.
+    hidden
+        Hidden layer widths, from the latent side.
+    activation
+        ``"relu"``, ``"elu"``, ``"gelu"``, ``"tanh"`` or ``"leaky_relu"``, after every hidden layer.
+    dropout
+        Dropout probability after every hidden activation.
+
+    Returns
+    -------
+    MLP
+        The decoder, mapping ``n x n_latent`` to ``n x n_out`` raw outputs (no final activation).
+    """
     return MLP(n_latent, n_out, hidden, activation, dropout)
 
 
 def mlp_encoder(n_in: int, n_latent: int, hidden: Sequence[int] = (100, 100, 100), activation: str = "relu",
                 dropout: float = 0.0) -> MLP:
-    """The mirror of :func:`mlp_decoder`: ``n_in -> *reversed(hidden) -> n_latent``."""
+    """The mirror of :func:`mlp_decoder`: ``n_in -> *reversed(hidden) -> n_latent``.
+
+    Parameters
+    ----------
+    n_in
+        Input width: the number of features (genes).
+    n_latent
+        Latent dimension (output width).
+    hidden
+        Hidden layer widths as given to :func:`mlp_decoder` (latent side first); they are used reversed.
+    activation
+        ``"relu"``, ``"elu"``, ``"gelu"``, ``"tanh"`` or ``"leaky_relu"``, after every hidden layer.
+    dropout
+        Dropout probability after every hidden activation.
+
+    Returns
+    -------
+    MLP
+        The encoder, mapping ``n x n_in`` to ``n x n_latent`` (linear last layer).
+    """
     return MLP(n_in, n_latent, list(reversed(list(hidden))), activation, dropout)

@@ -34,6 +34,20 @@ def nb_log_prob(x: torch.Tensor, log_mean: torch.Tensor, log_r: torch.Tensor) ->
     Written in log space: ``log(m + r)`` is a logaddexp, so a mean of 1e-30 or 1e6 stays finite and
     there is no epsilon hack. Equals ``scipy.stats.nbinom.logpmf(x, n=r, p=r/(r+m))``.
     Variance is ``m + m^2 / r``.
+
+    Parameters
+    ----------
+    x
+        Counts (non-negative, float dtype), e.g. ``cells x genes``.
+    log_mean
+        ``log m``, broadcastable against ``x``.
+    log_r
+        ``log r`` (dispersion; larger r is closer to Poisson), broadcastable against ``x``, e.g. ``1 x genes``.
+
+    Returns
+    -------
+    torch.Tensor
+        The log-probability of every entry, with the broadcast shape of the inputs (not summed).
     """
     r = log_r.exp()
     log_m_plus_r = torch.logaddexp(log_mean, log_r)
@@ -47,21 +61,78 @@ def nb_log_prob(x: torch.Tensor, log_mean: torch.Tensor, log_r: torch.Tensor) ->
 
 
 class Likelihood(nn.Module):
-    """Base class. Subclasses implement ``nll``, ``mean`` and ``sample``."""
+    """Base class. Subclasses implement ``nll``, ``mean`` and ``sample``.
+
+    ``name`` identifies the likelihood in saved configs (:func:`make_likelihood`); ``needs_scale`` says
+    whether it uses the per-sample ``scale``.
+    """
 
     name: str = "base"
     needs_scale: bool = False
 
     def nll(self, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Negative log-likelihood of the data under the distribution ``out`` parameterises.
+
+        Parameters
+        ----------
+        x
+            Observed data, ``samples x features``.
+        out
+            The decoder's raw output (no activation), ``samples x features``.
+        scale
+            Per-sample scale factors, shape ``(samples,)`` (e.g. library sizes), or ``None``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(samples,)``: the NLL of each sample, summed over features.
+        """
         raise NotImplementedError
 
     def mean(self, out: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The distribution's mean.
+
+        Parameters
+        ----------
+        out
+            The decoder's raw output, ``samples x features``.
+        scale
+            Per-sample scale factors, shape ``(samples,)``, or ``None``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``samples x features`` means, in data units.
+        """
         raise NotImplementedError
 
     def sample(self, out, scale=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One random draw per entry.
+
+        Parameters
+        ----------
+        out
+            The decoder's raw output, ``samples x features``.
+        scale
+            Per-sample scale factors, shape ``(samples,)``, or ``None``.
+        generator
+            Torch random generator for reproducible draws (``None``: the global one).
+
+        Returns
+        -------
+        torch.Tensor
+            ``samples x features`` draws.
+        """
         raise NotImplementedError
 
     def config(self) -> dict:
+        """The constructor settings, for saving; :func:`make_likelihood` rebuilds the likelihood from it.
+
+        Returns
+        -------
+        dict
+            ``{"name": ...}`` plus the subclass's settings (learned parameters are in the state dict).
+        """
         return {"name": self.name}
 
 
@@ -84,6 +155,11 @@ class NegativeBinomial(Likelihood):
     r_min
         The reference uses ``r = exp(log_r) + 1`` so r >= 1; ``r_min=1.0`` reproduces that (default),
         ``r_min=0`` allows over-dispersion beyond r = 1.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``activation`` or ``dispersion``, or ``r_init <= r_min``.
     """
 
     name = "nb"
@@ -114,6 +190,13 @@ class NegativeBinomial(Likelihood):
         self.log_r_free = nn.Parameter(torch.full((1, size), math.log(r_init - r_min)))
 
     def config(self) -> dict:
+        """The constructor settings, for saving (the learned dispersion is in the state dict).
+
+        Returns
+        -------
+        dict
+            ``name`` (``"nb"``), ``n_features``, ``activation``, ``dispersion``, ``r_init`` and ``r_min``.
+        """
         return {
             "name": self.name,
             "n_features": self.n_features,
@@ -124,15 +207,38 @@ class NegativeBinomial(Likelihood):
         }
 
     def log_r(self) -> torch.Tensor:
+        """Log of the dispersion, ``log(exp(log_r_free) + r_min)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``1 x n_features`` (``dispersion="gene"``) or ``1 x 1`` (``"shared"``).
+        """
         if self.r_min > 0:
             return torch.logaddexp(self.log_r_free, torch.tensor(math.log(self.r_min), device=self.log_r_free.device))
         return self.log_r_free
 
     @property
     def r(self) -> torch.Tensor:
+        """The dispersion r (``>= r_min``; variance ``m + m^2 / r``), ``1 x n_features`` or ``1 x 1``."""
         return self.log_r().exp()
 
     def log_mean(self, out: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """Log of the mean, ``log(scale) + log(activation(out))``, computed in log space.
+
+        Parameters
+        ----------
+        out
+            The decoder's raw output, ``samples x features``.
+        scale
+            Per-sample scale factors, shape ``(samples,)`` (library size for ``"softmax"``, the cell's
+            maximum count for ``"softplus"``/``"sigmoid"``; clamped at 1e-12), or ``None`` for none.
+
+        Returns
+        -------
+        torch.Tensor
+            ``samples x features`` log-means.
+        """
         if self.activation == "softmax":
             log_y = F.log_softmax(out, dim=-1)
         elif self.activation == "softplus":
@@ -145,13 +251,60 @@ class NegativeBinomial(Likelihood):
         return log_y + torch.log(scale.reshape(-1, 1).clamp_min(1e-12))
 
     def nll(self, x, out, scale=None):
+        """Negative binomial NLL of counts.
+
+        Parameters
+        ----------
+        x
+            Counts, ``samples x features`` (float dtype).
+        out
+            The decoder's raw output, ``samples x features``.
+        scale
+            Per-sample scale factors ``(samples,)`` (see :meth:`log_mean`), or ``None``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(samples,)``: NLL of each sample, summed over features.
+        """
         return -nb_log_prob(x, self.log_mean(out, scale), self.log_r()).sum(-1)
 
     def mean(self, out, scale=None):
+        """Expected counts, ``scale * activation(out)``.
+
+        Parameters
+        ----------
+        out
+            The decoder's raw output, ``samples x features``.
+        scale
+            Per-sample scale factors ``(samples,)``, or ``None`` (then the mean is the activation itself,
+            e.g. a composition for ``"softmax"``).
+
+        Returns
+        -------
+        torch.Tensor
+            ``samples x features`` means.
+        """
         return self.log_mean(out, scale).exp()
 
     @torch.no_grad()
     def sample(self, out, scale=None, generator=None):
+        """Draw counts by the Gamma-Poisson construction (no gradient).
+
+        Parameters
+        ----------
+        out
+            The decoder's raw output, ``samples x features``.
+        scale
+            Per-sample scale factors ``(samples,)``, or ``None``.
+        generator
+            Torch generator of the Poisson draw (the Gamma draw always uses the global generator).
+
+        Returns
+        -------
+        torch.Tensor
+            ``samples x features`` integer-valued float counts.
+        """
         # draws are integers: no gradient flows through them (and none should leak into callers)
         mean = self.mean(out, scale)
         r = self.r.expand_as(mean)
@@ -167,6 +320,15 @@ class Gaussian(Likelihood):
 
     With ``sigma=1`` and ``learn_sigma=False`` the NLL is 0.5 * squared error + a constant, so
     minimising it is minimising the MSE.
+
+    Parameters
+    ----------
+    n_features
+        Number of features; with ``learn_sigma`` one sigma per feature (``None``: one shared sigma).
+    sigma
+        The standard deviation (initial value when learned), in data units.
+    learn_sigma
+        Learn ``log sigma`` as a parameter; otherwise it is a fixed buffer. ``scale`` is ignored.
     """
 
     name = "gaussian"
@@ -182,23 +344,83 @@ class Gaussian(Likelihood):
             self.register_buffer("log_sigma", log_sigma.reshape(1, 1))
 
     def config(self) -> dict:
+        """The constructor settings, for saving.
+
+        Returns
+        -------
+        dict
+            ``name`` (``"gaussian"``), ``n_features``, ``learn_sigma`` and ``sigma`` (the mean of the
+            current sigmas; learned per-feature values are in the state dict).
+        """
         return {"name": self.name, "n_features": self.n_features, "learn_sigma": self.learn_sigma,
                 "sigma": float(self.log_sigma.detach().exp().mean())}
 
     def nll(self, x, out, scale=None):
+        """Gaussian NLL with mean ``out`` (constants included).
+
+        Parameters
+        ----------
+        x
+            Data, ``samples x features``.
+        out
+            The decoder's output (the mean), ``samples x features``.
+        scale
+            Ignored.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(samples,)``: NLL of each sample, summed over features.
+        """
         ls = self.log_sigma
         return (0.5 * ((x - out) / ls.exp()) ** 2 + ls + 0.5 * math.log(2 * math.pi)).sum(-1)
 
     def mean(self, out, scale=None):
+        """The mean, which is ``out`` itself.
+
+        Parameters
+        ----------
+        out
+            The decoder's output, ``samples x features``.
+        scale
+            Ignored.
+
+        Returns
+        -------
+        torch.Tensor
+            ``out``.
+        """
         return out
 
     def sample(self, out, scale=None, generator=None):
+        """Draw ``out + sigma * noise`` with standard normal noise.
+
+        Parameters
+        ----------
+        out
+            The decoder's output, ``samples x features``.
+        scale
+            Ignored.
+        generator
+            Torch generator of the noise (``None``: the global one).
+
+        Returns
+        -------
+        torch.Tensor
+            ``samples x features`` draws.
+        """
         noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=out.dtype)
         return out + noise * self.log_sigma.exp()
 
 
 class Bernoulli(Likelihood):
-    """Bernoulli on logits; accepts targets in [0, 1] (binary cross-entropy, as for scaled pixels)."""
+    """Bernoulli on logits; accepts targets in [0, 1] (binary cross-entropy, as for scaled pixels).
+
+    Parameters
+    ----------
+    n_features
+        Number of features (recorded in :meth:`config` only; there are no parameters). ``scale`` is ignored.
+    """
 
     name = "bernoulli"
 
@@ -207,15 +429,68 @@ class Bernoulli(Likelihood):
         self.n_features = n_features
 
     def config(self) -> dict:
+        """The constructor settings, for saving.
+
+        Returns
+        -------
+        dict
+            ``{"name": "bernoulli", "n_features": n_features}``.
+        """
         return {"name": self.name, "n_features": self.n_features}
 
     def nll(self, x, out, scale=None):
+        """Binary cross-entropy of targets in [0, 1] given logits.
+
+        Parameters
+        ----------
+        x
+            Targets in [0, 1], ``samples x features``.
+        out
+            Logits, ``samples x features``.
+        scale
+            Ignored.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(samples,)``: NLL of each sample, summed over features.
+        """
         return F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(-1)
 
     def mean(self, out, scale=None):
+        """The success probabilities, ``sigmoid(out)``.
+
+        Parameters
+        ----------
+        out
+            Logits, ``samples x features``.
+        scale
+            Ignored.
+
+        Returns
+        -------
+        torch.Tensor
+            ``samples x features`` probabilities.
+        """
         return torch.sigmoid(out)
 
     def sample(self, out, scale=None, generator=None):
+        """Draw 0/1 values with probabilities ``sigmoid(out)``.
+
+        Parameters
+        ----------
+        out
+            Logits, ``samples x features``.
+        scale
+            Ignored.
+        generator
+            Torch random generator (``None``: the global one).
+
+        Returns
+        -------
+        torch.Tensor
+            ``samples x features`` draws (0.0 or 1.0).
+        """
         return torch.bernoulli(torch.sigmoid(out), generator=generator)
 
 
@@ -228,7 +503,30 @@ _ALIASES = {
 
 def make_likelihood(spec: str | dict | Likelihood, n_features: int, **kwargs) -> Likelihood:
     """Build a likelihood from a name (``"nb"``, ``"gaussian"``/``"mse"``, ``"bernoulli"``/``"bce"``),
-    a saved config dict, or pass an instance through."""
+    a saved config dict, or pass an instance through.
+
+    Parameters
+    ----------
+    spec
+        A name (case-insensitive; also ``"negative_binomial"``, ``"negbinom"``, ``"normal"``), a dict from
+        :meth:`Likelihood.config` (its settings become keyword arguments), or a :class:`Likelihood`
+        (returned unchanged).
+    n_features
+        Number of output features (genes); overrides the dict's ``n_features``.
+    **kwargs
+        Constructor options (e.g. ``activation``, ``dispersion`` for ``"nb"``; ``sigma``,
+        ``learn_sigma`` for ``"gaussian"``); they win over a dict's settings. Ignored for ``"bernoulli"``.
+
+    Returns
+    -------
+    Likelihood
+        A new :class:`NegativeBinomial`, :class:`Gaussian` or :class:`Bernoulli` (or ``spec`` itself).
+
+    Raises
+    ------
+    ValueError
+        For an unknown name.
+    """
     if isinstance(spec, Likelihood):
         return spec
     if isinstance(spec, dict):

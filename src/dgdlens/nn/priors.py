@@ -36,6 +36,20 @@ def softball_log_prob(x: torch.Tensor, radius: float, sharpness: float) -> torch
 
     ``log p(x) = -log Vol(ball) - log(1 + exp(sharpness * (|x| / radius - 1)))``; the normaliser is
     the hard ball's volume, which is what the reference uses (exact only in the sharp limit).
+
+    Parameters
+    ----------
+    x
+        Points, ``... x dim`` (e.g. the mixture means, ``K x dim``).
+    radius
+        Radius of the ball, in latent units.
+    sharpness
+        Steepness of the logistic edge (larger: closer to a hard ball).
+
+    Returns
+    -------
+    torch.Tensor
+        Log-density of every point, shape ``x.shape[:-1]``.
     """
     dim = x.shape[-1]
     norm = x.norm(dim=-1)
@@ -58,6 +72,26 @@ def default_sd_init(radius: float, n_components: int, sd_init: float | str | Non
     that, with every representation starting at the origin, one component captures all cells and
     the mixture collapses: on pbmc68k (K=10, 200 epochs) it gave a single cluster and a validation
     NB loss of 687 nats/cell, against 7 clusters and 660 with ``radius / 6`` (see the README).
+
+    Parameters
+    ----------
+    radius
+        The soft-ball radius of the mixture means' prior, in latent units.
+    n_components
+        Number of mixture components K (only used by ``"reference"``).
+    sd_init
+        ``None`` or ``"auto"``: ``radius / 6``; ``"reference"``: ``0.2 * radius / n_components``; a number:
+        used as given.
+
+    Returns
+    -------
+    float
+        The initial standard deviation (positivity is checked by the caller).
+
+    Raises
+    ------
+    ValueError
+        For any other string.
     """
     if sd_init is None or sd_init == "auto":
         return radius / 6.0
@@ -74,17 +108,49 @@ class NoPrior(nn.Module):
     name = "none"
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Zero log-density (a flat prior).
+
+        Parameters
+        ----------
+        z
+            Latents, ``samples x dim``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(samples,)`` zeros, on ``z``'s device.
+        """
         return z.new_zeros(z.shape[0])
 
     def log_hyperprior(self) -> torch.Tensor:
+        """Zero: there are no prior parameters.
+
+        Returns
+        -------
+        torch.Tensor
+            A scalar zero (CPU).
+        """
         return torch.zeros(())
 
     def config(self) -> dict:
+        """The settings, for saving; :func:`make_prior` rebuilds the prior from it.
+
+        Returns
+        -------
+        dict
+            ``{"name": "none"}``.
+        """
         return {"name": self.name}
 
 
 class StandardNormal(nn.Module):
-    """Isotropic standard normal N(0, I) on the latent."""
+    """Isotropic standard normal N(0, I) on the latent.
+
+    Parameters
+    ----------
+    dim
+        Latent dimension (recorded in :meth:`config` only; the density takes it from ``z``).
+    """
 
     name = "normal"
 
@@ -93,12 +159,38 @@ class StandardNormal(nn.Module):
         self.dim = dim
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Log-density of N(0, I).
+
+        Parameters
+        ----------
+        z
+            Latents, ``samples x dim``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(samples,)`` log-densities.
+        """
         return -0.5 * (z**2).sum(-1) - 0.5 * z.shape[-1] * _LOG_2PI
 
     def log_hyperprior(self) -> torch.Tensor:
+        """Zero: there are no prior parameters.
+
+        Returns
+        -------
+        torch.Tensor
+            A scalar zero (CPU).
+        """
         return torch.zeros(())
 
     def config(self) -> dict:
+        """The settings, for saving; :func:`make_prior` rebuilds the prior from it.
+
+        Returns
+        -------
+        dict
+            ``{"name": "normal", "dim": dim}``.
+        """
         return {"name": self.name, "dim": self.dim}
 
 
@@ -123,6 +215,14 @@ class GaussianMixture(nn.Module):
         Standard deviation of the Gaussian prior on the log-precisions (reference: 1).
     dirichlet_alpha
         Concentration of the symmetric Dirichlet prior on the weights (reference: 1, i.e. flat).
+    generator
+        Torch generator for the initial means (``None``: the global one).
+
+    Raises
+    ------
+    ValueError
+        For ``n_components < 1``, an unknown ``covariance``, a non-positive radius, sharpness or
+        ``sd_init``.
     """
 
     name = "gmm"
@@ -171,6 +271,15 @@ class GaussianMixture(nn.Module):
         self.weight_logits = nn.Parameter(torch.ones(self.n_components))
 
     def config(self) -> dict:
+        """The constructor settings, for saving (the learned means, precisions and weights are in the state
+        dict); :func:`make_prior` rebuilds the prior from it.
+
+        Returns
+        -------
+        dict
+            ``name`` (``"gmm"``), ``n_components``, ``dim``, ``covariance``, ``softball_radius``,
+            ``softball_sharpness``, ``sd_init`` (the resolved number), ``sd_sd`` and ``dirichlet_alpha``.
+        """
         return {
             "name": self.name,
             "n_components": self.n_components,
@@ -185,10 +294,28 @@ class GaussianMixture(nn.Module):
 
     # ------------------------------------------------------------------ densities
     def log_weights(self) -> torch.Tensor:
+        """Log mixture weights, ``log pi_k`` (a log-softmax of the weight logits).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(K,)``; their exponentials sum to 1.
+        """
         return torch.log_softmax(self.weight_logits, dim=0)
 
     def component_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """log(pi_k) + log N(z | mu_k, Sigma_k) for every sample and component, shape (n, K)."""
+        """log(pi_k) + log N(z | mu_k, Sigma_k) for every sample and component, shape (n, K).
+
+        Parameters
+        ----------
+        z
+            Latents, ``n x dim``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``n x K`` weighted component log-densities.
+        """
         precision = self.neglogvar.exp()  # (K, L) or (K, 1)
         diff = z.unsqueeze(1) - self.mean.unsqueeze(0)  # (n, K, L)
         maha = (diff.pow(2) * precision.unsqueeze(0)).sum(-1)  # (n, K)
@@ -197,11 +324,32 @@ class GaussianMixture(nn.Module):
         return -0.5 * maha + 0.5 * logdet - 0.5 * self.dim * _LOG_2PI + self.log_weights()
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """log p(z) = logsumexp_k [log pi_k + log N(z | mu_k, Sigma_k)], shape (n,)."""
+        """log p(z) = logsumexp_k [log pi_k + log N(z | mu_k, Sigma_k)], shape (n,).
+
+        Parameters
+        ----------
+        z
+            Latents, ``n x dim``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n,)`` log-densities under the mixture.
+        """
         return torch.logsumexp(self.component_log_prob(z), dim=1)
 
     def log_hyperprior(self) -> torch.Tensor:
-        """log p(means) + log p(log-precisions) + log Dirichlet(weights), a scalar."""
+        """log p(means) + log p(log-precisions) + log Dirichlet(weights), a scalar.
+
+        The means are scored under the soft ball, the log-precisions under a Gaussian centred at
+        ``-2 log(sd_init)`` with standard deviation ``sd_sd`` (left out for ``covariance="fixed"``), the
+        weights under a symmetric Dirichlet(``dirichlet_alpha``).
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar log-prior of the mixture's parameters (differentiable).
+        """
         lp = softball_log_prob(self.mean, self.softball_radius, self.softball_sharpness).sum()
         if self.covariance != "fixed":
             d = self.neglogvar - self.neglogvar_prior_mean
@@ -224,6 +372,29 @@ class GaussianMixture(nn.Module):
         ``min_sd`` (default ``sd_init / 10``) so that a tight early cluster does not start degenerate.
         EM keeps the best of ``n_init`` k-means starts (one start merged two of three planted types);
         at most ``max_samples`` latents (a seeded sample) are used, which bounds time and memory at 1M cells.
+
+        Parameters
+        ----------
+        z
+            Latents, ``n x dim`` (any device; copied to the CPU in float64). ``n`` must be at least K.
+        seed
+            Seeds the subsample and sklearn's k-means starts.
+        min_sd
+            Floor of the fitted standard deviations (``None``: ``sd_init / 10``).
+        n_init
+            Number of k-means starts; the best EM fit is kept.
+        max_samples
+            Most latents used (``None``: all).
+
+        Raises
+        ------
+        ValueError
+            If there are fewer latents than components.
+
+        Notes
+        -----
+        Modifies the parameters in place. With ``covariance="fixed"`` the precisions are kept; an
+        isotropic mixture is fitted as sklearn's ``"spherical"``.
         """
         from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
@@ -246,19 +417,57 @@ class GaussianMixture(nn.Module):
 
     # ------------------------------------------------------------------ clustering
     def responsibilities(self, z: torch.Tensor) -> torch.Tensor:
-        """Posterior component probabilities, softmax of the component log-probabilities; rows sum to 1."""
+        """Posterior component probabilities, softmax of the component log-probabilities; rows sum to 1.
+
+        Parameters
+        ----------
+        z
+            Latents, ``n x dim``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``n x K`` responsibilities.
+        """
         return torch.softmax(self.component_log_prob(z), dim=1)
 
     def assign(self, z: torch.Tensor) -> torch.Tensor:
-        """Most probable component, argmax on log-probabilities (no exp(), so no under/overflow)."""
+        """Most probable component, argmax on log-probabilities (no exp(), so no under/overflow).
+
+        Parameters
+        ----------
+        z
+            Latents, ``n x dim``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n,)`` int64 component indices in ``0 .. K-1``.
+        """
         return self.component_log_prob(z).argmax(dim=1)
 
     @property
     def std(self) -> torch.Tensor:
+        """Component standard deviations, ``K x dim`` (an isotropic component repeats its value)."""
         return (-0.5 * self.neglogvar).exp().expand(self.n_components, self.dim)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw ``n`` latents; returns (z, component index)."""
+        """Draw ``n`` latents; returns (z, component index).
+
+        Parameters
+        ----------
+        n
+            Number of draws.
+        generator
+            A CPU torch generator for reproducible draws (``None``: the global one).
+
+        Returns
+        -------
+        z : torch.Tensor
+            ``n x dim`` latents on the CPU, no gradient.
+        component : torch.Tensor
+            ``(n,)`` int64 index of the component each draw came from.
+        """
         with torch.no_grad():
             comp = torch.multinomial(self.log_weights().exp().cpu(), n, replacement=True, generator=generator)
             noise = torch.randn(n, self.dim, generator=generator)
@@ -267,7 +476,30 @@ class GaussianMixture(nn.Module):
 
 
 def make_prior(spec: str | dict | nn.Module | None, dim: int, **kwargs) -> nn.Module:
-    """Build a latent prior from ``None``/``"none"``, ``"normal"``, ``"gmm"``, a saved config, or a module."""
+    """Build a latent prior from ``None``/``"none"``, ``"normal"``, ``"gmm"``, a saved config, or a module.
+
+    Parameters
+    ----------
+    spec
+        ``None``/``"none"`` (:class:`NoPrior`), ``"normal"``/``"standard_normal"`` (:class:`StandardNormal`),
+        ``"gmm"``/``"mixture"``/``"gaussian_mixture"`` (:class:`GaussianMixture`), a dict from a prior's
+        ``config()`` (its settings become keyword arguments), or a module (returned unchanged).
+    dim
+        Latent dimension; overrides the dict's ``dim``.
+    **kwargs
+        :class:`GaussianMixture` options (``n_components`` is required for a mixture); they win over a
+        dict's settings. Ignored for the other priors.
+
+    Returns
+    -------
+    torch.nn.Module
+        The prior (``spec`` itself for a module).
+
+    Raises
+    ------
+    ValueError
+        For an unknown name.
+    """
     if isinstance(spec, nn.Module):
         return spec
     if isinstance(spec, dict):

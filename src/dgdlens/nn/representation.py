@@ -24,6 +24,28 @@ class RepresentationTable(nn.Module):
 
     ``sparse_grad=True`` makes the gradient a sparse tensor touching only the gathered rows (needed
     for the per-batch lazy Adam and cheap for millions of rows).
+
+    Parameters
+    ----------
+    n
+        Number of rows (samples, e.g. cells).
+    dim
+        Latent dimension.
+    init
+        ``"zeros"`` (default: every latent starts at the origin, as the reference DGD), ``"normal"``
+        (independent normal entries with standard deviation ``init_std``), or an ``n x dim`` tensor (copied,
+        as float32).
+    sparse_grad
+        Return sparse gradients (see above); can be changed later through the attribute.
+    generator
+        Torch generator for ``init="normal"`` (``None``: the global one).
+    init_std
+        Standard deviation of ``init="normal"``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``init`` or a tensor of the wrong shape.
     """
 
     def __init__(self, n: int, dim: int, *, init: str | torch.Tensor = "zeros", sparse_grad: bool = False,
@@ -44,11 +66,25 @@ class RepresentationTable(nn.Module):
 
     @property
     def n(self) -> int:
+        """Number of rows (samples)."""
         return self.z.shape[0]
 
     @property
     def dim(self) -> int:
+        """Latent dimension."""
         return self.z.shape[1]
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
+        """Gather the latents of the given rows (differentiable with respect to the table).
+
+        Parameters
+        ----------
+        index
+            Row indices, int64, any shape (usually ``(batch,)``), on the table's device.
+
+        Returns
+        -------
+        torch.Tensor
+            ``index.shape + (dim,)`` latents.
+        """
         return F.embedding(index, self.z, sparse=self.sparse_grad)

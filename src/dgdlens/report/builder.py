@@ -366,7 +366,21 @@ def _collapse_redundant(features: pd.DataFrame) -> pd.DataFrame:
 
 
 def rank_features(features: pd.DataFrame) -> pd.DataFrame:
-    """One row per feature with its best (lowest) adjusted p-value, best first."""
+    """One row per feature with its best (lowest) adjusted p-value, best first.
+
+    Parameters
+    ----------
+    features
+        The annotation table (e.g. from :func:`dgdlens.tl.annotate_features`): a ``feature`` column and one
+        of ``padj_global``, ``padj`` or ``pval`` (the first present is used), any number of rows per
+        feature.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``feature`` and ``best`` (the feature's smallest p-value), sorted ascending (stable, so
+        ties keep the table's order). Raises ``ValueError`` if the p-value column holds no numbers.
+    """
     score = _score_column(features)
     df = features.assign(_score=pd.to_numeric(features[score], errors="coerce"))
     if df["_score"].isna().all():

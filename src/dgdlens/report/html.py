@@ -25,13 +25,39 @@ __all__ = ["escape", "format_value", "table_html", "key_value_html", "figure_to_
 
 
 def escape(text) -> str:
-    """HTML-escape any value's string form (``&``, ``<``, ``>``, both quote characters)."""
+    """HTML-escape any value's string form (``&``, ``<``, ``>``, both quote characters).
+
+    Parameters
+    ----------
+    text
+        Any value; ``str(text)`` is escaped.
+
+    Returns
+    -------
+    str
+        Text safe to put in HTML content and attribute values.
+    """
     return html.escape(str(text), quote=True)
 
 
 def format_value(value, *, pvalue: bool = False) -> str:
     """Readable text for a table cell: integers with thousands separators, floats with 3 significant
-    digits (scientific when tiny or huge), p-values as ``1.2e-05``, sequences joined by commas."""
+    digits (scientific when tiny or huge), p-values as ``1.2e-05``, sequences joined by commas.
+
+    ``None``, NaN and ``pd.NA`` give an empty string; booleans give ``"yes"``/``"no"``.
+
+    Parameters
+    ----------
+    value
+        The value to show.
+    pvalue
+        Format a number as a p-value: 2 significant digits, scientific below 1e-3.
+
+    Returns
+    -------
+    str
+        The text (not HTML-escaped).
+    """
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
         return ""
     if isinstance(value, (bool, np.bool_)):
@@ -72,6 +98,27 @@ def table_html(
 
     ``formatters`` maps column name to a function returning the (unescaped) cell text; p-value
     columns get scientific formatting; ``row_classes`` gives one CSS class per row (e.g. ``"muted"``).
+
+    Parameters
+    ----------
+    df
+        The table to render; column names are shown with underscores as spaces.
+    formatters
+        ``{column: function(value) -> str}`` for columns that need their own formatting; other cells use
+        :func:`format_value`. The returned text is escaped afterwards.
+    pvalue_columns
+        Column names formatted as p-values.
+    row_classes
+        One CSS class per row (``""`` or ``None`` for none), e.g. ``"muted"`` or ``"group-start"``.
+    numeric_align
+        Right-align numeric columns.
+    index
+        Include the DataFrame's index as the first column(s).
+
+    Returns
+    -------
+    str
+        The ``<table>`` element as HTML.
     """
     if not isinstance(df, pd.DataFrame):
         raise ValueError(f"expected a pandas DataFrame, got {type(df).__name__}.")
@@ -110,7 +157,20 @@ def key_value_html(items: Mapping, *, caption: str | None = None) -> str:
 
 
 def figure_to_data_uri(fig: Figure, *, dpi: int = 110) -> tuple[str, int, int]:
-    """Render a figure to PNG and return ``(data_uri, width_px, height_px)``."""
+    """Render a figure to PNG and return ``(data_uri, width_px, height_px)``.
+
+    Parameters
+    ----------
+    fig
+        A matplotlib :class:`~matplotlib.figure.Figure` (left open).
+    dpi
+        Resolution of the PNG.
+
+    Returns
+    -------
+    tuple of (str, int, int)
+        The ``data:image/png;base64,...`` URI and the PNG's width and height in pixels.
+    """
     if not isinstance(fig, Figure):
         raise ValueError(f"expected a matplotlib Figure, got {type(fig).__name__}.")
     buf = io.BytesIO()
@@ -126,6 +186,17 @@ class Section:
 
     Content is rendered to HTML as it is added (a figure becomes a PNG right away), so a section
     holds no matplotlib objects and memory stays flat however many figures a report has.
+
+    Every ``add_*`` method returns the section, so calls can be chained.
+
+    Parameters
+    ----------
+    title
+        The section heading (non-empty).
+    intro
+        Optional introductory text, added as the first paragraph.
+    anchor
+        HTML id of the section (the table of contents links to it); default a slug of the title.
     """
 
     def __init__(self, title: str, intro: str | None = None, *, anchor: str | None = None):
@@ -139,7 +210,20 @@ class Section:
             self.add_paragraph(intro, css_class="intro")
 
     def add_paragraph(self, text: str, *, css_class: str | None = None) -> "Section":
-        """Add plain text (escaped; blank lines start new paragraphs)."""
+        """Add plain text (escaped; blank lines start new paragraphs).
+
+        Parameters
+        ----------
+        text
+            The text; whitespace inside a paragraph is collapsed.
+        css_class
+            CSS class of the ``<p>`` elements (e.g. ``"intro"``, ``"note"``).
+
+        Returns
+        -------
+        Section
+            ``self``.
+        """
         cls = f' class="{escape(css_class)}"' if css_class else ""
         for para in re.split(r"\n\s*\n", str(text).strip()):
             if para.strip():
@@ -147,13 +231,44 @@ class Section:
         return self
 
     def add_note(self, text: str) -> "Section":
-        """Add a short highlighted note (e.g. why a part was skipped)."""
+        """Add a short highlighted note (e.g. why a part was skipped).
+
+        Parameters
+        ----------
+        text
+            The note (escaped).
+
+        Returns
+        -------
+        Section
+            ``self``.
+        """
         self._parts.append(f'<p class="note">{escape(text)}</p>')
         return self
 
     def add_figure(self, fig: Figure, *, caption: str | None = None, alt: str | None = None,
                    dpi: int = 110, close: bool = True) -> "Section":
-        """Embed a figure as a base64 PNG with an optional caption; ``alt`` defaults to the caption."""
+        """Embed a figure as a base64 PNG with an optional caption; ``alt`` defaults to the caption.
+
+        Parameters
+        ----------
+        fig
+            A matplotlib Figure.
+        caption
+            Text shown under the figure.
+        alt
+            Alternative text of the image; default the caption, else the section title.
+        dpi
+            Resolution of the PNG; the image is displayed at 100 dpi-equivalent, so higher values are
+            sharper on high-density screens, not larger.
+        close
+            Clear the figure after rendering (frees its artists).
+
+        Returns
+        -------
+        Section
+            ``self``.
+        """
         uri, width, height = figure_to_data_uri(fig, dpi=dpi)
         if close:
             fig.clear()  # frees the artists; the figure was never registered with pyplot
@@ -169,17 +284,53 @@ class Section:
         return self
 
     def add_table(self, df: pd.DataFrame, *, caption: str | None = None, **kwargs) -> "Section":
-        """Add a DataFrame as an escaped HTML table (keyword arguments go to :func:`table_html`)."""
+        """Add a DataFrame as an escaped HTML table (keyword arguments go to :func:`table_html`).
+
+        Parameters
+        ----------
+        df
+            The table.
+        caption
+            Text shown under the table.
+        **kwargs
+            ``formatters``, ``pvalue_columns``, ``row_classes``, ``numeric_align``, ``index`` of
+            :func:`table_html`.
+
+        Returns
+        -------
+        Section
+            ``self``.
+        """
         cap = f'<p class="caption">{escape(caption)}</p>' if caption else ""
         self._parts.append(f'<div class="table-wrap">{table_html(df, **kwargs)}</div>{cap}')
         return self
 
     def add_key_values(self, items: Mapping, *, caption: str | None = None) -> "Section":
-        """Add a small ``name: value`` table."""
+        """Add a small ``name: value`` table.
+
+        Parameters
+        ----------
+        items
+            Mapping of names (underscores shown as spaces) to values (formatted by :func:`format_value`).
+        caption
+            Title of the table.
+
+        Returns
+        -------
+        Section
+            ``self``.
+        """
         self._parts.append(key_value_html(items, caption=caption))
         return self
 
     def to_html(self) -> str:
+        """The section as HTML.
+
+        Returns
+        -------
+        str
+            A ``<section>`` element with its heading and content.
+        """
         return (f'<section id="{escape(self.anchor)}"><h2>{escape(self.title)}</h2>'
                 + "\n".join(self._parts) + "</section>")
 
@@ -227,6 +378,13 @@ class Report:
     >>> section = report.add_section("Results", "What the figure shows ...")
     >>> section.add_figure(fig, caption="...")            # doctest: +SKIP
     >>> report.write("report.html")                       # doctest: +SKIP
+
+    Parameters
+    ----------
+    title
+        Page title (the ``<title>`` and the main heading).
+    subtitle
+        Optional line under the title.
     """
 
     def __init__(self, title: str, *, subtitle: str | None = None):
@@ -238,18 +396,55 @@ class Report:
         self.footer_lines: list[str] = []
 
     def add_header_block(self, caption: str, items: Mapping) -> None:
-        """A ``name: value`` table shown in the header (e.g. dataset summary, run parameters)."""
+        """A ``name: value`` table shown in the header (e.g. dataset summary, run parameters).
+
+        Parameters
+        ----------
+        caption
+            Title of the table.
+        items
+            Mapping of names to values; an empty mapping adds nothing.
+        """
         if items:
             self.header_blocks.append((caption, dict(items)))
 
     def add_header_note(self, text: str) -> None:
+        """Add a highlighted note to the header (e.g. a warning about the run).
+
+        Parameters
+        ----------
+        text
+            The note (escaped when rendered).
+        """
         self.header_notes.append(str(text))
 
     def add_footer(self, text: str) -> None:
+        """Add a line to the page footer (e.g. software versions, date).
+
+        Parameters
+        ----------
+        text
+            The line (escaped when rendered).
+        """
         self.footer_lines.append(str(text))
 
     def add_section(self, title: str | Section, intro: str | None = None) -> Section:
-        """Append a section (a new one from ``title`` and ``intro``, or a :class:`Section` object)."""
+        """Append a section (a new one from ``title`` and ``intro``, or a :class:`Section` object).
+
+        A section whose anchor is already taken gets ``-2``, ``-3``, ... appended to it.
+
+        Parameters
+        ----------
+        title
+            Heading of a new section, or a :class:`Section` to append as it is.
+        intro
+            Introductory text of a new section (ignored when ``title`` is a Section).
+
+        Returns
+        -------
+        Section
+            The appended section, to add content to.
+        """
         section = title if isinstance(title, Section) else Section(title, intro)
         taken = {s.anchor for s in self.sections}
         base, k = section.anchor, 2
@@ -259,7 +454,13 @@ class Report:
         return section
 
     def to_html(self) -> str:
-        """The whole page as a string."""
+        """The whole page as a string.
+
+        Returns
+        -------
+        str
+            A complete, self-contained HTML document (inline CSS, embedded images, no scripts).
+        """
         toc = "".join(f'<a href="#{escape(s.anchor)}">{escape(s.title)}</a>' for s in self.sections)
         blocks = "".join(key_value_html(items, caption=cap) for cap, items in self.header_blocks)
         notes = "".join(f'<p class="note">{escape(n)}</p>' for n in self.header_notes)
@@ -277,7 +478,20 @@ class Report:
 
     def write(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
         """Write the page (UTF-8) atomically: a temporary file next to ``path`` renamed into place, so a
-        reader never sees a half-written file and a failure (a full disk) leaves ``path`` as it was."""
+        reader never sees a half-written file and a failure (a full disk) leaves ``path`` as it was.
+
+        Parameters
+        ----------
+        path
+            File to write (not a directory).
+        overwrite
+            Replace an existing file; ``False`` raises ``FileExistsError`` instead.
+
+        Returns
+        -------
+        pathlib.Path
+            ``path``.
+        """
         from .._io import atomic_write_text
 
         path = Path(path)

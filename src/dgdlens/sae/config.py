@@ -32,8 +32,12 @@ def canonical_kind(kind: str) -> str:
 class SAEConfig:
     """Architecture and training hyperparameters of a sparse autoencoder.
 
-    Architecture
-    ------------
+    The architecture settings (what a saved model needs to rebuild itself) are listed under Parameters,
+    the training hyperparameters under Other Parameters. Every field is a keyword of the constructor and
+    an attribute of the same name; :meth:`validate` checks them.
+
+    Parameters
+    ----------
     kind
         ``"relu"`` (ReLU + L1), ``"topk"``, ``"batchtopk"`` (TopK over the whole batch during training,
         a per-latent threshold at inference) or ``"jumprelu"`` (learned thresholds, L0 penalty).
@@ -66,8 +70,8 @@ class SAEConfig:
         ``"geometric_median"`` or ``"mean"`` of (a sample of) the normalised training data, ``"zeros"``,
         or ``"pytorch"`` (only with ``init="pytorch"``).
 
-    Training
-    --------
+    Other Parameters
+    ----------------
     max_epochs, batch_size, lr, adam_betas, adam_eps
         Passes over the training cells (the learning-rate and sparsity schedules span all of them, also
         when early stopping ends training sooner) and the Adam optimiser settings. ``lr=None`` picks ``2e-4 / sqrt(n_latents / 2**14)`` (sparsify's rule),
@@ -94,6 +98,9 @@ class SAEConfig:
         A latent firing on more than this fraction of samples is counted as dense.
     grad_clip
         Maximum gradient norm (``None``: no clipping).
+    extra
+        Free-form settings kept with the config (saved in the model's ``config.json``); the SAE code does
+        not read them.
     """
 
     kind: str = "topk"
@@ -127,7 +134,18 @@ class SAEConfig:
 
     # ------------------------------------------------------------------ helpers
     def replace(self, **changes) -> SAEConfig:
-        """A copy with ``changes`` applied (unknown names raise a ValueError)."""
+        """A copy with ``changes`` applied (unknown names raise a ValueError).
+
+        Parameters
+        ----------
+        **changes
+            Field names and their new values, e.g. ``k=16, max_epochs=100``.
+
+        Returns
+        -------
+        SAEConfig
+            A new config (not validated); ``self`` is unchanged.
+        """
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise ValueError(
@@ -136,12 +154,32 @@ class SAEConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The config as a JSON-serialisable dict (``adam_betas`` as a list); :meth:`from_dict` inverts it.
+
+        Returns
+        -------
+        dict
+            One entry per field.
+        """
         out = dataclasses.asdict(self)
         out["adam_betas"] = list(self.adam_betas)
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> SAEConfig:
+        """Rebuild a config from :meth:`to_dict`'s output (e.g. a saved model's config).
+
+        Parameters
+        ----------
+        data
+            Field names to values. The old name ``epochs`` is read as ``max_epochs``; any other unknown
+            field raises ``ValueError`` (a config written by a newer dgdlens).
+
+        Returns
+        -------
+        SAEConfig
+            The config (not validated).
+        """
         names = {f.name for f in dataclasses.fields(cls)} | {"epochs"}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -154,16 +192,41 @@ class SAEConfig:
         return cls(**data)
 
     def effective_lr(self) -> float:
+        """The learning rate training uses: ``lr``, or when it is ``None`` ``2e-4 / sqrt(n_latents / 2**14)``
+        capped at 2e-3 (needs ``n_latents``).
+
+        Returns
+        -------
+        float
+            The learning rate.
+        """
         if self.lr is not None:
             return float(self.lr)
         return min(2e-3, 2e-4 / math.sqrt(self.n_latents / 2**14))
 
     def effective_k_aux(self) -> int:
+        """The number of dead latents the AuxK loss uses: ``k_aux``, or when it is ``None`` ``d_in // 2``
+        (at least 1; needs ``d_in``).
+
+        Returns
+        -------
+        int
+            The AuxK width.
+        """
         return int(self.k_aux) if self.k_aux is not None else max(1, self.d_in // 2)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> SAEConfig:
-        """Check every field; returns ``self`` (with ``kind`` canonicalised) or raises ValueError."""
+        """Check every field; returns ``self`` (with ``kind`` canonicalised) or raises ValueError.
+
+        Validation also normalises in place: ``kind`` aliases (``"relu_l1"``, ``"batch_topk"``, ...) become
+        their canonical names, integer-valued fields become ``int`` and ``adam_betas`` a tuple of floats.
+
+        Returns
+        -------
+        SAEConfig
+            ``self``, so that ``SAEConfig(...).validate()`` can be chained.
+        """
         self.kind = canonical_kind(self.kind)
         _check_choice("bias", self.bias, ("tied", "untied"))
         _check_choice("decoder_norm", self.decoder_norm, ("unit", "scale_l1", "none"))
@@ -242,6 +305,16 @@ def paper_config(d_in: int | None = None) -> SAEConfig:
     After training, decoder norms are folded into the activations (exact for ReLU) so that ``W_dec``
     has unit rows like every other SAE here; reconstructions are unchanged and activations are the
     reference's multiplied by the norm of their decoder row.
+
+    Parameters
+    ----------
+    d_in
+        Input (embedding) dimension; ``None`` leaves it for ``train_sae`` to set from the data.
+
+    Returns
+    -------
+    SAEConfig
+        The preset (not validated).
     """
     return SAEConfig(
         kind="relu", d_in=d_in, n_latents=10_000, k=None, bias="untied", decoder_norm="none", normalize="none",

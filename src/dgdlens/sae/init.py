@@ -56,7 +56,25 @@ def normalisation_statistics(data: EmbeddingRows, idx: np.ndarray, mode: str, *,
 
 
 def geometric_median(points: torch.Tensor, *, max_iter: int = 200, tol: float = 1e-7) -> torch.Tensor:
-    """Geometric median of the rows of ``points`` (Weiszfeld's algorithm, float64)."""
+    """Geometric median of the rows of ``points`` (Weiszfeld's algorithm, float64).
+
+    The point minimising the sum of Euclidean distances to the rows; a robust centre (``b_dec``'s default
+    start).
+
+    Parameters
+    ----------
+    points
+        ``(n_points, d)`` tensor.
+    max_iter
+        Maximum Weiszfeld iterations (starting from the mean).
+    tol
+        Stop when an iteration moves the estimate by at most ``tol * (1 + ||median||)``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(d,)`` median, in ``points``' dtype and on its device.
+    """
     pts = points.double()
     median = pts.mean(0)
     for _ in range(max_iter):

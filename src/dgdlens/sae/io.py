@@ -98,7 +98,20 @@ class EmbeddingRows:
     # ------------------------------------------------------------------ reading
     def rows(self, index, device: torch.device | str = "cpu") -> torch.Tensor:
         """Rows ``index`` (numpy integers, or an int64 tensor: already on the data's device, it costs no
-        host transfer) as a float32 tensor on ``device``."""
+        host transfer) as a float32 tensor on ``device``.
+
+        Parameters
+        ----------
+        index
+            Row indices (any order, repeats allowed).
+        device
+            Torch device of the returned tensor.
+
+        Returns
+        -------
+        torch.Tensor
+            float32 ``(len(index), n_vars)``.
+        """
         if self.tensor is not None:
             if isinstance(index, torch.Tensor):
                 idx = index.to(self.tensor.device)
@@ -110,7 +123,20 @@ class EmbeddingRows:
         return torch.from_numpy(self.matrix.rows(index, dtype=np.float32)).to(device)
 
     def slice(self, start: int, stop: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Contiguous rows ``start:stop`` as a float32 tensor on ``device``."""
+        """Contiguous rows ``start:stop`` as a float32 tensor on ``device``.
+
+        Parameters
+        ----------
+        start, stop
+            First row and one past the last row (Python slice semantics).
+        device
+            Torch device of the returned tensor.
+
+        Returns
+        -------
+        torch.Tensor
+            float32 ``(stop - start, n_vars)``.
+        """
         if self.tensor is not None:
             return self.tensor[start:stop].to(device=device, dtype=torch.float32)
         if self.matrix.kind == "dense":
@@ -119,7 +145,20 @@ class EmbeddingRows:
         return self.rows(np.arange(start, stop), device)
 
     def iter_slices(self, batch_size: int, device: torch.device | str = "cpu"):
-        """Yield ``(start, stop, tensor)`` over all rows in order."""
+        """Yield ``(start, stop, tensor)`` over all rows in order.
+
+        Parameters
+        ----------
+        batch_size
+            Rows per slice (the last one may be shorter).
+        device
+            Torch device of the tensors.
+
+        Yields
+        ------
+        tuple of (int, int, torch.Tensor)
+            ``start``, ``stop`` and the float32 rows ``start:stop``, ``(stop - start, n_vars)``.
+        """
         for start in range(0, self.n_obs, batch_size):
             stop = min(start + batch_size, self.n_obs)
             yield start, stop, self.slice(start, stop, device)
@@ -131,7 +170,18 @@ class EmbeddingRows:
 
     def fingerprint(self, n_rows: int = 4) -> dict:
         """Shape and a SHA-256 of the first and last ``n_rows`` rows (float32 bytes): cheap, and enough for a
-        checkpoint to tell other data from this."""
+        checkpoint to tell other data from this.
+
+        Parameters
+        ----------
+        n_rows
+            Number of rows hashed at each end.
+
+        Returns
+        -------
+        dict
+            ``{"n_obs": int, "n_vars": int, "rows_sha256": str}`` (the first 32 hex digits of the digest).
+        """
         import hashlib
 
         digest = hashlib.sha256(f"{self.n_obs}x{self.n_vars}".encode())
@@ -145,6 +195,17 @@ class EmbeddingRows:
         """A view whose rows already live on ``device`` when the data are dense and small enough.
 
         Copies at most once (a float32 version for the device); the caller's array is untouched.
+
+        Parameters
+        ----------
+        device
+            Torch device to hold the rows.
+
+        Returns
+        -------
+        EmbeddingRows
+            A new view backed by a float32 tensor on ``device``, or ``self`` when the data are sparse or
+            larger than 2 GiB as float32.
         """
         dense = self.tensor is not None or self.matrix.kind == "dense"
         if not dense or self.n_obs * self.n_vars * 4 > _DEVICE_COPY_LIMIT:
@@ -158,7 +219,13 @@ class EmbeddingRows:
 
     # ------------------------------------------------------------------ checks
     def check_finite(self, chunk_size: int = 65_536) -> None:
-        """Raise a ValueError naming the first rows with NaN or infinite values."""
+        """Raise a ValueError naming the first rows with NaN or infinite values.
+
+        Parameters
+        ----------
+        chunk_size
+            Rows read at a time (on the CPU).
+        """
         for start, stop, block in self.iter_slices(chunk_size):
             finite = torch.isfinite(block)
             if not bool(finite.all()):
@@ -169,6 +236,13 @@ class EmbeddingRows:
                 )
 
     def check_dim(self, d_in: int) -> None:
+        """Raise a ValueError unless the rows have ``d_in`` dimensions (columns).
+
+        Parameters
+        ----------
+        d_in
+            The expected number of dimensions (an SAE's input dimension).
+        """
         if self.n_vars != d_in:
             raise ValueError(
                 f"{self.what} has {self.n_vars} dimensions but the SAE was trained on {d_in}; pass the same embedding "
@@ -189,6 +263,20 @@ def load_embedding(path, *, key: str | None = None) -> tuple[np.ndarray, pd.Inde
     Formats: ``.npy``; ``.npz`` (``key`` names the array, optional when there is one); ``.pt``/``.pth``
     (a tensor, or a dict of tensors with ``key``); ``.csv``/``.tsv`` (first column = cell index, the
     rest numeric); ``.h5ad`` (``key`` = the ``obsm`` key).
+
+    Parameters
+    ----------
+    path
+        File to read; the format is chosen by its suffix.
+    key
+        Which array to read from a file that holds several: the array name in a ``.npz``, the dict key in a
+        ``.pt``/``.pth``, the ``obsm`` key (or ``"X"``) in a ``.h5ad`` (required there). Ignored otherwise.
+
+    Returns
+    -------
+    tuple of (numpy.ndarray, pandas.Index or None)
+        The cells x dimensions matrix (dtype as stored; float32 for text files) and the cell names for
+        ``.csv``/``.tsv``/``.txt`` (first column) and ``.h5ad`` (``obs_names``), ``None`` for the others.
     """
     path = Path(path)
     if not path.exists():

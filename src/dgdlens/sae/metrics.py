@@ -49,6 +49,26 @@ def metrics(sae, X, *, use_rep: str | None = None, batch_size: int = 4096, dense
     - ``l0``: mean number of active latents per cell;
     - ``dead_fraction``: latents never active on ``X``; ``dense_fraction``: latents active on more than
       ``dense_threshold`` (default: the SAE's, 0.1) of the cells; ``n_live``, ``n_cells``.
+
+    Parameters
+    ----------
+    sae
+        A trained :class:`~dgdlens.sae.SAE`.
+    X
+        Inputs, cells x ``d_in`` (numpy array, torch tensor, scipy sparse matrix, DataFrame, or AnnData with
+        ``use_rep``); use held-out cells for an honest FVU.
+    use_rep
+        For an AnnData: the ``obsm`` key of the embedding, or ``"X"``.
+    batch_size
+        Cells per batch (computed on the SAE's device).
+    dense_threshold
+        Firing rate above which a latent counts as dense; ``None`` uses ``sae.config.dense_threshold``.
+
+    Returns
+    -------
+    dict
+        The entries above: floats, and ints for ``n_live`` and ``n_cells``. ``fvu`` is NaN when ``X`` has
+        no variance.
     """
     rows = as_rows(X, use_rep)
     rows.check_dim(sae.d_in)
@@ -144,7 +164,21 @@ def _column_moments(A) -> tuple[np.ndarray, np.ndarray]:
 
 
 def live_features(activations, *, min_std: float = 0.0) -> np.ndarray:
-    """Indices of features that vary across the cells (a dead or constant feature has no correlation)."""
+    """Indices of features that vary across the cells (a dead or constant feature has no correlation).
+
+    Parameters
+    ----------
+    activations
+        Cells x features (scipy sparse, numpy array or torch tensor), e.g. ``sae.encode(X)``.
+    min_std
+        Minimum population standard deviation over cells for a feature to count as live (a relative floor
+        of ``1e-12`` times the largest activation always applies).
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 column indices of the live features, ascending.
+    """
     A = _as_feature_matrix(activations)
     _, std = _column_moments(A)
     scale = max(float(np.abs(A.data if sp.issparse(A) else A).max(initial=0.0)), 1.0)
@@ -158,6 +192,21 @@ def correlation_matrix(activations, variables, *, chunk_size: int = 4096) -> np.
     Computed as one standardised product ``A^T (V - mean V) / (n sd_A sd_V)``: centring the variables is
     enough, so sparse activations are used as they are, in chunks of ``chunk_size`` features. Constant
     features or variables get r = 0. Returns ``(n_features, n_variables)`` float64.
+
+    Parameters
+    ----------
+    activations
+        Cells x features (scipy sparse, numpy array or torch tensor); finite.
+    variables
+        Cells x variables (array, DataFrame, Series or 1-D array for one variable), same cells in the same
+        order.
+    chunk_size
+        Features per chunk.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``(n_features, n_variables)`` Pearson correlations, clipped to [-1, 1].
     """
     A = _as_feature_matrix(activations)
     n = A.shape[0]
@@ -184,6 +233,17 @@ def match_features(abs_corr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     be in an optimal assignment (any other choice can be swapped for a free one at least as good), so the
     problem is reduced to at most ``n_variables^2`` candidate features before solving.
     Returns ``(feature_index, score)`` per variable; ``-1`` / 0 where there are fewer features than variables.
+
+    Parameters
+    ----------
+    abs_corr
+        ``(n_features, n_variables)`` scores to maximise, usually ``|r|`` from :func:`correlation_matrix`.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(feature, score)``, each ``(n_variables,)``: the row index of the feature matched to each variable
+        (int64, -1 if none) and its score (float64, 0 if none).
     """
     S = np.asarray(abs_corr, dtype=np.float64)
     n_feat, n_var = S.shape
@@ -205,7 +265,22 @@ def match_features(abs_corr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class RecoveryResult:
-    """Per-variable recovery table and summary numbers (see :func:`recovery`)."""
+    """Per-variable recovery table and summary numbers (see :func:`recovery`).
+
+    Attributes
+    ----------
+    per_variable
+        One row per variable: ``variable``, ``best_feature``, ``best_r``, ``best_abs_r``,
+        ``matched_feature``, ``matched_abs_r`` (feature indices are columns of the activations, -1 if none).
+    summary
+        ``n_variables``, ``n_live_features``, ``threshold``, ``fraction_recovered``,
+        ``fraction_recovered_matched``, ``mean_best_abs_r``, ``median_best_abs_r``, ``mean_matched_abs_r``.
+    correlations
+        ``(n_live_features, n_variables)`` Pearson r of the live features (rows in ``live`` order) when
+        ``keep_matrix=True``, else ``None``.
+    live
+        Column indices of the live features.
+    """
 
     per_variable: pd.DataFrame
     summary: dict = field(default_factory=dict)
@@ -221,6 +296,26 @@ def recovery(activations, variables, *, threshold: float = 0.9, names=None, keep
     (``best_r``, ``best_feature``), and the feature and ``|r|`` it gets in a one-to-one Hungarian matching
     (``matched_feature``, ``matched_abs_r``). Summary: ``fraction_recovered`` (best ``|r|`` >= threshold),
     ``fraction_recovered_matched``, mean and median best ``|r|``, ``n_live_features``.
+
+    Parameters
+    ----------
+    activations
+        Cells x features (scipy sparse, numpy array or torch tensor), e.g. ``sae.encode(X_heldout)``.
+    variables
+        Cells x variables ground truth (array, DataFrame, Series, or 1-D for one variable), same cells.
+    threshold
+        ``|r|`` at or above which a variable counts as recovered.
+    names
+        Variable names; ``None`` takes a DataFrame's columns, else ``"0", "1", ...``.
+    keep_matrix
+        Keep the live features x variables correlation matrix in the result.
+    chunk_size
+        Features per chunk of the correlation computation.
+
+    Returns
+    -------
+    RecoveryResult
+        The per-variable table, the summary, and optionally the correlation matrix.
     """
     A = _as_feature_matrix(activations)
     V = _as_variables(variables, A.shape[0])
@@ -269,6 +364,23 @@ def categorical_auroc(activations, labels, *, chunk_size: int = 512, return_matr
     Returns a DataFrame with one row per class: ``best_feature``, ``best_auroc`` (the feature that fires
     most specifically *for* the class), ``n_cells``; with ``return_matrix=True`` also the
     ``(features, classes)`` AUROC matrix.
+
+    Parameters
+    ----------
+    activations
+        Cells x features (scipy sparse, numpy array or torch tensor).
+    labels
+        One class label per cell (array, Series, list or tensor), no missing values, at least two classes.
+    chunk_size
+        Features ranked at a time (each chunk is densified: cells x ``chunk_size``).
+    return_matrix
+        Also return the full AUROC matrix.
+
+    Returns
+    -------
+    pandas.DataFrame or tuple of (pandas.DataFrame, numpy.ndarray)
+        Columns ``class`` (sorted), ``n_cells``, ``best_feature``, ``best_auroc``; with
+        ``return_matrix=True`` also the float64 ``(n_features, n_classes)`` AUROC matrix.
     """
     A = _as_feature_matrix(activations)
     n = A.shape[0]
@@ -332,6 +444,22 @@ def structure_identification(activations, expression, programs, *, percentile: f
         Cells x genes (dense or sparse), the same cells.
     programs
         Programs x genes binary matrix (the simulation's ``W``).
+    percentile
+        Link cut-off percentile of the scores, in (0, 100).
+    alpha
+        Benjamini-Hochberg false discovery rate across features.
+    scope
+        ``"global"`` (one cut-off over all live features x genes) or ``"feature"`` (one per feature).
+    score
+        ``"pearson"`` or ``"cosine"`` (uncentred, the reference's).
+    min_score
+        Smallest score a link may have (0 switches the floor off).
+    chunk_size
+        Features scored at a time.
+    max_sample
+        Largest number of scores used for the exact global percentile; beyond it a subset of features.
+    seed
+        Seed of that subset.
 
     Returns
     -------
@@ -457,10 +585,19 @@ def recovery_report(sae_or_activations, X=None, *, continuous: dict | None = Non
     ----------
     sae_or_activations
         A trained SAE (then ``X`` = held-out inputs) or an activation matrix (cells x features).
+    X
+        Held-out inputs (cells x ``d_in``, or AnnData with ``use_rep``); required with an SAE, ignored with
+        activations.
     continuous
         ``{group name: cells x variables}``, e.g. ``{"X": programs, "X''": masked programs}``.
     categorical
         ``{name: labels per cell}``, e.g. ``{"cell type": ..., "covariate": ...}``.
+    threshold
+        Recovery cut-off, for ``|r|`` (continuous groups) and AUROC (categorical groups) alike.
+    use_rep
+        For an AnnData ``X``: the ``obsm`` key of the embedding.
+    batch_size
+        Cells per batch when encoding ``X``.
 
     Returns
     -------

@@ -57,6 +57,13 @@ class SAE(nn.Module, FittedState):
     per epoch; ``dl.pl.training_curves(sae.history_)``), ``train_summary_`` and ``train_config_``.
     (The SAE is a torch module, so its training verb is the function ``train_sae``: ``nn.Module.train``
     is torch's mode switch.)
+
+    Parameters
+    ----------
+    config
+        The SAE's :class:`SAEConfig`; it is copied and validated (``d_in`` and ``n_latents`` must be set),
+        and its ``kind`` must match the class (use :func:`make_sae` to pick the class from the config).
+        The weights are initialised with ``seed=0`` (:meth:`reset_parameters`).
     """
 
     kind: ClassVar[str] = "base"
@@ -80,14 +87,17 @@ class SAE(nn.Module, FittedState):
     # ------------------------------------------------------------------ shape
     @property
     def n_latents(self) -> int:
+        """Dictionary width (number of latents)."""
         return self.config.n_latents
 
     @property
     def d_in(self) -> int:
+        """Input (embedding) dimension."""
         return self.config.d_in
 
     @property
     def device(self) -> torch.device:
+        """The torch device the weights are on."""
         return self.W_enc.device
 
     @property
@@ -96,6 +106,13 @@ class SAE(nn.Module, FittedState):
         return bool(torch.all(self.x_mean == 0)) and float(self.x_scale) == 1.0
 
     def extra_repr(self) -> str:
+        """The shape and sparsity settings shown in the module's ``repr``.
+
+        Returns
+        -------
+        str
+            E.g. ``"d_in=20, n_latents=256, k=8, bias=tied, decoder_norm=unit"``.
+        """
         c = self.config
         sparsity = f"k={c.k}" if c.k is not None else f"l1_coef={c.l1_coef:g}"
         return f"d_in={c.d_in}, n_latents={c.n_latents}, {sparsity}, bias={c.bias}, decoder_norm={c.decoder_norm}"
@@ -103,7 +120,16 @@ class SAE(nn.Module, FittedState):
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
-        """Initialise the weights from ``seed`` (see ``SAEConfig.init``)."""
+        """Initialise the weights from ``seed`` (see ``SAEConfig.init``).
+
+        Also resets variant parameters (BatchTopK's threshold to 0, JumpReLU's to
+        ``jumprelu_threshold_init``). The normalisation buffers are left as they are.
+
+        Parameters
+        ----------
+        seed
+            Seed of a private ``torch.Generator`` (the global RNG is untouched).
+        """
         gen = torch.Generator().manual_seed(int(seed))
         d, m = self.d_in, self.n_latents
         if self.config.init == "pytorch":
@@ -134,6 +160,25 @@ class SAE(nn.Module, FittedState):
 
         ``local_idx``: this process's training rows (all of ``train_idx`` in one process); ``reduce_sum``
         sums the normalisation statistics over processes. Returns the training mean and scale.
+
+        Parameters
+        ----------
+        data
+            The training embedding (cells x ``d_in``).
+        train_idx
+            Row indices of all training cells (over every process).
+        local_idx
+            Row indices of this process's training cells.
+        seed
+            Seed of the sample of training cells used for the data-dependent start.
+        reduce_sum
+            Callable summing a tensor over processes (under ``torchrun``); ``None`` in one process.
+
+        Returns
+        -------
+        tuple of (numpy.ndarray, float)
+            ``(mean, scale)``: the training cells' mean vector ``(d_in,)`` (float64; subtracted only when
+            ``normalize`` centres) and the scalar divisor (1.0 when ``normalize`` does not scale).
         """
         mode = self.config.normalize
         mean, scale = normalisation_statistics(data, local_idx, mode, n_total=len(train_idx), reduce_sum=reduce_sum)
@@ -144,66 +189,231 @@ class SAE(nn.Module, FittedState):
         return mean, scale
 
     def init_variant_from_sample(self, x_n: torch.Tensor) -> None:
-        """Variant-specific start from a sample of normalised training rows (after ``b_dec`` is set)."""
+        """Variant-specific start from a sample of normalised training rows (after ``b_dec`` is set).
+
+        The base class does nothing.
+
+        Parameters
+        ----------
+        x_n
+            Sample of normalised training rows, ``(n_sample, d_in)`` on the SAE's device.
+        """
 
     @torch.no_grad()
     def scale_encoder_(self, scale: float) -> None:
-        """Multiply the encoder by ``scale`` (and whatever must scale along with it)."""
+        """Multiply the encoder by ``scale`` (and whatever must scale along with it).
+
+        Parameters
+        ----------
+        scale
+            Positive factor applied to ``W_enc`` and ``b_enc`` in place.
+        """
         self.W_enc.mul_(scale)
         self.b_enc.mul_(scale)
 
     def auxiliary_loss(self, pre: torch.Tensor, x_n: torch.Tensor, x_hat: torch.Tensor,
                        dead: torch.Tensor) -> torch.Tensor | None:
         """An extra training loss (already weighted), or ``None``. ``dead``: boolean mask of the latents that
-        have not fired recently. Must not synchronise with the host (no ``int()``/``float()`` of tensors)."""
+        have not fired recently. Must not synchronise with the host (no ``int()``/``float()`` of tensors).
+
+        Parameters
+        ----------
+        pre
+            Pre-activations of the batch, ``(batch, n_latents)`` (normalised units).
+        x_n
+            Normalised input batch, ``(batch, d_in)``.
+        x_hat
+            Normalised reconstruction of the batch, ``(batch, d_in)``.
+        dead
+            Boolean ``(n_latents,)`` mask of the dead latents.
+
+        Returns
+        -------
+        torch.Tensor or None
+            A scalar loss to add to the training loss, or ``None`` (the base class: no auxiliary loss).
+        """
         return None
 
     def training_statistics(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Extra per-step sums (device tensors) the runner adds up over the epoch and processes."""
+        """Extra per-step sums (device tensors) the runner adds up over the epoch and processes.
+
+        Parameters
+        ----------
+        f
+            Training activations of the batch, ``(batch, n_latents)`` (normalised units).
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            Named scalar tensors to sum; the base class returns ``{}``.
+        """
         return {}
 
     def end_training_epoch(self, sums: dict[str, torch.Tensor]) -> None:
-        """Use the epoch's summed statistics (every process gets the same ones)."""
+        """Use the epoch's summed statistics (every process gets the same ones).
+
+        The base class does nothing.
+
+        Parameters
+        ----------
+        sums
+            The epoch's sums of :meth:`training_statistics`' entries, by name.
+        """
 
     def after_training(self, batches, reduce_sum) -> None:
         """Work with the final weights: ``batches`` yields this process's share of full-size training batches
-        (input units), ``reduce_sum`` sums a tensor over processes."""
+        (input units), ``reduce_sum`` sums a tensor over processes.
+
+        The base class does nothing.
+
+        Parameters
+        ----------
+        batches
+            Iterable of ``(batch, d_in)`` float32 tensors on the SAE's device.
+        reduce_sum
+            Callable summing a CPU tensor over processes (the identity in one process).
+        """
 
     # ------------------------------------------------------------------ core maths (normalised units)
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the training-time input normalisation, ``(x - x_mean) / x_scale`` (the identity once folded).
+
+        Parameters
+        ----------
+        x
+            Batch in input units, ``(batch, d_in)``.
+
+        Returns
+        -------
+        torch.Tensor
+            The batch in normalised units, same shape.
+        """
         return (x - self.x_mean) / self.x_scale
 
     def pre_activations(self, x_n: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations: ``W_enc (x_n - b_dec) + b_enc`` (tied bias) or ``W_enc x_n + b_enc``
+        (untied).
+
+        Parameters
+        ----------
+        x_n
+            Normalised batch, ``(batch, d_in)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, n_latents)`` pre-activations.
+        """
         if self.config.bias == "tied":
             x_n = x_n - self.b_dec
         return x_n @ self.W_enc.T + self.b_enc
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
-        """Inference activation (per sample; BatchTopK uses its threshold)."""
+        """Inference activation (per sample; BatchTopK uses its threshold).
+
+        Parameters
+        ----------
+        pre
+            Pre-activations, ``(batch, n_latents)`` (normalised units).
+
+        Returns
+        -------
+        torch.Tensor
+            Non-negative activations, same shape; the base class raises ``NotImplementedError``.
+        """
         raise NotImplementedError
 
     def activate_train(self, pre: torch.Tensor) -> torch.Tensor:
-        """Training activation (BatchTopK selects over the whole batch); defaults to :meth:`activate`."""
+        """Training activation (BatchTopK selects over the whole batch); defaults to :meth:`activate`.
+
+        Parameters
+        ----------
+        pre
+            Pre-activations, ``(batch, n_latents)`` (normalised units).
+
+        Returns
+        -------
+        torch.Tensor
+            Non-negative activations, same shape.
+        """
         return self.activate(pre)
 
     def decode_normalised(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in normalised units, ``f @ W_dec + b_dec``.
+
+        Parameters
+        ----------
+        f
+            Activations in normalised units, ``(batch, n_latents)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, d_in)`` normalised reconstruction.
+        """
         return f @ self.W_dec + self.b_dec
 
     def sparsity_loss(self, f: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        """Sparsity penalty before its coefficient (zero for TopK variants)."""
+        """Sparsity penalty before its coefficient (zero for TopK variants).
+
+        Parameters
+        ----------
+        f
+            Training activations, ``(batch, n_latents)``.
+        pre
+            Pre-activations, ``(batch, n_latents)``.
+
+        Returns
+        -------
+        torch.Tensor
+            A scalar; the base class returns 0 (no penalty).
+        """
         return f.new_zeros(())
 
     # ------------------------------------------------------------------ tensors in input units
     def encode_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense activations (in input units) of a torch batch ``x`` on the SAE's device; differentiable."""
+        """Dense activations (in input units) of a torch batch ``x`` on the SAE's device; differentiable.
+
+        Parameters
+        ----------
+        x
+            Batch in input units, ``(batch, d_in)``, float32 on the SAE's device.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, n_latents)`` activations (inference activation), scaled by ``x_scale``.
+        """
         return self.activate(self.pre_activations(self.normalise(x))) * self.x_scale
 
     def decode_tensor(self, f: torch.Tensor) -> torch.Tensor:
-        """Reconstruction ``f @ W_dec + b_dec`` in input units (torch); differentiable."""
+        """Reconstruction ``f @ W_dec + b_dec`` in input units (torch); differentiable.
+
+        Parameters
+        ----------
+        f
+            Activations in input units, ``(batch, n_latents)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, d_in)`` reconstruction in input units.
+        """
         return f @ self.W_dec + self.b_dec * self.x_scale + self.x_mean
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(reconstruction, activations)`` of a torch batch, both in input units."""
+        """``(reconstruction, activations)`` of a torch batch, both in input units.
+
+        Parameters
+        ----------
+        x
+            Batch in input units, ``(batch, d_in)``, on the SAE's device.
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``(x_hat, f)``: reconstruction ``(batch, d_in)`` and activations ``(batch, n_latents)``.
+        """
         f = self.encode_tensor(x)
         return self.decode_tensor(f), f
 
@@ -217,6 +427,22 @@ class SAE(nn.Module, FittedState):
         the embedding, or ``"X"``). Only one
         batch of activations is ever dense, so 100k cells x 10k latents fit in memory whenever the
         non-zeros do.
+
+        Parameters
+        ----------
+        X
+            The embedding, cells x ``d_in``.
+        use_rep
+            For an AnnData: the ``obsm`` key of the embedding, or ``"X"``.
+        batch_size
+            Cells encoded per batch.
+        progress
+            Show a progress bar.
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix
+            float32 activations, cells x ``n_latents``, in input units (only non-zeros stored).
         """
         rows = self._input_rows(X, use_rep)
         indptr = [np.zeros(1, dtype=np.int64)]
@@ -247,6 +473,18 @@ class SAE(nn.Module, FittedState):
 
         ``F``: scipy sparse matrix (as returned by :meth:`encode`), numpy array or torch tensor with
         ``n_latents`` columns.
+
+        Parameters
+        ----------
+        F
+            Activations, cells x ``n_latents``, in input units.
+        batch_size
+            Cells decoded per block (computed in float64).
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 reconstruction, cells x ``d_in``.
         """
         if isinstance(F, torch.Tensor):
             F = F.detach().cpu().numpy()
@@ -268,7 +506,22 @@ class SAE(nn.Module, FittedState):
 
     @torch.no_grad()
     def reconstruct(self, X, *, use_rep: str | None = None, batch_size: int = 2048) -> np.ndarray:
-        """``decode(encode(X))`` without building the sparse matrix (cells x ``d_in`` numpy)."""
+        """``decode(encode(X))`` without building the sparse matrix (cells x ``d_in`` numpy).
+
+        Parameters
+        ----------
+        X
+            The embedding, cells x ``d_in`` (array, tensor, sparse matrix or AnnData with ``use_rep``).
+        use_rep
+            For an AnnData: the ``obsm`` key of the embedding, or ``"X"``.
+        batch_size
+            Cells per batch.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 reconstruction, cells x ``d_in``.
+        """
         rows = self._input_rows(X, use_rep)
         out = np.empty((rows.n_obs, self.d_in), dtype=np.float32)
         for start, stop, x in rows.iter_slices(_check_batch_size(batch_size), self.device):
@@ -276,7 +529,22 @@ class SAE(nn.Module, FittedState):
         return out
 
     def reconstruction_error(self, X, *, use_rep: str | None = None, batch_size: int = 2048) -> np.ndarray:
-        """The SAE error term ``X - reconstruct(X)`` (keep it when steering so only the edit changes)."""
+        """The SAE error term ``X - reconstruct(X)`` (keep it when steering so only the edit changes).
+
+        Parameters
+        ----------
+        X
+            The embedding, cells x ``d_in`` (array, tensor, sparse matrix or AnnData with ``use_rep``).
+        use_rep
+            For an AnnData: the ``obsm`` key of the embedding, or ``"X"``.
+        batch_size
+            Cells per batch.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 residual, cells x ``d_in``, in input units.
+        """
         rows = self._input_rows(X, use_rep)
         out = self.reconstruct(rows, batch_size=batch_size)
         for start, stop, x in rows.iter_slices(65_536, "cpu"):
@@ -302,6 +570,12 @@ class SAE(nn.Module, FittedState):
         With ``c = x_scale`` and ``mu = x_mean``: activations become ``c * n_i * f_i`` (``n_i`` the norm of
         decoder row i, only for unconstrained decoders), decoder rows ``W_dec[i] / n_i``, and the biases
         absorb ``mu`` and ``c``; reconstructions are unchanged.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            A state dict for :meth:`torch.nn.Module.load_state_dict` (weights' dtype), with ``x_mean = 0``
+            and ``x_scale = 1``; the SAE itself is unchanged.
         """
         c = self.x_scale.double()
         mu = self.x_mean.double()
@@ -337,13 +611,34 @@ class SAE(nn.Module, FittedState):
 
     @torch.no_grad()
     def fold_(self) -> SAE:
-        """Fold the normalisation into the weights in place (idempotent); returns ``self``."""
+        """Fold the normalisation into the weights in place (idempotent); returns ``self``.
+
+        Returns
+        -------
+        SAE
+            ``self``, folded (see :meth:`folded_state`).
+        """
         self.load_state_dict(self.folded_state())
         return self
 
     def save(self, path, *, overwrite: bool = False) -> Path:
         """Save to the directory ``path`` (``weights.safetensors`` + ``config.json``), weights folded, with
-        the fitted state (``is_trained_``, ``history_``, ``train_summary_``, ``train_config_``)."""
+        the fitted state (``is_trained_``, ``history_``, ``train_summary_``, ``train_config_``).
+
+        Under ``torchrun`` rank 0 writes and the other processes wait.
+
+        Parameters
+        ----------
+        path
+            Directory to write.
+        overwrite
+            Replace an existing model directory at ``path``; otherwise an existing one is an error.
+
+        Returns
+        -------
+        pathlib.Path
+            The directory written.
+        """
         config = {"sae": self.config.to_dict(), **self._fitted_config()}
         # under torchrun rank 0 writes and the others wait (an error there is raised everywhere)
         return Path(_dist.run_on_main(save_model_dir, path, self.folded_state(), config, kind=MODEL_KIND,
@@ -351,7 +646,21 @@ class SAE(nn.Module, FittedState):
 
     @classmethod
     def load(cls, path, *, device: str | torch.device = "cpu") -> SAE:
-        """Load an SAE saved with :meth:`save`; returns the right variant, in eval mode, on ``device``."""
+        """Load an SAE saved with :meth:`save`; returns the right variant, in eval mode, on ``device``.
+
+        Parameters
+        ----------
+        path
+            Directory written by :meth:`save`.
+        device
+            Torch device to put the SAE on.
+
+        Returns
+        -------
+        SAE
+            An instance of the saved variant (:class:`TopKSAE`, ...), with its fitted state. Called on a
+            variant class, a file holding another variant raises ``ModelFormatError``.
+        """
         tensors, meta = load_model_dir(path, kind=MODEL_KIND)
         try:
             config = SAEConfig.from_dict(meta["sae"]).validate()
@@ -379,14 +688,47 @@ class SAE(nn.Module, FittedState):
 
 # ---------------------------------------------------------------------- variants
 class ReLUSAE(SAE):
-    """ReLU + L1 (Bricken et al. 2023; the reference's SAE with ``SAEConfig.bias="untied"``)."""
+    """ReLU + L1 (Bricken et al. 2023; the reference's SAE with ``SAEConfig.bias="untied"``).
+
+    Parameters
+    ----------
+    config
+        An :class:`SAEConfig` with ``kind="relu"`` (see :class:`SAE`); ``l1_coef`` weighs the penalty.
+    """
 
     kind = "relu"
 
     def activate(self, pre):
+        """ReLU of the pre-activations.
+
+        Parameters
+        ----------
+        pre
+            Pre-activations, ``(batch, n_latents)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``relu(pre)``, same shape.
+        """
         return torch.relu(pre)
 
     def sparsity_loss(self, f, pre):
+        """L1 penalty of the activations (weighted by the decoder row norms with ``decoder_norm="scale_l1"``).
+
+        Parameters
+        ----------
+        f
+            Training activations, ``(batch, n_latents)``.
+        pre
+            Pre-activations (unused).
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar: the L1 summed over latents and averaged over the batch (``mse_convention="sum"``), or
+            averaged over every entry (``"mean"``).
+        """
         weighted = f.abs()
         if self.config.decoder_norm == "scale_l1":
             weighted = weighted * self.W_dec.norm(dim=1)
@@ -430,18 +772,42 @@ class _AuxK:
 
 
 class TopKSAE(_AuxK, SAE):
-    """TopK (Gao et al. 2024): the ``k`` largest pre-activations per sample, ReLU'd; no sparsity penalty."""
+    """TopK (Gao et al. 2024): the ``k`` largest pre-activations per sample, ReLU'd; no sparsity penalty.
+
+    Parameters
+    ----------
+    config
+        An :class:`SAEConfig` with ``kind="topk"``, ``k`` set and ``decoder_norm="unit"`` (see :class:`SAE`).
+    """
 
     kind = "topk"
 
     def activate(self, pre):
+        """Keep each sample's ``k`` largest pre-activations (ReLU'd), zero the rest.
+
+        Parameters
+        ----------
+        pre
+            Pre-activations, ``(batch, n_latents)``.
+
+        Returns
+        -------
+        torch.Tensor
+            Activations with at most ``k`` non-zeros per row, same shape.
+        """
         return _topk_per_sample(pre, self.config.k)
 
 
 class BatchTopKSAE(_AuxK, SAE):
     """BatchTopK (Bussmann et al. 2024): during training the ``k * batch`` largest activations of the whole
     batch are kept, so L0 varies per sample with mean ``k``; at inference each latent fires above a
-    threshold calibrated on the training data (``threshold``, per latent, in normalised units)."""
+    threshold calibrated on the training data (``threshold``, per latent, in normalised units).
+
+    Parameters
+    ----------
+    config
+        An :class:`SAEConfig` with ``kind="batchtopk"`` and ``k`` set (see :class:`SAE`).
+    """
 
     kind = "batchtopk"
 
@@ -454,9 +820,33 @@ class BatchTopKSAE(_AuxK, SAE):
             self.threshold.zero_()
 
     def activate(self, pre):
+        """Inference activation: ``relu(pre)`` where ``pre`` exceeds the calibrated ``threshold``, else 0.
+
+        Parameters
+        ----------
+        pre
+            Pre-activations, ``(batch, n_latents)``.
+
+        Returns
+        -------
+        torch.Tensor
+            Activations, same shape (L0 varies per sample).
+        """
         return torch.relu(pre) * (pre > self.threshold)
 
     def activate_train(self, pre):
+        """Training activation: the ``k * batch`` largest ReLU'd pre-activations of the whole batch.
+
+        Parameters
+        ----------
+        pre
+            Pre-activations, ``(batch, n_latents)``.
+
+        Returns
+        -------
+        torch.Tensor
+            Activations, same shape, ``k`` non-zeros per sample on average.
+        """
         return batch_topk(pre, self.config.k)
 
     def _fold_variant_state(self, scale):
@@ -465,6 +855,19 @@ class BatchTopKSAE(_AuxK, SAE):
     # running estimate of the inference threshold during training: the mean over steps of the smallest
     # activation the batch kept (summed on the device, read once per epoch)
     def training_statistics(self, f):
+        """The smallest activation the batch kept, for the running estimate of the inference threshold.
+
+        Parameters
+        ----------
+        f
+            Training activations of the batch, ``(batch, n_latents)``.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            ``{"threshold_sum": smallest kept activation (0 if none), "threshold_steps": 1.0 or 0.0}``,
+            float64 scalars on the device.
+        """
         smallest = torch.where(f > 0, f, torch.full_like(f, float("inf"))).amin()
         kept = torch.isfinite(smallest)
         return {"threshold_sum": torch.where(kept, smallest, torch.zeros_like(smallest)).double(),
@@ -472,13 +875,28 @@ class BatchTopKSAE(_AuxK, SAE):
 
     @torch.no_grad()
     def end_training_epoch(self, sums):
+        """Set ``threshold`` to the epoch's mean smallest kept activation (unchanged if no step kept one).
+
+        Parameters
+        ----------
+        sums
+            The epoch's sums of :meth:`training_statistics` (``threshold_sum``, ``threshold_steps``).
+        """
         if float(sums["threshold_steps"]) > 0:
             self.threshold.fill_(float(sums["threshold_sum"]) / float(sums["threshold_steps"]))
 
     @torch.no_grad()
     def after_training(self, batches, reduce_sum):
         """Set the inference threshold to the mean, over training batches (weighted by size), of the smallest
-        activation BatchTopK keeps, using the final weights (so inference L0 matches training L0 on average)."""
+        activation BatchTopK keeps, using the final weights (so inference L0 matches training L0 on average).
+
+        Parameters
+        ----------
+        batches
+            Iterable of this process's full-size training batches, ``(batch, d_in)`` tensors in input units.
+        reduce_sum
+            Callable summing a CPU tensor over processes (the identity in one process).
+        """
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for x in batches:
             kept = self.activate_train(self.pre_activations(self.normalise(x)))
@@ -538,7 +956,14 @@ class _StepFunction(torch.autograd.Function):
 class JumpReLUSAE(SAE):
     """JumpReLU (Rajamanoharan et al. 2024): a learned threshold per latent and an L0 penalty trained with
     straight-through estimators. With ``k`` set, the penalty is ``(L0 / k - 1)^2`` (a target L0, as in
-    dictionary_learning); otherwise it is the L0 itself."""
+    dictionary_learning); otherwise it is the L0 itself.
+
+    Parameters
+    ----------
+    config
+        An :class:`SAEConfig` with ``kind="jumprelu"`` (see :class:`SAE`); thresholds start at
+        ``jumprelu_threshold_init``.
+    """
 
     kind = "jumprelu"
 
@@ -552,7 +977,15 @@ class JumpReLUSAE(SAE):
 
     @torch.no_grad()
     def init_variant_from_sample(self, x_n):
-        """With a target L0 ``k``: each latent's threshold at its ``1 - k / n_latents`` quantile on the sample."""
+        """With a target L0 ``k``: each latent's threshold at its ``1 - k / n_latents`` quantile on the sample.
+
+        Without ``k`` nothing changes. Thresholds are clamped below at ``jumprelu_threshold_init``.
+
+        Parameters
+        ----------
+        x_n
+            Sample of normalised training rows, ``(n_sample, d_in)``.
+        """
         cfg = self.config
         if cfg.k is None:
             return
@@ -566,17 +999,54 @@ class JumpReLUSAE(SAE):
 
     @torch.no_grad()
     def scale_encoder_(self, scale):
+        """Multiply the encoder by ``scale`` and the thresholds along with it (the activation scales exactly).
+
+        Parameters
+        ----------
+        scale
+            Positive factor.
+        """
         super().scale_encoder_(scale)
         self.log_threshold.add_(math.log(scale))
 
     @property
     def threshold(self) -> torch.Tensor:
+        """Per-latent thresholds ``exp(log_threshold)``, ``(n_latents,)``, in normalised units."""
         return self.log_threshold.exp()
 
     def activate(self, pre):
+        """JumpReLU: ``pre`` where it exceeds the latent's threshold, else 0 (straight-through gradient
+        to the threshold).
+
+        Parameters
+        ----------
+        pre
+            Pre-activations, ``(batch, n_latents)``.
+
+        Returns
+        -------
+        torch.Tensor
+            Activations, same shape.
+        """
         return _JumpReLUFunction.apply(pre, self.threshold, self.config.jumprelu_bandwidth)
 
     def sparsity_loss(self, f, pre):
+        """L0 penalty (number of active latents per sample, mean over the batch), with a straight-through
+        gradient to the thresholds.
+
+        Parameters
+        ----------
+        f
+            Training activations (unused).
+        pre
+            Pre-activations, ``(batch, n_latents)``.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar: ``(L0 / k - 1)^2`` with a target ``k``; otherwise L0, divided by ``n_latents`` with
+            ``mse_convention="mean"``.
+        """
         l0 = _StepFunction.apply(pre, self.threshold, self.config.jumprelu_bandwidth).sum(dim=1).mean()
         if self.config.k is not None:
             return (l0 / self.config.k - 1.0) ** 2
@@ -592,7 +1062,18 @@ VARIANTS: dict[str, type[SAE]] = {cls.kind: cls for cls in (ReLUSAE, TopKSAE, Ba
 
 
 def make_sae(config: SAEConfig) -> SAE:
-    """A freshly initialised SAE of ``config.kind``."""
+    """A freshly initialised SAE of ``config.kind``.
+
+    Parameters
+    ----------
+    config
+        An :class:`SAEConfig` with ``d_in`` and ``n_latents`` set (aliases of ``kind`` are accepted).
+
+    Returns
+    -------
+    SAE
+        An untrained instance of the variant class (:data:`VARIANTS`), weights initialised with seed 0.
+    """
     return VARIANTS[canonical_kind(config.kind)](config)
 
 

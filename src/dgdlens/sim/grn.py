@@ -39,6 +39,20 @@ def hill_response(activity: np.ndarray, threshold: float, coefficient: float) ->
 
     Written as ``1 / (1 + (K / a)^k)`` in log space so that ``a = 0`` gives exactly 0 and huge
     activities give 1 without overflow.
+
+    Parameters
+    ----------
+    activity
+        Non-negative regulator activities, any shape (e.g. cells x regulators).
+    threshold
+        ``K``, the activity at half saturation (> 0).
+    coefficient
+        ``k``, the Hill coefficient (steepness; larger is more switch-like).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 responses in [0, 1), same shape as ``activity``.
     """
     a = np.asarray(activity, dtype=np.float64)
     with np.errstate(divide="ignore"):
@@ -90,30 +104,55 @@ class GRNSimulation:
 
     @property
     def n_cells(self) -> int:
+        """Number of simulated cells."""
         return self.counts.shape[0]
 
     @property
     def n_genes(self) -> int:
+        """Number of genes."""
         return self.counts.shape[1]
 
     @property
     def n_regulators(self) -> int:
+        """Number of regulators."""
         return self.network.shape[0]
 
     @property
     def noise(self) -> str:
+        """The count noise model: ``"nb"`` or ``"poisson"``."""
         return "poisson" if self.dispersion is None else "nb"
 
     def composition(self, cells: np.ndarray | slice | None = None) -> np.ndarray:
         """Per-cell expression composition (rows sum to 1) of the selected cells, dense.
 
         Recomputed from the ground truth; select few cells at a time for large simulations.
+
+        Parameters
+        ----------
+        cells
+            Which cells: integer indices, a boolean mask or a slice; ``None`` for all.
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 ``(n_selected, n_genes)``, rows summing to 1.
         """
         sel = slice(None) if cells is None else cells
         return _composition(self.response[sel], self.network, self.basal)
 
     def expected_counts(self, cells: np.ndarray | slice | None = None) -> np.ndarray:
-        """The mean of the count distribution, ``library_size * composition``, for the selected cells."""
+        """The mean of the count distribution, ``library_size * composition``, for the selected cells.
+
+        Parameters
+        ----------
+        cells
+            Which cells: integer indices, a boolean mask or a slice; ``None`` for all.
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 ``(n_selected, n_genes)`` expected counts (dense).
+        """
         sel = slice(None) if cells is None else cells
         return self.library_size[sel, None] * self.composition(sel)
 
@@ -126,6 +165,18 @@ class GRNSimulation:
         ``var``: ``basal``, ``dispersion`` (inf for Poisson), ``n_regulators`` (in-degree);
         ``varm["network"]``: genes x regulators signed weights (dense; there are few regulators);
         ``uns["grn"]``: type-level activities, on/off pattern, regulator and type names, parameters.
+
+        Cells are named ``cell_0 ...``, genes ``gene_0 ...``, types ``type_0 ...``.
+
+        Parameters
+        ----------
+        counts_layer
+            Also store a copy of the counts in ``layers["counts"]``.
+
+        Returns
+        -------
+        anndata.AnnData
+            ``n_cells x n_genes``, holding copies (the simulation is not modified).
         """
         import anndata as ad
         import pandas as pd

@@ -85,17 +85,40 @@ class SuperpositionData:
 
     @property
     def n_cells(self) -> int:
+        """Number of simulated cells (rows of ``Y``)."""
         return int(self.Y.shape[0])
 
     def ground_truth(self) -> dict:
-        """``{"continuous": {"X": ..., "X'": ..., "X''": ...}, "categorical": {"cell type": ..., "covariate": ...}}``."""
+        """``{"continuous": {"X": ..., "X'": ..., "X''": ...}, "categorical": {"cell type": ..., "covariate": ...}}``.
+
+        The shape :func:`dgdlens.sae.recovery_report` takes as ``continuous=`` and ``categorical=``.
+
+        Returns
+        -------
+        dict
+            ``"continuous"``: the three cells x programs activity levels; ``"categorical"``: the integer
+            cell type per cell and, with more than one covariate, the covariate per cell. The arrays are
+            the simulation's own (not copies).
+        """
         categorical = {"cell type": self.cell_type}
         if self.params.get("n_covariates", 1) > 1:
             categorical["covariate"] = self.covariate
         return {"continuous": {"X": self.X, "X'": self.X_cov, "X''": self.X_ct}, "categorical": categorical}
 
     def subset(self, index) -> SuperpositionData:
-        """The cells ``index`` (any integer index or boolean mask); the structure is shared."""
+        """The cells ``index`` (any integer index or boolean mask); the structure is shared.
+
+        Parameters
+        ----------
+        index
+            Integer indices or a boolean mask over cells (numpy indexing).
+
+        Returns
+        -------
+        SuperpositionData
+            The selected cells' rows of every per-cell array; ``programs``, ``cell_type_programs`` and
+            ``rates`` are the same objects as in ``self``, ``params`` a copy.
+        """
         index = np.asarray(index)
         pick = (lambda a: None if a is None else a[index])
         return SuperpositionData(
@@ -107,7 +130,21 @@ class SuperpositionData:
 
     def split(self, test_fraction: float = 0.2, *, seed: int = 0) -> tuple[SuperpositionData, SuperpositionData]:
         """A seeded ``(train, test)`` split of the cells: fit embeddings and SAEs on ``train``, score recovery
-        on ``test`` (the reference scored on the SAE's own training cells)."""
+        on ``test`` (the reference scored on the SAE's own training cells).
+
+        Parameters
+        ----------
+        test_fraction
+            Share of cells in the test set, in (0, 1); the test set has ``round(n_cells * test_fraction)``
+            cells.
+        seed
+            Seed of the permutation.
+
+        Returns
+        -------
+        tuple of SuperpositionData
+            ``(train, test)``, disjoint, each in the original cell order.
+        """
         if not 0 < test_fraction < 1:
             raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}.")
         n_test = int(round(self.n_cells * test_fraction))
@@ -119,7 +156,22 @@ class SuperpositionData:
     def to_anndata(self, *, use_counts: bool | None = None):
         """An AnnData: ``X`` = counts (if simulated and ``use_counts`` is not False) or ``Y``; the other
         levels in ``layers`` / ``obsm`` (``X_programs``, ``X_programs_cov``, ``X_programs_ct``), labels in
-        ``obs``, the program -> gene matrix in ``varm["programs"]`` and the parameters in ``uns["sim2L"]``."""
+        ``obs``, the program -> gene matrix in ``varm["programs"]`` and the parameters in ``uns["sim2L"]``.
+
+        ``layers["Y"]`` always holds ``Y``; ``obs`` has ``cell_type`` (``ct0 ...``), ``covariate``
+        (``cov0 ...``) and ``offset``.
+
+        Parameters
+        ----------
+        use_counts
+            Put the integer counts in ``X``; ``None`` does so when counts were simulated, ``True`` without
+            counts raises ``ValueError``, ``False`` puts ``Y`` in ``X``.
+
+        Returns
+        -------
+        anndata.AnnData
+            ``n_cells x n_genes`` (copies of the arrays).
+        """
         import anndata
         import pandas as pd
 
@@ -147,7 +199,21 @@ class SuperpositionData:
         return adata
 
     def save(self, path, *, overwrite: bool = False) -> Path:
-        """Write to one ``.npz`` file (no pickles): every array plus the parameters as JSON."""
+        """Write to one ``.npz`` file (no pickles): every array plus the parameters as JSON.
+
+        Parameters
+        ----------
+        path
+            File to write; the suffix is replaced by ``.npz`` if it is not already. Missing parent
+            directories are created.
+        overwrite
+            Replace an existing file; otherwise an existing one raises ``FileExistsError``.
+
+        Returns
+        -------
+        pathlib.Path
+            The path written (with the ``.npz`` suffix). Read it back with :func:`load_superposition`.
+        """
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(".npz")
@@ -160,7 +226,18 @@ class SuperpositionData:
 
 
 def load_superposition(path) -> SuperpositionData:
-    """Read a file written by :meth:`SuperpositionData.save`."""
+    """Read a file written by :meth:`SuperpositionData.save`.
+
+    Parameters
+    ----------
+    path
+        The ``.npz`` file.
+
+    Returns
+    -------
+    SuperpositionData
+        The simulation, arrays as saved (``counts`` ``None`` when none were saved).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No simulation file at {path}.")
@@ -209,6 +286,10 @@ def simulate_superposition(
     count_noise
         ``None`` (the reference: ``Y`` is exact), ``"poisson"`` or ``"nb"``: also draw integer ``counts``
         with mean ``library_scale * max(Y, 0)`` (negative binomial: variance ``mu + mu^2 / nb_dispersion``).
+    library_scale
+        Factor from ``Y`` to the counts' mean (count noise only).
+    nb_dispersion
+        NB shape ``r`` (count noise ``"nb"`` only; larger is closer to Poisson).
     seed, structure_seed
         Seeds of the cells and of the fixed structure (the reference always uses structure seed 0).
 
@@ -306,6 +387,25 @@ def simulate_superposition_runs(seeds=range(10), *, out_dir=None, prefix: str = 
 
     With ``out_dir``, each seed is written to its own ``{prefix}_seed{seed}.npz`` and the paths are returned
     (the reference wrote every seed to the same file name); otherwise the data are returned.
+
+    Parameters
+    ----------
+    seeds
+        Distinct cell seeds, one simulation each (the structure seed stays the same unless given in
+        ``kwargs``, so all runs share ``programs`` and ``cell_type_programs``).
+    out_dir
+        Directory to write the files to; ``None`` keeps the data in memory.
+    prefix
+        File name prefix.
+    overwrite
+        Replace existing files.
+    **kwargs
+        Other arguments of :func:`simulate_superposition` (``n_cells``, ``n_programs``, ...).
+
+    Returns
+    -------
+    list of SuperpositionData or list of pathlib.Path
+        One entry per seed, in ``seeds`` order.
     """
     seeds = [int(s) for s in seeds]
     if len(set(seeds)) != len(seeds):
@@ -327,6 +427,24 @@ def reference_hidden_sizes(n_genes: int, n_latent: int, depth: int = 2, width: s
     ``depth`` counts the encoder's linear layers. ``"narrow"``: one layer of ``max(1000, 2 n_latent)`` then
     ``max(150, 2 n_latent)`` units (only the latter at depth 2); ``"wide"``: sizes evenly spaced from
     ``n_genes / 2`` down to the latent size (10,000 units for 20,000 genes: slow on a CPU).
+
+    Parameters
+    ----------
+    n_genes
+        Number of input genes.
+    n_latent
+        Latent size.
+    depth
+        Number of linear layers of the encoder (1: no hidden layer).
+    width
+        ``"narrow"`` or ``"wide"``.
+
+    Returns
+    -------
+    list of int
+        ``depth - 1`` hidden sizes, input side first (empty for ``depth=1``). For ``"wide"`` these are the
+        interior points of ``linspace(n_latent, n_genes / 2, depth + 1)``, so ``n_genes / 2`` itself is
+        not among them (e.g. ``[5075]`` for 20,000 genes, 150 latents, depth 2).
     """
     _check_positive_int(n_genes=n_genes, n_latent=n_latent, depth=depth)
     if width not in ("narrow", "wide"):
@@ -346,6 +464,17 @@ class SuperpositionEmbedding:
 
     ``latent`` is cells x ``n_latent``; :meth:`transform` embeds other cells (e.g. held-out ones) with the
     same gene centring and scaling.
+
+    Attributes
+    ----------
+    latent
+        float32 cells x ``n_latent`` latents of the cells the autoencoder was fitted on.
+    model
+        The fitted :class:`dgdlens.models.Autoencoder`.
+    gene_mean
+        ``(n_genes,)`` gene means subtracted before encoding.
+    scale
+        The single scalar the centred genes are divided by (their overall standard deviation).
     """
 
     latent: np.ndarray
@@ -354,13 +483,38 @@ class SuperpositionEmbedding:
     scale: float
 
     def standardise(self, Y) -> np.ndarray:
+        """Centre and scale genes as for training: ``(Y - gene_mean) / scale``.
+
+        Parameters
+        ----------
+        Y
+            Cells x genes matrix (the simulation's ``Y``), same genes as the fitted data.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 cells x genes.
+        """
         Y = np.asarray(Y, dtype=np.float32)
         if Y.ndim != 2 or Y.shape[1] != self.gene_mean.shape[0]:
             raise ValueError(f"Y must be cells x {self.gene_mean.shape[0]} genes, got shape {Y.shape}.")
         return (Y - self.gene_mean) / self.scale
 
     def transform(self, Y_or_data, *, batch_size: int = 1024) -> np.ndarray:
-        """Latents (cells x ``n_latent``, float32) of a genes matrix or a :class:`SuperpositionData`."""
+        """Latents (cells x ``n_latent``, float32) of a genes matrix or a :class:`SuperpositionData`.
+
+        Parameters
+        ----------
+        Y_or_data
+            Cells x genes array, or a :class:`SuperpositionData` (its ``Y``), e.g. held-out cells.
+        batch_size
+            Cells encoded per batch.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 cells x ``n_latent`` (the encoder's output).
+        """
         Y = Y_or_data.Y if isinstance(Y_or_data, SuperpositionData) else Y_or_data
         return self.model.get_latent_representation(self.standardise(Y), batch_size=batch_size)
 
@@ -431,7 +585,19 @@ def embed_superposition(data, *, n_latent: int = 150, depth: int = 2, width: str
 # ---------------------------------------------------------------------- planted sparse codes
 @dataclass
 class PlantedSparseCodes:
-    """Samples ``X = codes @ atoms + offset + noise`` with exactly ``k_active`` non-zero codes per sample."""
+    """Samples ``X = codes @ atoms + offset + noise`` with exactly ``k_active`` non-zero codes per sample.
+
+    Attributes
+    ----------
+    X
+        float32 ``(n_samples, dim)`` samples.
+    codes
+        float32 ``(n_samples, n_atoms)`` non-negative true codes, ``k_active`` non-zeros per row.
+    atoms
+        float32 ``(n_atoms, dim)`` unit-norm dictionary rows.
+    offset
+        float32 ``(dim,)`` constant offset added to every sample.
+    """
 
     X: np.ndarray  # (n_samples, dim) float32
     codes: np.ndarray  # (n_samples, n_atoms) float32, non-negative, k_active non-zeros per row
@@ -459,6 +625,8 @@ def planted_sparse_codes(n_samples: int = 5000, n_atoms: int = 64, dim: int = 16
         Gaussian noise per entry.
     max_coherence
         If set, atoms are redrawn until no two have ``|cosine|`` above it (up to 1,000 tries each).
+    seed
+        Seed of the numpy generator.
 
     Returns
     -------

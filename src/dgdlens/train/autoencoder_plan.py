@@ -95,10 +95,21 @@ class AutoencoderPlan(TrainingPlan):
 
     @property
     def has_validation(self) -> bool:
+        """Whether ``val_idx`` is non-empty (then early stopping watches ``val_loss``)."""
         return self.n_val > 0
 
     # ------------------------------------------------------------------ set-up
     def setup(self, strategy, device) -> None:
+        """Check the processes agree, move the module to ``device`` (rank 0's weights everywhere), build this
+        process's shuffling training loader and unshuffled validation loader, and the Adam optimiser.
+
+        Parameters
+        ----------
+        strategy
+            The runner's :class:`~dgdlens.train.Strategy`.
+        device
+            The resolved training device.
+        """
         super().setup(strategy, device)
         cfg = self.cfg
         self.check_same_everywhere(self.matrix.n_obs, self.matrix.n_vars, self.train_idx, self.n_val, cfg.batch_size,
@@ -122,27 +133,71 @@ class AutoencoderPlan(TrainingPlan):
                                           weight_decay=cfg.weight_decay)
 
     def shared_parameters(self):
+        """The module's trainable parameters (all of them are replicated on every process).
+
+        Returns
+        -------
+        list of torch.nn.Parameter
+            Every parameter of the module with ``requires_grad``.
+        """
         return [p for p in self.module.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ steps
     def on_epoch_start(self, epoch: int) -> None:
+        """Put the module in training mode (dropout on).
+
+        Parameters
+        ----------
+        epoch
+            The 0-based epoch about to start (unused: no schedules).
+        """
         self.module.train()
 
     def train_batches(self):
+        """This process's shuffled training loader.
+
+        Returns
+        -------
+        BatchLoader
+            Yields :class:`~dgdlens.data.Batch` objects (``x``: ``batch x features``, ``scale``: ``(batch,)``).
+        """
         return self.train_loader
 
     def zero_grad(self) -> None:
+        """Clear the Adam optimiser's gradients."""
         self.optimizer.zero_grad(set_to_none=True)
 
     def training_step(self, batch):
+        """Reconstruction NLL of one batch.
+
+        Parameters
+        ----------
+        batch
+            A :class:`~dgdlens.data.Batch` of the training loader.
+
+        Returns
+        -------
+        loss : torch.Tensor
+            Scalar: the NLL summed over the batch's samples and features.
+        sums : dict of str to torch.Tensor
+            ``{"recon": the same sum, detached}``.
+        """
         nll = self.module.recon_nll(batch.x, batch.scale)
         # summed over samples and features: the decoder-only models' objective scale
         return nll.sum(), {"recon": nll.detach().sum()}
 
     def optimizer_step(self) -> None:
+        """One Adam step over the encoder, decoder and likelihood parameters."""
         self.optimizer.step()
 
     def validation_epoch(self) -> dict[str, torch.Tensor]:
+        """Reconstruction NLL of this process's validation rows, module in eval mode, no gradients.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            ``{"recon": scalar NLL summed over samples and features}``, or ``{}`` without validation rows.
+        """
         if self.val_loader is None:
             return {}
         self.module.eval()
@@ -153,6 +208,19 @@ class AutoencoderPlan(TrainingPlan):
         return {"recon": total}
 
     def summarise(self, sums):
+        """The epoch's history row.
+
+        Parameters
+        ----------
+        sums
+            Process-summed statistics: ``recon`` and, with validation, ``val::recon``.
+
+        Returns
+        -------
+        dict of str to float
+            ``train_recon`` and ``train_loss`` (NLL per training sample, equal), plus ``val_recon`` and
+            ``val_loss`` (per validation sample) when there is a validation split.
+        """
         recon = float(sums["recon"]) / self.n_train
         row = {"train_recon": recon, "train_loss": recon}
         if "val::recon" in sums:
@@ -161,23 +229,60 @@ class AutoencoderPlan(TrainingPlan):
         return row
 
     def on_train_end(self) -> None:
+        """Leave the module in eval mode."""
         self.module.eval()
 
     # ------------------------------------------------------------------ state
     def snapshot(self) -> dict:
+        """A deep copy of the module's weights.
+
+        Returns
+        -------
+        dict
+            ``{"module": copied state dict}``.
+        """
         return {"module": copy.deepcopy(self.module.state_dict())}
 
     def restore(self, snapshot: dict) -> None:
+        """Load the module's weights from a :meth:`snapshot`.
+
+        Parameters
+        ----------
+        snapshot
+            A dict returned by :meth:`snapshot`.
+        """
         self.module.load_state_dict(snapshot["module"])
 
     def state_dict(self) -> dict:
+        """The resumable state.
+
+        Returns
+        -------
+        dict
+            ``module`` (weights), ``optimizer`` (Adam state) and ``train_rng`` (the batch order's generator
+            state); not copies.
+        """
         return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "train_rng": self.train_loader.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (after :meth:`setup`).
+
+        Parameters
+        ----------
+        state
+            A dict as returned by :meth:`state_dict`.
+        """
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_loader.rng.bit_generator.state = state["train_rng"]
 
     def describe(self) -> dict:
+        """The training options.
+
+        Returns
+        -------
+        dict
+            The :class:`AutoencoderPlanConfig` as a dict.
+        """
         return asdict(self.cfg)

@@ -87,6 +87,30 @@ def write_checkpoint(path, state: dict, *, kind: str, fingerprint: dict) -> Path
     """Write ``state`` atomically to ``path`` (a temporary file in the same folder, then renamed).
 
     A failure leaves the previous checkpoint intact and no temporary file behind.
+
+    Parameters
+    ----------
+    path
+        Destination file (str or path-like); its folder must exist.
+    state
+        The training state: nested dicts (string keys not starting with ``__``, or any JSON-storable keys),
+        lists, tuples, numbers, strings, ``None``, torch tensors and numpy arrays. Tensors are stored on
+        the CPU.
+    kind
+        What was trained (e.g. the model class); :func:`read_checkpoint` refuses other kinds.
+    fingerprint
+        JSON-serialisable description of the data and settings (shapes, name hashes, world size, rank);
+        :func:`read_checkpoint` refuses a checkpoint whose fingerprint differs.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    TypeError
+        If ``state`` holds a value that cannot be stored.
     """
     from safetensors.torch import save_file
 
@@ -104,6 +128,32 @@ def read_checkpoint(path, *, kind: str, fingerprint: dict, device: str | torch.d
 
     Raises :class:`CheckpointError` for a missing, damaged or foreign file (a pickle included: it is
     never unpickled) and for a checkpoint of other data (different shapes, genes or cells).
+
+    Parameters
+    ----------
+    path
+        The checkpoint file (str or path-like).
+    kind
+        The kind the checkpoint must have been written for.
+    fingerprint
+        The fingerprint of the current data and settings; every key must match the saved one (compared
+        after a JSON round trip, so tuples and lists compare equal).
+    device
+        Where the tensors are loaded (a device string or :class:`torch.device`).
+
+    Returns
+    -------
+    dict
+        The state as given to :func:`write_checkpoint`: tensors on ``device``, numpy arrays as arrays,
+        tuples as tuples.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    CheckpointError
+        If ``path`` is a directory, not a dgdlens safetensors checkpoint, of another ``kind``, damaged or
+        incomplete, or written for another fingerprint.
     """
     from safetensors import SafetensorError, safe_open
 

@@ -131,9 +131,23 @@ class DecoderOnlyPlanConfig:
 
     @classmethod
     def names(cls) -> set[str]:
+        """The option names, e.g. to pick the plan's options out of a larger set of keyword arguments.
+
+        Returns
+        -------
+        set of str
+            The names of the dataclass fields.
+        """
         return {f.name for f in fields(cls)}
 
     def to_dict(self) -> dict:
+        """The options as a plain dict (for the saved model's ``train_config``).
+
+        Returns
+        -------
+        dict
+            ``{option name: value}`` for every field.
+        """
         return asdict(self)
 
 
@@ -219,26 +233,47 @@ class DecoderOnlyPlan(TrainingPlan):
     # ------------------------------------------------------------------ set-up
     @property
     def has_validation(self) -> bool:
+        """Whether a validation table was given and ``val_idx`` is non-empty."""
         return self.n_val > 0
 
     # the first block (the biological latent) under the names every caller used before blocks existed
     @property
     def full_train_table(self):
+        """The biological latents of every training sample (a :class:`~dgdlens.nn.RepresentationTable`,
+        ``n_train x n_latent``), the first block of ``full_train_tables``; ``None`` between :meth:`setup`
+        and the end of training under several processes."""
         return None if self.full_train_tables is None else self.full_train_tables[0]
 
     @property
     def full_val_table(self):
+        """The biological latents of every validation sample (first block of ``full_val_tables``), or
+        ``None`` without a validation split (and during training under several processes)."""
         return None if self.full_val_tables is None else self.full_val_tables[0]
 
     @property
     def train_table(self):
+        """This process's shard of the biological training latents (first block of ``train_tables``, on
+        the training device); only after :meth:`setup`."""
         return self.train_tables[0]
 
     @property
     def val_table(self):
+        """This process's shard of the biological validation latents, or ``None`` when there is no
+        validation split (or it has fewer samples than processes); only after :meth:`setup`."""
         return None if self.val_tables is None else self.val_tables[0]
 
     def setup(self, strategy, device) -> None:
+        """Check the processes agree, move the module to ``device`` (rank 0's weights everywhere), take this
+        process's shard of the training and validation latent tables (and covariates), build the loaders
+        and the optimisers of the decoder, the prior(s) and the latents.
+
+        Parameters
+        ----------
+        strategy
+            The runner's :class:`~dgdlens.train.Strategy`.
+        device
+            The resolved training device.
+        """
         super().setup(strategy, device)
         cfg, size = self.cfg, strategy.world_size
         self.check_same_everywhere(self.matrix.n_obs, self.matrix.n_vars, self.train_idx, self.n_val, cfg.batch_size,
@@ -303,10 +338,28 @@ class DecoderOnlyPlan(TrainingPlan):
                           if groups else None)
 
     def shared_parameters(self):
+        """The module's trainable parameters (decoder, likelihood, priors); the latents are sharded, not
+        shared.
+
+        Returns
+        -------
+        list of torch.nn.Parameter
+            Every parameter of the module with ``requires_grad``.
+        """
         return [p for p in self.module.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ schedules
     def on_epoch_start(self, epoch: int) -> None:
+        """Apply the epoch's schedules: the decoder learning-rate drop at ``lr_decay_epoch`` (re-creating the
+        decoder and prior optimisers with ``reset_optimizers_on_decay``), the mixture refit at
+        ``prior_refit_epoch``; then training mode, and with ``rep_step="epoch"`` clear the latents'
+        accumulated gradients.
+
+        Parameters
+        ----------
+        epoch
+            The 0-based epoch about to start.
+        """
         cfg = self.cfg
         if cfg.lr_decay_epoch is not None and not self._decayed and epoch >= cfg.lr_decay_epoch:
             self._decayed = True
@@ -346,9 +399,19 @@ class DecoderOnlyPlan(TrainingPlan):
 
     # ------------------------------------------------------------------ steps
     def train_batches(self):
+        """This process's shuffled training loader.
+
+        Returns
+        -------
+        BatchLoader
+            Yields :class:`~dgdlens.data.Batch` objects whose ``index`` are positions in this process's
+            training shard (rows of ``train_table``).
+        """
         return self.train_loader
 
     def zero_grad(self) -> None:
+        """Clear the decoder and prior gradients, and the latents' too with ``rep_step="batch"`` (with
+        ``"epoch"`` they accumulate over the epoch)."""
         self.opt_decoder.zero_grad(set_to_none=True)
         if self.opt_prior is not None:
             self.opt_prior.zero_grad(set_to_none=True)
@@ -370,6 +433,23 @@ class DecoderOnlyPlan(TrainingPlan):
         return loss, recon.detach().sum(), prior.detach().sum()
 
     def training_step(self, batch):
+        """Negative log joint of one batch: reconstruction NLL plus latent prior NLL, summed over samples,
+        plus the prior's own hyperprior NLL weighted by the batch size (``hyperprior="per_cell"``) or by
+        the batch's share of the training set (``"dataset"``); with ``rep_step="batch"`` also the L2
+        shrinkage of the batch's latents.
+
+        Parameters
+        ----------
+        batch
+            A :class:`~dgdlens.data.Batch` of the training loader.
+
+        Returns
+        -------
+        loss : torch.Tensor
+            Scalar loss to backpropagate.
+        sums : dict of str to torch.Tensor
+            ``recon`` and ``prior``: the batch's summed reconstruction and latent-prior NLLs (scalars).
+        """
         loss, recon, prior = self._batch_loss(batch, self.train_tables, self._cov_train)
         hyper = self.module.hyperprior_nll()
         n = len(batch.index)
@@ -378,6 +458,7 @@ class DecoderOnlyPlan(TrainingPlan):
         return loss + weight * hyper, {"recon": recon, "prior": prior}
 
     def optimizer_step(self) -> None:
+        """Step the decoder and prior optimisers, and the latents' with ``rep_step="batch"``."""
         self.opt_decoder.step()
         if self.opt_prior is not None:
             self.opt_prior.step()
@@ -385,10 +466,21 @@ class DecoderOnlyPlan(TrainingPlan):
             self.opt_rep.step()
 
     def on_epoch_end(self) -> None:
+        """With ``rep_step="epoch"``: one step of the training latents from the gradients accumulated over
+        the epoch."""
         if self.cfg.rep_step == "epoch":
             self.opt_rep.step()
 
     def validation_epoch(self) -> dict[str, torch.Tensor]:
+        """One optimisation pass of the validation latents with the module frozen (eval mode), as held-out
+        inference embeds new samples; the losses are those before the pass's update(s).
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            ``recon`` and ``prior``: summed NLLs over this process's validation samples (scalars), or ``{}``
+            without validation latents (no validation split, or fewer validation samples than processes).
+        """
         if self.val_loader is None:
             return {}
         per_epoch = self.cfg.rep_step == "epoch"
@@ -410,6 +502,21 @@ class DecoderOnlyPlan(TrainingPlan):
         return {"recon": recon_sum, "prior": prior_sum}
 
     def summarise(self, sums):
+        """The epoch's history row.
+
+        Parameters
+        ----------
+        sums
+            Process-summed statistics: ``recon``, ``prior`` and, with validation, ``val::recon`` and
+            ``val::prior``.
+
+        Returns
+        -------
+        dict of str to float
+            ``train_recon`` and ``train_prior`` (NLLs per training sample), ``train_loss`` (their sum),
+            ``hyperprior`` (the prior's hyperprior NLL at the last step) and, with validation,
+            ``val_recon`` and ``val_loss`` (per validation sample).
+        """
         n = self.n_train
         row = {"train_recon": float(sums["recon"]) / n, "train_prior": float(sums["prior"]) / n,
                "hyperprior": float(self._last_hyper)}
@@ -421,6 +528,9 @@ class DecoderOnlyPlan(TrainingPlan):
 
     # ------------------------------------------------------------------ end of training
     def on_train_end(self) -> None:
+        """With ``refit_prior_at_end``: refit the mixture by EM on (a sample of) the training latents and
+        polish every latent under it; then gather the full latent tables into ``full_train_tables`` and
+        ``full_val_tables`` on every process."""
         if self.cfg.refit_prior_at_end:
             self._refit_prior()
             self._polish()
@@ -496,13 +606,37 @@ class DecoderOnlyPlan(TrainingPlan):
                         t.z.copy_(z)
 
     def snapshot(self) -> dict:
+        """Copies of the module's weights and of this process's latent tables.
+
+        Returns
+        -------
+        dict
+            ``module`` (state dict), ``train_z``/``val_z`` (biological latents, ``val_z`` ``None`` without
+            validation) and, with covariates, ``train_cov_z``/``val_cov_z`` (lists, one per covariate).
+        """
         return {"module": copy.deepcopy(self.module.state_dict()), **self._tables_state(clone=True)}
 
     def restore(self, snapshot: dict) -> None:
+        """Load the weights and latents of a :meth:`snapshot`.
+
+        Parameters
+        ----------
+        snapshot
+            A dict returned by :meth:`snapshot`.
+        """
         self.module.load_state_dict(snapshot["module"])
         self._load_tables(snapshot)
 
     def state_dict(self) -> dict:
+        """The resumable state (this process's shard of the latents under several processes).
+
+        Returns
+        -------
+        dict
+            The :meth:`snapshot` entries (not copied), the optimiser states ``opt_decoder``, ``opt_prior``,
+            ``opt_rep``, ``opt_val_rep``, ``decayed`` (whether the learning-rate drop has happened) and the
+            batch-order generator states ``train_rng``/``val_rng``.
+        """
         return {
             "module": self.module.state_dict(),
             **self._tables_state(clone=False),
@@ -516,6 +650,14 @@ class DecoderOnlyPlan(TrainingPlan):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (after :meth:`setup`; rebuilds the optimisers first if the
+        learning-rate drop had happened).
+
+        Parameters
+        ----------
+        state
+            A dict as returned by :meth:`state_dict`.
+        """
         self.module.load_state_dict(state["module"])
         self._load_tables(state)
         self._decayed = bool(state["decayed"])
@@ -532,4 +674,11 @@ class DecoderOnlyPlan(TrainingPlan):
             self.val_loader.rng.bit_generator.state = state["val_rng"]
 
     def describe(self) -> dict:
+        """The training options.
+
+        Returns
+        -------
+        dict
+            The :class:`DecoderOnlyPlanConfig` as a dict.
+        """
         return self.cfg.to_dict()

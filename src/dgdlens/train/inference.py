@@ -72,6 +72,51 @@ def infer_latents(
        jointly is the same as optimising each sample alone.
 
     Returns ``(z, loss)``: latents (n, n_latent) and each sample's final NLL + prior NLL.
+
+    Parameters
+    ----------
+    module
+        The trained decoder-only module (decoder, likelihood, prior); put in eval mode and frozen while
+        the latents are fitted.
+    loader
+        The samples to embed, usually unshuffled (``samples x features`` counts, with per-sample scale
+        factors if the model uses them); batch ``index`` values place the results.
+    n_latent
+        Dimension of the latent space.
+    n_steps
+        Most Adam steps per batch after the candidate selection.
+    lr, betas
+        Adam learning rate and betas of the latent optimisation.
+    candidates
+        ``K x n_latent`` starting points (default: the mixture means for a Gaussian-mixture prior, else
+        the origin).
+    select_by
+        ``"recon+prior"`` or ``"recon"``: the score that picks each sample's candidate when
+        ``candidate_steps == 0``.
+    candidate_steps
+        Adam steps on every (sample, candidate) pair before choosing (``0``: choose at the candidates
+        themselves). Costs ``K`` times the memory and compute of a batch.
+    tol
+        Relative change of a batch's summed loss below which its optimisation stops early (``0``: never).
+    use_prior
+        Include the prior NLL in the objective (and the selection); ``False`` fits by reconstruction only.
+    progress
+        Show a tqdm bar over samples.
+    device
+        Device of the module and the loader's batches.
+
+    Returns
+    -------
+    z : numpy.ndarray
+        ``samples x n_latent`` float32 latents, in the loader's sample order.
+    loss : numpy.ndarray
+        ``(samples,)`` float32 final objective per sample: reconstruction NLL (summed over features) plus
+        prior NLL (reconstruction only with ``use_prior=False``).
+
+    Raises
+    ------
+    ValueError
+        If ``select_by`` is not ``"recon"`` or ``"recon+prior"``.
     """
     if select_by not in {"recon", "recon+prior"}:
         raise ValueError(f"select_by must be 'recon' or 'recon+prior', got {select_by!r}")
@@ -115,7 +160,32 @@ def infer_latents(
 def optimise_latents(objective, x, scale, z0, n_steps, lr, betas, tol) -> torch.Tensor:
     """Adam on latents ``z0`` (a batch, jointly: Adam is elementwise, so this equals one run per sample) for
     up to ``n_steps`` steps of ``objective(x, z, scale).sum()``; stops when it changes by less than ``tol``
-    (relative). The stopping check reads the loss on the host; it is off the training hot path."""
+    (relative). The stopping check reads the loss on the host; it is off the training hot path.
+
+    Parameters
+    ----------
+    objective
+        Callable ``objective(x, z, scale)`` returning the per-sample loss, shape ``(n,)`` (any shape whose
+        sum is the batch loss works). Whatever it uses besides ``z`` should be frozen.
+    x
+        Data of the batch, e.g. ``cells x genes`` counts; passed through to ``objective``.
+    scale
+        Per-sample scale factors (e.g. library sizes, ``(n,)``) or ``None``; passed through.
+    z0
+        ``n x d`` starting latents (not modified).
+    n_steps
+        Most Adam steps.
+    lr, betas
+        Adam learning rate and betas.
+    tol
+        Stop once the summed loss changes by at most ``tol`` times its previous value (``0``: run all
+        ``n_steps``).
+
+    Returns
+    -------
+    torch.Tensor
+        The optimised latents, ``n x d``, detached, on ``z0``'s device.
+    """
     z = z0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr, betas=betas)
     prev = None

@@ -27,7 +27,18 @@ __all__ = ["RunnerConfig", "Runner", "TrainingInterrupted"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training was stopped with Ctrl-C; ``checkpoint_path`` (if not ``None``) resumes it exactly."""
+    """Training was stopped with Ctrl-C; ``checkpoint_path`` (if not ``None``) resumes it exactly.
+
+    A :class:`KeyboardInterrupt`, so an uncaught one ends a script as Ctrl-C does.
+
+    Parameters
+    ----------
+    epoch
+        The number of epochs completed (the epoch a resume starts from).
+    checkpoint_path
+        The checkpoint written at the interruption, or ``None`` when no checkpoint path was set or the
+        write failed.
+    """
 
     def __init__(self, epoch: int, checkpoint_path: str | None) -> None:
         self.epoch = epoch
@@ -86,6 +97,13 @@ class RunnerConfig:
             self.checkpoint_path = str(self.checkpoint_path)
 
     def to_dict(self) -> dict:
+        """The settings as a plain dict (for the saved model's ``train_config``).
+
+        Returns
+        -------
+        dict
+            ``{setting name: value}`` for every field.
+        """
         return asdict(self)
 
 
@@ -122,11 +140,28 @@ class Runner:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
+        """Everything a bit-exact resume needs.
+
+        Returns
+        -------
+        dict
+            ``epoch`` (epochs completed), ``history`` (rows so far), ``best`` (best monitored value, its
+            epoch and the plan's snapshot), ``wait`` (epochs since the last improvement),
+            ``stopped_early``, ``torch_rng`` (torch's CPU generator state) and ``plan`` (the plan's
+            :meth:`~dgdlens.train.TrainingPlan.state_dict`).
+        """
         return {"epoch": self.epoch, "history": self.history, "best": self.best, "wait": self.wait,
                 "stopped_early": self.stopped_early, "torch_rng": torch.get_rng_state(),
                 "plan": self.plan.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (the plan must have been set up).
+
+        Parameters
+        ----------
+        state
+            A dict as returned by :meth:`state_dict`, e.g. read back from a checkpoint.
+        """
         self.plan.load_state_dict(state["plan"])
         self.history = [dict(row) for row in state["history"]]
         self.best = dict(state["best"])
@@ -140,7 +175,16 @@ class Runner:
         return None if path is None else self.strategy.checkpoint_path(path)
 
     def save_checkpoint(self) -> str | None:
-        """Write the checkpoint; a failure (full disk, unwritable path) warns and training goes on."""
+        """Write the checkpoint; a failure (full disk, unwritable path) warns and training goes on.
+
+        Under several processes every process writes its own shard file.
+
+        Returns
+        -------
+        str or None
+            The file written, or ``None`` when no ``checkpoint_path`` is configured or the write failed
+            (a :class:`RuntimeWarning` is issued and ``checkpoint_failures`` is incremented).
+        """
         path = self._checkpoint_file()
         if path is None:
             return None
@@ -154,6 +198,21 @@ class Runner:
         return path
 
     def load_checkpoint(self, path) -> None:
+        """Resume from a checkpoint of this kind of run on the same data (after the plan's set-up).
+
+        Parameters
+        ----------
+        path
+            The run's ``checkpoint_path``; under several processes each process reads its own shard of it.
+
+        Raises
+        ------
+        FileNotFoundError
+            If the checkpoint (or, under several processes, this process's shard) does not exist.
+        ~dgdlens.train.CheckpointError
+            If the file is not a checkpoint of this kind of run, or was written for other data, settings
+            or number of processes.
+        """
         file = self._checkpoint_file(str(path))
         if self.strategy.world_size > 1 and not Path(file).exists():
             raise FileNotFoundError(f"No checkpoint shard {file}: resume with the same number of processes "
@@ -200,7 +259,31 @@ class Runner:
 
     # ------------------------------------------------------------------ the loop
     def fit(self, *, resume_from=None) -> list[dict]:
-        """Train from epoch 0, or from a checkpoint with ``resume_from``; returns the history rows."""
+        """Train from epoch 0, or from a checkpoint with ``resume_from``; returns the history rows.
+
+        Runs epochs until ``max_epochs`` or early stopping, then restores the best epoch's weights (with
+        ``restore_best``) and calls the plan's ``on_train_end``. Torch's global random state is left as
+        it was.
+
+        Parameters
+        ----------
+        resume_from
+            Path of a checkpoint written by an earlier run with the same data and settings (``None``:
+            start from epoch 0).
+
+        Returns
+        -------
+        list of dict
+            One row per epoch run so far (including those before a resume): ``epoch``, the plan's
+            :meth:`~dgdlens.train.TrainingPlan.summarise` columns and ``time`` (seconds).
+
+        Raises
+        ------
+        TrainingInterrupted
+            After Ctrl-C: the current epoch is finished and a checkpoint written first.
+        FloatingPointError
+            When a loss column of the history becomes non-finite.
+        """
         cfg, plan = self.cfg, self.plan
         plan.setup(self.strategy, self.device)
         if resume_from is not None:
@@ -267,6 +350,14 @@ class Runner:
             )
 
     def summary(self) -> dict:
+        """A summary of the fit.
+
+        Returns
+        -------
+        dict
+            ``best_epoch`` (-1 if no epoch improved the monitored value), ``stopped_early``,
+            ``epochs_run``, ``fit_time_s`` (seconds in the epoch loop), ``strategy`` and ``world_size``.
+        """
         return {"best_epoch": int(self.best["epoch"]), "stopped_early": bool(self.stopped_early),
                 "epochs_run": len(self.history), "fit_time_s": float(self.fit_time),
                 "strategy": self.strategy.name, "world_size": int(self.strategy.world_size)}

@@ -69,9 +69,21 @@ class SAEPlan(TrainingPlan):
     # ------------------------------------------------------------------ set-up
     @property
     def has_validation(self) -> bool:
+        """Whether ``val_idx`` is non-empty (then early stopping watches ``val_loss``)."""
         return self.n_val > 0
 
     def setup(self, strategy, device) -> None:
+        """Check the processes agree, move the model and the data to ``device``, fit the normalisation and
+        the data-dependent initialisation (with ``prepare``), broadcast rank 0's weights, fix the batch
+        layout and the learning-rate and sparsity schedules, and build the Adam optimiser.
+
+        Parameters
+        ----------
+        strategy
+            The runner's :class:`~dgdlens.train.Strategy`.
+        device
+            The resolved training device.
+        """
         super().setup(strategy, device)
         model, cfg, size = self.model, self.cfg, strategy.world_size
         self.check_same_everywhere(self.rows.n_obs, self.rows.n_vars, self.train_idx, self.n_val, cfg.batch_size,
@@ -129,9 +141,27 @@ class SAEPlan(TrainingPlan):
 
     # ------------------------------------------------------------------ steps
     def on_epoch_start(self, epoch: int) -> None:
+        """Put the model in training mode (the schedules follow the step counter, not the epoch).
+
+        Parameters
+        ----------
+        epoch
+            The 0-based epoch about to start (unused).
+        """
         self.model.train()
 
     def train_batches(self):
+        """One epoch of this process's training rows in a fresh random order.
+
+        Yields
+        ------
+        index : torch.Tensor or numpy.ndarray
+            Rows of the embedding in this local batch (a device tensor when the data live on the device).
+        n : int
+            Rows in this local batch (the last batch of the epoch takes the remainder).
+        n_global : int
+            Rows in the matching global batch over all processes.
+        """
         order = self.rng.permutation(self.local_train)
         on_device = self.data.on_device
         index = torch.from_numpy(order).to(on_device) if on_device is not None else order  # one upload per epoch
@@ -142,6 +172,7 @@ class SAEPlan(TrainingPlan):
             yield index[start:stop], stop - start, (self.local_batch * size if j < last else self.last_global)
 
     def zero_grad(self) -> None:
+        """Clear the optimiser's gradients and the step's fire counts."""
         self.optimizer.zero_grad(set_to_none=True)
         self.fire_counts.grad = None
 
@@ -157,6 +188,28 @@ class SAEPlan(TrainingPlan):
         return loss, x_n, pre, f, x_hat, sq_err
 
     def training_step(self, batch):
+        """Loss and statistics of one batch at the current step's learning rate and sparsity coefficient.
+
+        The loss is the reconstruction MSE (per sample, or per sample and feature with
+        ``mse_convention="mean"``) plus the sparsity coefficient times the variant's sparsity loss plus its
+        auxiliary loss (AuxK) on the dead latents; under several processes it is weighted by
+        ``n / n_global``. The per-latent fire counts are stored as the gradient of ``fire_counts``.
+
+        Parameters
+        ----------
+        batch
+            ``(index, n, n_global)`` from :meth:`train_batches`.
+
+        Returns
+        -------
+        loss : torch.Tensor
+            Scalar loss to backpropagate.
+        sums : dict of str to torch.Tensor
+            Float64 sums over the batch: ``loss`` (loss x n), ``sq_err`` (squared error of the normalised
+            reconstruction), ``var`` (squared deviation of the normalised inputs from the data mean),
+            ``active`` (active latents), ``fires`` (``(n_latents,)`` rows each latent fired on), plus the
+            variant's ``training_statistics``.
+        """
         index, n, n_global = batch
         self.last_coef, self.last_lr = self._sparsity_coef(self.step), self.base_lr * self._lr_factor(self.step)
         for group in self.optimizer.param_groups:
@@ -178,10 +231,21 @@ class SAEPlan(TrainingPlan):
         return loss, stats
 
     def shared_parameters(self):
+        """The SAE's parameters plus the fire-count carrier, whose gradient all-reduce sums the step's
+        per-latent fire counts over processes.
+
+        Returns
+        -------
+        list of torch.nn.Parameter
+            ``[*model.parameters(), fire_counts]``.
+        """
         return [*self.model.parameters(), self.fire_counts]
 
     @torch.no_grad()
     def optimizer_step(self) -> None:
+        """Project out the decoder rows' radial gradient (``decoder_norm="unit"``), clip the gradient norm
+        (``grad_clip``), take the Adam step, renormalise the decoder rows, update the steps-since-fired
+        counters from the global fire counts, and advance the step counter."""
         model, cfg = self.model, self.cfg
         if cfg.decoder_norm == "unit" and model.W_dec.grad is not None:
             # remove the gradient component along each unit decoder row (it would only change the norm)
@@ -199,6 +263,14 @@ class SAEPlan(TrainingPlan):
 
     @torch.no_grad()
     def validation_epoch(self) -> dict[str, torch.Tensor]:
+        """Loss statistics of this process's validation rows (eval mode, full sparsity coefficient, no AuxK).
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            Float64 scalar sums ``loss``, ``sq_err``, ``var`` and ``active`` as in :meth:`training_step`;
+            ``{}`` without a validation split.
+        """
         if not self.has_validation:
             return {}
         self.model.eval()
@@ -214,6 +286,24 @@ class SAEPlan(TrainingPlan):
         return sums
 
     def summarise(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The epoch's history row; first hands the sums to the variant's ``end_training_epoch`` (BatchTopK's
+        running threshold).
+
+        Parameters
+        ----------
+        sums
+            Process-summed statistics of :meth:`training_step` and (``val::``-prefixed)
+            :meth:`validation_epoch`.
+
+        Returns
+        -------
+        dict of str to float
+            ``train_loss`` (per sample), ``train_fvu`` (fraction of variance unexplained), ``train_l0``
+            (active latents per sample), ``dead_fraction`` (latents that never fired this epoch),
+            ``dense_fraction`` (latents firing on more than ``dense_threshold`` of the samples), ``lr`` and
+            ``sparsity_coef`` (of the epoch's last step); with validation also ``val_loss``, ``val_fvu``
+            and ``val_l0``.
+        """
         self.model.end_training_epoch(sums)
         n, fires = self.n_train, sums["fires"]
         row = {"train_loss": float(sums["loss"]) / n,
@@ -241,15 +331,32 @@ class SAEPlan(TrainingPlan):
             yield self.data.rows(order[s:s + size], self.device)
 
     def on_train_end(self) -> None:
+        """Put the model in eval mode and run the variant's ``after_training`` (BatchTopK's threshold
+        calibration) on seeded full-size batches of all training rows, shared over the processes."""
         self.model.eval()
         self.model.after_training(self._calibration_batches(), self.strategy.reduce_sum)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        """The resumable state.
+
+        Returns
+        -------
+        dict
+            ``model`` (weights), ``optimizer`` (Adam state), ``since_fired`` (``(n_latents,)`` samples since
+            each latent last fired), ``step`` and ``rng`` (the batch order's generator state).
+        """
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "since_fired": self.since_fired, "step": self.step, "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (after :meth:`setup`).
+
+        Parameters
+        ----------
+        state
+            A dict as returned by :meth:`state_dict`.
+        """
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         with torch.no_grad():
@@ -258,12 +365,35 @@ class SAEPlan(TrainingPlan):
         self.rng.bit_generator.state = state["rng"]
 
     def snapshot(self) -> dict:
+        """A deep copy of the model's weights.
+
+        Returns
+        -------
+        dict
+            ``{"model": copied state dict}``.
+        """
         return {"model": copy.deepcopy(self.model.state_dict())}
 
     def restore(self, snapshot: dict) -> None:
+        """Load the model's weights from a :meth:`snapshot`.
+
+        Parameters
+        ----------
+        snapshot
+            A dict returned by :meth:`snapshot`.
+        """
         self.model.load_state_dict(snapshot["model"])
 
     def describe(self) -> dict:
+        """The settings derived at set-up (the hyperparameters themselves live in the model's config).
+
+        Returns
+        -------
+        dict
+            ``n_train``, ``n_val``, ``steps_per_epoch``, ``local_batch_size``, ``lr`` (base learning rate),
+            ``dead_after`` (samples without firing before a latent counts as dead), ``normalize_mean``
+            (list or ``None``) and ``normalize_scale``.
+        """
         return {"n_train": self.n_train, "n_val": self.n_val, "steps_per_epoch": self.steps_per_epoch,
                 "local_batch_size": self.local_batch, "lr": self.base_lr, "dead_after": int(self.dead_after),
                 "normalize_mean": None if self.normalize_mean is None else np.asarray(self.normalize_mean).tolist(),
