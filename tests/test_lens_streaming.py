@@ -241,3 +241,30 @@ def test_torchrun_ranks_share_the_passes_and_agree(planted, backed_file, tmp_pat
     got = tables[0]
     assert (got[KEY].astype(str).to_numpy() == ref[KEY].astype(str).to_numpy()).all()
     np.testing.assert_allclose(got["pval"], ref["pval"], rtol=1e-9)
+
+
+def test_a_misleading_first_chunk_costs_a_pass_not_a_wrong_table(planted, tmp_path):
+    # the first 4,096 cells hold integer counts, the rest are scaled (non-integer): the stream guesses
+    # "counts + split" from the first chunk, learns otherwise on the first pass and passes again
+    X = planted.counts.astype(np.float64).tolil()
+    X[SPLIT_BLOCK_ROWS:] = X[SPLIT_BLOCK_ROWS:] * 1.5
+    X = sp.csr_matrix(X)
+    path = tmp_path / "mixed.h5ad"
+    write_h5ad_in_chunks(path, [X], planted.gene_names)
+    stream = lens.StreamedExpression(path, chunk_cells=SPLIT_BLOCK_ROWS)
+    assert (stream.kind, stream.split_applied) == ("counts", True)  # the guess from the first chunk
+    res = _annotate(planted, path, chunk_cells=SPLIT_BLOCK_ROWS)
+    assert res.attrs["settings"]["count_split_applied"] is False
+    assert res.attrs["settings"]["expression_kind_detected"] == "means"
+    _assert_same_table(_annotate(planted, X), res, min_rows=10)
+
+
+def test_differential_expression_streams_a_backed_file(planted, backed_file):
+    features = planted.truth["feature"].to_numpy()[:3]
+    a = lens.differential_expression(planted.activations, planted.counts, features, gene_names=planted.gene_names)
+    b = lens.differential_expression(planted.activations, backed_file, features)
+    key = ["feature", "gene"]
+    a, b = a.sort_values(key, ignore_index=True), b.sort_values(key, ignore_index=True)
+    assert (a[key + ["direction"]].to_numpy() == b[key + ["direction"]].to_numpy()).all()
+    np.testing.assert_allclose(b["pval"], a["pval"], rtol=1e-9)
+    np.testing.assert_allclose(b["statistic"], a["statistic"], rtol=1e-9)

@@ -157,7 +157,7 @@ def annotate(
         prep = StreamedExpression(
             expression, gene_names, kind=settings["expression_kind"], target_sum=target_sum,
             count_split=settings["count_split"], split_seed=split_seed, chunk_cells=chunk_cells, progress=progress)
-        split_applied = prep.split_applied
+        split_applied = None  # known after the first pass (prep.split_applied)
     else:
         prep, split_applied = _prepare_in_memory(expression, gene_names, settings, target_sum, split_seed)
     clock.lap("prepare")
@@ -226,7 +226,8 @@ def annotate(
             min_group_cells=min_group_cells, pseudocount=pseudocount, de_alpha=de_alpha,
             min_log2fc=min_log2fc, max_genes=max_genes, max_padj=max_padj, seed=seed,
             expression_kind_detected=prep.kind, universe_size=index.universe_size, n_sets=index.n_sets,
-            n_tests=acc.n_tests_total, fdr=fdr, count_split_applied=split_applied, split_seed=split_seed,
+            n_tests=acc.n_tests_total, fdr=fdr, split_seed=split_seed,
+            count_split_applied=prep.split_applied if streaming else split_applied,  # a stream may re-decide
             streamed=streaming,
             n_bins=n_bins, collapse_jaccard=collapse_jaccard, **settings)
     )
