@@ -126,8 +126,9 @@ def write_checkpoint(path, state: dict, *, kind: str, fingerprint: dict) -> Path
 def read_checkpoint(path, *, kind: str, fingerprint: dict, device: str | torch.device = "cpu") -> dict:
     """Read a checkpoint written by :func:`write_checkpoint` for this ``kind`` and data.
 
-    Raises :class:`CheckpointError` for a missing, damaged or foreign file (a pickle included: it is
-    never unpickled) and for a checkpoint of other data (different shapes, genes or cells).
+    Raises :class:`FileNotFoundError` for a missing file and :class:`CheckpointError` for a damaged or
+    foreign one (a pickle included: it is never unpickled) and for a checkpoint of other data (different
+    shapes, genes or cells).
 
     Parameters
     ----------
