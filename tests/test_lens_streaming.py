@@ -268,3 +268,12 @@ def test_differential_expression_streams_a_backed_file(planted, backed_file):
     assert (a[key + ["direction"]].to_numpy() == b[key + ["direction"]].to_numpy()).all()
     np.testing.assert_allclose(b["pval"], a["pval"], rtol=1e-9)
     np.testing.assert_allclose(b["statistic"], a["statistic"], rtol=1e-9)
+
+
+def test_streaming_checks_the_de_options_like_the_in_memory_path(planted, backed_file):
+    for kw, match in (({"variance_guard": "nope"}, "variance_guard"), ({"pseudocount": 0}, "pseudocount"),
+                      ({"test": "anova"}, "test must be")):
+        with pytest.raises(ValueError, match=match):
+            _annotate(planted, planted.counts, **kw)
+        with pytest.raises(ValueError, match=match):
+            _annotate(planted, backed_file, **kw)

@@ -204,6 +204,16 @@ def _welch_guarded(n_h, mean_h, var_h, n_l, mean_l, var_l, guard):
     return welch_t(mean_h, var_h, nh, mean_l, var_l, nl)
 
 
+def check_de_options(test: str, variance_guard, pseudocount: float) -> None:
+    """Raise for a test, variance guard or pseudocount the DE does not know (shared by both paths)."""
+    if test not in _TESTS:
+        raise ValueError(f"test must be one of {_TESTS}, got {test!r}.")
+    if variance_guard not in _GUARDS:
+        raise ValueError(f"variance_guard must be one of {_GUARDS}, got {variance_guard!r}.")
+    if pseudocount <= 0:
+        raise ValueError(f"pseudocount must be positive, got {pseudocount}.")
+
+
 def log2_fold_change(mean_high, mean_low, pseudocount: float) -> np.ndarray:
     """``log2((expm1(m_high) + pc) / (expm1(m_low) + pc))`` for log1p-scale group means."""
     return (np.log(np.expm1(mean_high) + pseudocount) - np.log(np.expm1(mean_low) + pseudocount)) / np.log(2.0)
@@ -223,12 +233,7 @@ def iter_de_chunks(
     desc: str = "DE",
 ) -> Iterator[DEChunk]:
     """Yield :class:`DEChunk` for all analysed features, chunk by chunk (in order of low-group prefix)."""
-    if test not in _TESTS:
-        raise ValueError(f"test must be one of {_TESTS}, got {test!r}.")
-    if variance_guard not in _GUARDS:
-        raise ValueError(f"variance_guard must be one of {_GUARDS}, got {variance_guard!r}.")
-    if pseudocount <= 0:
-        raise ValueError(f"pseudocount must be positive, got {pseudocount}.")
+    check_de_options(test, variance_guard, pseudocount)
     chunk = chunk_size or auto_chunk_size(prep.n_genes)
     # prefix sums grow monotonically, so walk the features in order of their low-group prefix length
     order = np.argsort(groups.low_k, kind="stable")

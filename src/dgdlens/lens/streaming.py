@@ -51,7 +51,7 @@ import scipy.sparse as sp
 from .. import _dist
 from ..data import RowMatrix
 from ._kernels import group_moments
-from .de import DEChunk, PrefixSums, auto_chunk_size, stats_from_moments, t_test_chunk
+from .de import DEChunk, PrefixSums, auto_chunk_size, check_de_options, stats_from_moments, t_test_chunk
 from .expression import PreparedExpression, ValueFacts, check_gene_names, detect_expression_kind, prepare_block
 from .groups import FeatureGroups
 from .splitting import SPLIT_BLOCK_ROWS, split_rows
@@ -491,13 +491,12 @@ def iter_streamed_de_chunks(
     """:func:`dgdlens.lens.de.iter_de_chunks` over a :class:`StreamedExpression`: one pass over the cells
     per block of features (as many features per block as ``max_memory`` allows), then the DE of the
     block ``chunk_size`` features at a time. ``progress`` is the stream's own setting."""
+    check_de_options(test, variance_guard, pseudocount)
     if test != "t-test":
         raise ValueError(
             f"test={test!r} cannot stream: a rank test needs every group's values in memory. Use the t-test "
             "(the default) on backed data, or load the expression (adata.to_memory()) for the Wilcoxon test."
         )
-    if pseudocount <= 0:
-        raise ValueError(f"pseudocount must be positive, got {pseudocount}.")
     if groups.n_cells != stream.n_cells:
         raise ValueError(
             f"activations have {groups.n_cells} cells (rows) but expression has {stream.n_cells}; "
