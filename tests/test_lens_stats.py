@@ -29,6 +29,17 @@ def test_hypergeom_pvalues_equal_scipy_including_tiny_tails():
     assert ours[-1] == 1.0 and ours[-3] < 1e-300
 
 
+def test_hypergeom_pvalues_refuse_values_outside_the_universe():
+    # before, (K=0, n=12, k=5, N=10) aliased the packed key of another triple and returned 0.5
+    np.testing.assert_allclose(hypergeom_pvalues([3, 6], [8, 8], [5, 7], 10),
+                               stats.hypergeom.sf(np.array([2, 5]), 10, [8, 8], [5, 7]), rtol=1e-12)
+    assert hypergeom_pvalues(6, 5, 5, 10)[0] == 0.0  # an overlap larger than the set: probability 0
+    for args, match in (((0, 12, 5, 10), "n \\(set size\\)"), ((0, 5, 11, 10), "k \\(selection size\\)"),
+                        ((-1, 5, 5, 10), "K \\(overlap\\)"), ((0, 5, 5, -3), "N"), ((1.5, 5, 5, 10), "integers")):
+        with pytest.raises(ValueError, match=match):
+            hypergeom_pvalues(*args)
+
+
 def test_bh_matches_scipy_and_grouped_bh_counts_missing_tests_as_one():
     rng = np.random.default_rng(1)
     p = rng.uniform(size=500) ** 3

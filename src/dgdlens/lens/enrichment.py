@@ -199,8 +199,8 @@ def hypergeom_pvalues(K, n, k, N: int) -> np.ndarray:
     k
         Selection sizes: selected universe genes (same length as ``K``, or a scalar).
     N
-        Universe size, shared by all tests. Every value must satisfy ``0 <= K``, ``n <= N``, ``k <= N``;
-        they are not checked here.
+        Universe size, shared by all tests. Every value must satisfy ``0 <= K <= N``, ``0 <= n <= N`` and
+        ``0 <= k <= N`` (a ``ValueError`` says which does not); ``K`` above ``min(n, k)`` gives 0.
 
     Returns
     -------
@@ -208,7 +208,24 @@ def hypergeom_pvalues(K, n, k, N: int) -> np.ndarray:
         1-D ``float64`` p-values, one per (K, n, k) triple; the inputs are flattened, so a 2-D input comes
         back raveled (C order). Empty input gives an empty array.
     """
+    _check_hypergeom_args(K, n, k, N)
     return np.exp(_hypergeom_logp(K, n, k, N))
+
+
+def _check_hypergeom_args(K, n, k, N) -> None:
+    # the fast path packs (K, n, k) into one integer key; a value outside [0, N] would silently alias
+    # another triple, so out-of-range input is an error here rather than a wrong p-value
+    if int(N) != N or N < 0:
+        raise ValueError(f"N (the universe size) must be a non-negative integer, got {N!r}.")
+    for name, values in (("K (overlap)", K), ("n (set size)", n), ("k (selection size)", k)):
+        arr = np.asarray(values)
+        if arr.size == 0:
+            continue
+        if not np.issubdtype(arr.dtype, np.integer) and not np.all(arr == np.round(arr)):
+            raise ValueError(f"{name} must hold integers.")
+        if arr.min() < 0 or arr.max() > N:
+            raise ValueError(f"{name} must lie in [0, N={int(N)}], got values in [{arr.min()}, {arr.max()}]; "
+                             "count sets and selections within the universe.")
 
 
 def _hypergeom_logp(K, n, k, N: int) -> np.ndarray:
