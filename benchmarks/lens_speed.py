@@ -39,6 +39,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "2")
 import numpy as np  # noqa: E402
 
 import dgdlens.lens as lens  # noqa: E402
+from dgdlens._io import atomic_path, atomic_write_text  # noqa: E402
 
 
 def load() -> str:
@@ -127,8 +128,10 @@ def backed(args) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             data = lens.write_planted_h5ad(h5ad, **simulation_kwargs(args), block_cells=4096)
-            sp.save_npz(acts, data.activations, compressed=False)
-            meta.write_text(json.dumps({"truth": data.truth.to_dict(orient="list")}))
+            # written whole or not at all: a later run reuses these files when all three exist
+            with atomic_path(acts) as tmp:
+                sp.save_npz(tmp, data.activations, compressed=False)
+            atomic_write_text(meta, json.dumps({"truth": data.truth.to_dict(orient="list")}))
             print(f"wrote {h5ad} ({h5ad.stat().st_size / 1e9:.1f} GB) and {acts.name} in "
                   f"{time.perf_counter() - t0:.0f} s (not part of the timing)")
         cmd = [sys.executable, __file__, "--stage", "run", *sys.argv[1:]]

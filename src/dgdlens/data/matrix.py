@@ -20,7 +20,7 @@ import scipy.sparse as sp
 import torch
 
 __all__ = ["RowMatrix", "validate_counts", "CountValidationError", "write_h5ad_in_chunks", "write_h5ad_out_of_core",
-           "read_zarr_backed"]
+           "read_zarr_backed", "open_row_matrix"]
 
 
 class CountValidationError(ValueError):
@@ -261,6 +261,45 @@ class _ColumnSubset(RowMatrix):
 
     def read_rows(self, index, *, max_gap: int = 64):
         return self.parent.read_rows(index, max_gap=max_gap)[:, self.columns]
+
+
+def open_row_matrix(source) -> tuple[RowMatrix, np.ndarray | None]:
+    """Row access to ``source`` and its column names when it carries them.
+
+    ``source`` may be a path to an ``.h5ad`` file (opened backed: its ``X``) or a ``.zarr`` store
+    (:func:`read_zarr_backed`), a backed AnnData (its ``X``), a DataFrame (columns = names), or anything
+    :class:`RowMatrix` wraps (names ``None``). Nothing is loaded whole.
+
+    Parameters
+    ----------
+    source
+        The matrix or where it lives.
+
+    Returns
+    -------
+    tuple
+        ``(RowMatrix, names or None)``; names as a numpy array of strings.
+    """
+    from pathlib import Path
+
+    import pandas as pd
+
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist; pass the path of an .h5ad file or a .zarr store.")
+        if path.suffix == ".zarr" or path.is_dir():
+            adata = read_zarr_backed(path)
+        else:
+            import anndata
+
+            adata = anndata.read_h5ad(path, backed="r")
+        return RowMatrix(adata.X), np.asarray(adata.var_names.astype(str))
+    if hasattr(source, "isbacked") and hasattr(source, "var_names"):
+        return RowMatrix(source.X), np.asarray(source.var_names.astype(str))
+    if isinstance(source, pd.DataFrame):
+        return RowMatrix(source.to_numpy()), source.columns.astype(str).to_numpy()
+    return RowMatrix(source), None
 
 
 def _block_values(block) -> np.ndarray:

@@ -41,7 +41,8 @@ from .expression import prepare_expression
 from .groups import make_feature_groups
 from .paper import PAPER_SETTINGS, PaperAccumulator
 from .splitting import maybe_split as _maybe_split
-from .streaming import StreamedExpression, is_streamable, iter_streamed_de_chunks, open_matrix
+from ..data.matrix import open_row_matrix
+from .streaming import StreamedExpression, iter_streamed_de_chunks, use_stream
 
 __all__ = ["annotate"]
 
@@ -152,7 +153,7 @@ def annotate(
         raise ValueError(f"max_genes must be a positive integer or None, got {max_genes}.")
     clock = _Clock(timings)
 
-    streaming = _use_stream(stream, expression)
+    streaming = use_stream(stream, expression)
     if streaming:
         prep = StreamedExpression(
             expression, gene_names, kind=settings["expression_kind"], target_sum=target_sum,
@@ -272,20 +273,12 @@ def _gene_means(prep) -> np.ndarray:
     return np.asarray(prep.X.sum(axis=0, dtype=np.float64)).ravel() / prep.n_cells
 
 
-def _use_stream(stream, expression) -> bool:
-    if stream not in ("auto", True, False):
-        raise ValueError(f"stream must be 'auto', True or False, got {stream!r}.")
-    if hasattr(expression, "kind") and hasattr(expression, "scale"):  # already prepared
-        return isinstance(expression, StreamedExpression)
-    return is_streamable(expression) if stream == "auto" else bool(stream)
-
-
 def _prepare_in_memory(expression, gene_names, settings: dict, target_sum: float, split_seed: int):
     """(PreparedExpression, whether the count split was applied) for data in memory (or loaded whole)."""
     if hasattr(expression, "kind") and hasattr(expression, "scale"):
         return expression, False
     if isinstance(expression, (str, Path)) or getattr(expression, "isbacked", False):
-        matrix, file_names = open_matrix(expression)
+        matrix, file_names = open_row_matrix(expression)
         expression, gene_names = matrix._slice(0, matrix.n_obs), file_names if gene_names is None else gene_names
     expression, split_applied = _maybe_split(expression, settings["count_split"], split_seed)
     return prepare_expression(expression, gene_names, kind=settings["expression_kind"],

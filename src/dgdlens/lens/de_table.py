@@ -11,7 +11,7 @@ from .de import _check_rows, iter_de_chunks
 from .expression import PreparedExpression, prepare_expression
 from .groups import make_feature_groups
 from .splitting import maybe_split
-from .streaming import StreamedExpression, is_streamable, iter_streamed_de_chunks
+from .streaming import StreamedExpression, iter_streamed_de_chunks, use_stream
 
 __all__ = ["differential_expression"]
 
@@ -79,11 +79,11 @@ def differential_expression(
         DataFrame with one row per (feature, gene): ``feature, gene, mean_high, mean_low, log2fc, statistic,
         df, pval, padj, direction`` (``"up"``/``"down"`` for selected genes, else ``""``), ``n_high, n_low``.
     """
-    streaming = not isinstance(expression, PreparedExpression) and (
-        is_streamable(expression) if stream == "auto" else bool(stream))
+    streaming = use_stream(stream, expression)
     if streaming:
-        prep = StreamedExpression(expression, gene_names, kind=expression_kind, target_sum=target_sum,
-                                  count_split=count_split, split_seed=split_seed, chunk_cells=chunk_cells)
+        prep = expression if isinstance(expression, StreamedExpression) else StreamedExpression(
+            expression, gene_names, kind=expression_kind, target_sum=target_sum, count_split=count_split,
+            split_seed=split_seed, chunk_cells=chunk_cells)
     else:
         if not isinstance(expression, PreparedExpression):
             expression, _ = maybe_split(expression, count_split, split_seed)

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..data import RowMatrix
+from ..data.matrix import open_row_matrix
 
 __all__ = ["FeatureGroups", "make_feature_groups", "as_activation_matrix", "column_percentiles"]
 
@@ -118,8 +118,8 @@ def _on_disk(activations) -> bool:
 
 def _read_sparse_in_chunks(source, chunk_cells: int = 16384) -> sp.csr_matrix:
     """Activations stored on disk, read ``chunk_cells`` rows at a time and kept sparse (only the non-zeros
-    are ever held): a ``.npy`` file (memory-mapped), an ``.npz`` sparse matrix, an ``.h5ad`` whose ``X``
-    holds them, an h5py dataset or a backed sparse dataset."""
+    are ever held): a ``.npy`` file (memory-mapped), an ``.npz`` sparse matrix, an ``.h5ad`` or ``.zarr``
+    whose ``X`` holds them, an h5py dataset or a backed sparse dataset."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
@@ -128,13 +128,9 @@ def _read_sparse_in_chunks(source, chunk_cells: int = 16384) -> sp.csr_matrix:
             return sp.load_npz(path).tocsr()  # already sparse (load_npz never unpickles)
         if path.suffix == ".npy":
             source = np.load(path, mmap_mode="r", allow_pickle=False)
-        elif path.suffix == ".h5ad":
-            import anndata
-
-            source = anndata.read_h5ad(path, backed="r").X
-        else:
-            raise ValueError(f"activations file {path}: expected .npy, .npz or .h5ad (its X).")
-    matrix = RowMatrix(source)
+        elif path.suffix not in (".h5ad", ".zarr"):
+            raise ValueError(f"activations file {path}: expected .npy, .npz, .h5ad or .zarr (its X).")
+    matrix = open_row_matrix(source)[0]
     blocks = []
     for _, _, block in matrix.iter_chunks(chunk_cells):
         block = sp.csr_matrix(block, dtype=np.float64)

@@ -49,16 +49,26 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .. import _dist
-from ..data import RowMatrix
+from ..data.matrix import open_row_matrix
 from ._kernels import group_moments
 from .de import DEChunk, PrefixSums, auto_chunk_size, check_de_options, stats_from_moments, t_test_chunk
 from .expression import PreparedExpression, ValueFacts, check_gene_names, detect_expression_kind, prepare_block
 from .groups import FeatureGroups
 from .splitting import SPLIT_BLOCK_ROWS, split_rows
 
-__all__ = ["StreamedExpression", "is_streamable", "open_matrix", "iter_streamed_de_chunks"]
+__all__ = ["StreamedExpression", "is_streamable", "use_stream", "iter_streamed_de_chunks"]
 
 _KINDS = ("auto", "counts", "lognorm", "means", "raw")
+
+
+def use_stream(stream, expression) -> bool:
+    """Whether to stream ``expression``: ``stream="auto"`` streams what lives on disk (see
+    :func:`is_streamable`), ``True``/``False`` force it; an already prepared matrix keeps its kind."""
+    if stream not in ("auto", True, False):
+        raise ValueError(f"stream must be 'auto', True or False, got {stream!r}.")
+    if hasattr(expression, "kind") and hasattr(expression, "scale"):  # already prepared
+        return isinstance(expression, StreamedExpression)
+    return is_streamable(expression) if stream == "auto" else bool(stream)
 
 
 def is_streamable(expression) -> bool:
@@ -69,32 +79,6 @@ def is_streamable(expression) -> bool:
         return False
     return getattr(expression, "isbacked", False) or hasattr(expression, "to_memory") or (
         type(expression).__module__.startswith("h5py"))
-
-
-def open_matrix(expression) -> tuple[RowMatrix, np.ndarray | None]:
-    """(row access to ``expression``, gene names when the source carries them).
-
-    ``expression`` may be a path to an ``.h5ad`` file (opened backed, its ``X``) or a ``.zarr`` store, a
-    backed AnnData (its ``X``), or anything :class:`dgdlens.data.RowMatrix` wraps.
-    """
-    if isinstance(expression, (str, Path)):
-        path = Path(expression)
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist; pass the path of an .h5ad file or a .zarr store.")
-        import anndata
-
-        if path.suffix == ".zarr" or path.is_dir():
-            from ..data.matrix import read_zarr_backed
-
-            adata = read_zarr_backed(path)
-        else:
-            adata = anndata.read_h5ad(path, backed="r")
-        return RowMatrix(adata.X), np.asarray(adata.var_names.astype(str))
-    if hasattr(expression, "isbacked") and hasattr(expression, "var_names"):
-        return RowMatrix(expression.X), np.asarray(expression.var_names.astype(str))
-    if isinstance(expression, pd.DataFrame):
-        return RowMatrix(expression.to_numpy()), expression.columns.astype(str).to_numpy()
-    return RowMatrix(expression), None
 
 
 class StreamedExpression:
@@ -131,7 +115,7 @@ class StreamedExpression:
             raise ValueError(f"count_split must be 'auto', True or False, got {count_split!r}.")
         if chunk_cells < 1:
             raise ValueError(f"chunk_cells must be a positive integer, got {chunk_cells}.")
-        self.matrix, file_names = open_matrix(expression)
+        self.matrix, file_names = open_row_matrix(expression)
         self.gene_names = check_gene_names(file_names if gene_names is None else gene_names, self.matrix.n_vars)
         if self.n_cells < 2 or self.n_genes < 1:
             raise ValueError(f"expression needs at least 2 cells and 1 gene, got shape {self.matrix.shape}.")
