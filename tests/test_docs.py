@@ -29,7 +29,7 @@ DOCS = ROOT / "docs"
 # The public modules documented in the API reference. ``dgdlens.pl`` is an alias of ``dgdlens.plotting``.
 PUBLIC_MODULES = [
     "dgdlens", "dgdlens.tl", "dgdlens.plotting", "dgdlens.models", "dgdlens.train", "dgdlens.sae",
-    "dgdlens.lens", "dgdlens.evaluate", "dgdlens.data", "dgdlens.nn", "dgdlens.sim", "dgdlens.steer",
+    "dgdlens.lens", "dgdlens.evaluate", "dgdlens.data", "dgdlens.nn", "dgdlens.sim", "dgdlens.steer", "dgdlens.perturb",
     "dgdlens.report",
 ]
 

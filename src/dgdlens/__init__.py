@@ -11,10 +11,11 @@ from ._version import __version__  # noqa: E402
 
 from . import data, evaluate, lens, models, nn, plotting, report, sae, sim, tl, train  # noqa: E402
 from .models import DGD, Autoencoder, DecoderOnly  # noqa: E402
+from .perturb import gene2peak  # noqa: E402
 from .steer import steer  # noqa: E402
 
 # scanpy-style aliases: plotting is also reachable as dl.pl
 pl = plotting
 
-__all__ = ["DGD", "DecoderOnly", "Autoencoder", "steer", "data", "evaluate", "lens", "models", "nn", "plotting",
+__all__ = ["DGD", "DecoderOnly", "Autoencoder", "steer", "gene2peak", "data", "evaluate", "lens", "models", "nn", "plotting",
            "pl", "report", "sae", "sim", "tl", "train", "__version__"]

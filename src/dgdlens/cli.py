@@ -329,9 +329,13 @@ def _demo_parser(sub, common) -> None:
     p.add_argument("-o", "--out", default="dgdlens-demo", metavar="DIR", help="output directory")
     p.add_argument("--quick", action="store_true",
                    help="a fast, rough run (few epochs) to check that everything works")
+    p.add_argument("--multiome", action="store_true",
+                   help="simulated paired RNA + ATAC instead (offline): a two-modality DGD with a batch covariate, "
+                        "cross-modal prediction of held-out cells, the lens on genes and on peaks, steering read "
+                        "out in both modalities; writes mdata.h5mu instead of adata.h5ad")
     p.add_argument("--epochs", dest="max_epochs", type=_positive_int, metavar="N",
                    help="maximum DGD epochs (max_epochs= of run_demo; default: 500 with early stopping; "
-                        "15 with --quick)")
+                        "15 with --quick; --multiome: 100, 25 with --quick, no early stopping)")
     _add_device(p)
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed")
     p.add_argument("--overwrite", action="store_true",
@@ -928,7 +932,8 @@ def _cmd_demo(args) -> None:
     from .demo import run_demo
 
     run_demo(args.out, quick=args.quick, max_epochs=args.max_epochs, device=args.device, seed=args.seed,
-             progress=args.progress, num_threads=args.threads or 1, echo=_echo, overwrite=args.overwrite)
+             progress=args.progress, num_threads=args.threads or 1, echo=_echo, overwrite=args.overwrite,
+             multiome=args.multiome)
 
 
 # ----------------------------------------------------------------------------------------------- entry point

@@ -69,6 +69,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -816,15 +817,51 @@ def count_split_nll(model, adata, *, layer: str | None = None, p: float = 0.5, s
 
     Returns
     -------
-    pandas.Series
+    pandas.Series or pandas.DataFrame
         float64 NLL of part B per cell (nats, summed over genes), indexed by cell name (or 0..n-1 for a
-        matrix), named ``"count_split_nll"``.
+        matrix), named ``"count_split_nll"``. For a multi-modal DGD (``adata`` a MuData): a DataFrame with
+        one column per modality (each modality thinned with ``p``, the latent inferred from every A part,
+        each B part scored by its own likelihood at its B library; NaN where a cell has no B counts in a
+        modality or no A counts at all).
     """
+    if getattr(model, "is_multimodal", False):
+        return _modalities_count_split(model, adata, p, seed, infer_kwargs)
     m = _as_split_model(model, infer_kwargs)
     X, obs = _held_out_counts(model, adata, layer)
     x_a, x_b = binomial_split(X, p, seed)
     genes = np.arange(X.shape[1])
     return _score_split(m, x_a, genes, x_b, genes, obs, "count_split_nll")
+
+
+def _modalities_count_split(model, mdata, p: float, seed: int, infer_kwargs: dict) -> pd.DataFrame:
+    """Count splitting for a multi-modal DGD: every modality's counts are thinned with the same ``p``; the
+    latent is inferred from all the A parts (the model's own inference), each modality's B part is scored
+    with its own likelihood and B library (a binary modality: B binarised, at B's depth)."""
+    import mudata as md  # a dependency; imported here because importing it takes a while
+
+    if type(mdata).__name__ != "MuData":
+        raise ValueError("Count splitting a multi-modal model needs the held-out cells as a MuData.")
+    names = [n for n in model.modality_names if n in mdata.mod]
+    parts_a, parts_b = {}, {}
+    for j, name in enumerate(names):
+        mod = mdata.mod[name]
+        x_a, x_b = binomial_split(sp.csr_matrix(mod.X), p, seed + j)
+        parts_a[name] = ad.AnnData(x_a, obs=mod.obs[[]].copy(), var=mod.var[[]].copy())
+        parts_b[name] = ad.AnnData(x_b, obs=mod.obs[[]].copy(), var=mod.var[[]].copy())
+    a_mdata, b_mdata = md.MuData(parts_a), md.MuData(parts_b)
+    lib_a = model.get_library_sizes(a_mdata)
+    seen = lib_a.sum(1) > 0  # a cell with nothing in part A cannot be embedded from it
+    out = pd.DataFrame(np.nan, index=pd.Index(a_mdata.obs_names), columns=names, dtype=np.float64)
+    if not seen.any():
+        return out
+    a_kept, b_kept = a_mdata[seen].copy(), b_mdata[seen].copy()
+    z = model.get_latent_representation(a_kept, **infer_kwargs)
+    lib_b = model.get_library_sizes(b_kept)
+    for name in names:
+        m = model.modality_names.index(name)
+        nll = model.get_reconstruction_error(b_kept, z=z, modality=name, per_sample=True)
+        out.loc[seen, name] = np.where(lib_b[:, m] > 0, nll, np.nan)
+    return out
 
 
 def gene_split_nll(model, adata, *, layer: str | None = None, fraction: float = 0.5, seed: int = 0,

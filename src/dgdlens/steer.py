@@ -158,6 +158,43 @@ def _covariate_input(model, data, layer, transform_batch, n: int):
     return model.covariate_input(n_cells=n, transform_batch=transform_batch)
 
 
+class _ModalityView:
+    """One modality of a multi-modal model, seen as a one-modality model by steering: decodes that modality's
+    head only (its means at the cells' library in it, or its composition), its features as ``var_names``;
+    everything else (prior, covariate inputs, latents) is the model's own."""
+
+    def __init__(self, model, modality: str):
+        self._model = model
+        self._m = model._modality_index(modality)
+        self._cols = model._modality_columns(modality)
+        self.var_names = model.modality_var_names(modality)
+        self.modality = modality
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def decode_latent(self, z, library_size=None, *, extra=None, transform_batch=None, batch_size: int = 2048):
+        lib = None
+        if library_size is not None:
+            one = np.broadcast_to(np.asarray(library_size, dtype=np.float32).reshape(-1), (len(z),))
+            lib = np.zeros((len(z), len(self._model.modality_names)), dtype=np.float32)
+            lib[:, self._m] = one
+        out = self._model.decode_latent(z, lib, extra=extra, transform_batch=transform_batch, batch_size=batch_size)
+        return out[:, self._cols]
+
+
+def _for_modality(model, modality: str | None):
+    """The model itself, or for a multi-modal model the view of the modality steering decodes."""
+    if not getattr(model, "is_multimodal", False):
+        if modality is not None:
+            raise ValueError("modality= is for models built on several modalities.")
+        return model
+    if modality is None:
+        raise ValueError(f"This model has several modalities {model.modality_names}; say which one steering decodes "
+                         "(modality='rna', or run it once per modality).")
+    return _ModalityView(model, modality)
+
+
 def _decode(model, z, lib, extra):
     return model.decode_latent(z, lib) if extra is None else model.decode_latent(z, lib, extra=extra)
 
@@ -244,7 +281,8 @@ def steer(
     min_log2fc: float = 0.25, top_genes: int = 200, enrichment_kwargs: dict | None = None, seed: int = 0,
     device: str | torch.device | None = None, n_controls: int = 200, feature_controls: bool = True,
     max_feature_controls: int = 500, control: str = "random", reference=None,
-    manifold_quantile: float = 1.0, transform_batch=None, max_cells: int | None = 10_000) -> SteerResult:
+    manifold_quantile: float = 1.0, transform_batch=None, max_cells: int | None = 10_000,
+    modality: str | None = None) -> SteerResult:
     """Change one SAE feature, move the latents along its decoder direction, decode, and compare.
 
     Parameters
@@ -307,6 +345,10 @@ def steer(
         Seeds the control directions.
     device
         Where the SAE encodes and the model decodes (moves both there); default: where they are.
+    modality
+        For a model with several modalities (:class:`dgdlens.DGD` on a MuData): the modality whose head is
+        decoded (``"rna"``: genes; ``"atac"``: peaks, whose decoded means are accessibility probabilities for
+        a binary modality, at each cell's own depth). Run once per modality to read an edit in both.
 
     Returns
     -------
@@ -326,7 +368,11 @@ def steer(
         sae.to(dev)
         if hasattr(model, "_to"):
             model._to(dev)
+    view = _for_modality(model, modality)
     z_all, lib_all = _latents_and_library(model, adata_or_latents, layer, use_rep, library_size)
+    if view is not model and library_size is None and lib_all is not None:
+        lib_all = np.asarray(lib_all)[:, view._m]  # the cells' library in the decoded modality
+    model = view
     if z_all.ndim != 2 or z_all.shape[1] != sae.d_in:
         raise ValueError(f"Latents must have shape (cells, {sae.d_in}) to match the SAE, got {z_all.shape}.")
     if not np.all(np.isfinite(z_all)):

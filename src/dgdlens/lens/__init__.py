@@ -6,6 +6,7 @@
 >>> dl.tl.annotate_features(adata, use_rep="X_sae")   # the AnnData verb: adata.uns["dgdlens_lens"]
 >>> dl.lens.gene_sets("hallmark"), dl.lens.read_gmt("my.gmt"), dl.lens.enrich(genes, universe)
 >>> dl.lens.classify_features(F, adata.obs["cell_type"])   # local / global features
+>>> dl.lens.annotate(F, atac.X, atac.var_names, dl.lens.peak_sets(programs, links), use_aliases=False)  # peaks
 
 Bundled collections (offline, human symbols): ``go_bp``, ``go_mf``, ``go_cc`` (GO 2022-07-01, propagated),
 ``hallmark`` and ``reactome_wp_pid`` (MSigDB v7.5.1); see :func:`available_gene_sets` for attribution.
@@ -28,6 +29,7 @@ from .genesets import (
     write_gmt,
 )
 from .groups import make_feature_groups
+from .peaksets import nearest_gene_links, peak_sets
 from .simulate import PlantedData, planted_data, write_planted_h5ad
 from .splitting import split_counts
 from .streaming import StreamedExpression
@@ -38,4 +40,5 @@ __all__ = [
     "GeneSets", "gene_sets", "available_gene_sets", "read_gmt", "write_gmt", "gene_aliases",
     "ensembl_to_symbol", "map_gene_names", "planted_data", "PlantedData", "collapse_terms", "mark_redundant",
     "split_counts", "write_planted_h5ad", "StreamedExpression",
+    "peak_sets", "nearest_gene_links",
 ]

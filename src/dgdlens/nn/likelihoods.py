@@ -23,6 +23,8 @@ __all__ = [
     "NegativeBinomial",
     "Gaussian",
     "Bernoulli",
+    "Poisson",
+    "BinaryAccessibility",
     "nb_log_prob",
     "make_likelihood",
 ]
@@ -494,16 +496,220 @@ class Bernoulli(Likelihood):
         return torch.bernoulli(torch.sigmoid(out), generator=generator)
 
 
+def _log_composition(out: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``log(scale * softmax(out))`` computed in log space (``scale`` clamped at 1e-12; ``None``: no scale)."""
+    log_y = F.log_softmax(out, dim=-1)
+    if scale is None:
+        return log_y
+    return log_y + torch.log(scale.reshape(-1, 1).clamp_min(1e-12))
+
+
+class Poisson(Likelihood):
+    """Poisson counts with mean ``scale * softmax(out)``: a per-cell composition times the library size.
+
+    For sparse counts with little overdispersion (ATAC fragments in peaks, as an alternative to the
+    binary model). ``log p(x) = x log m - m - log x!`` (equals ``scipy.stats.poisson.logpmf(x, m)``).
+
+    Parameters
+    ----------
+    n_features
+        Number of features (recorded in :meth:`config` only; there are no parameters).
+    """
+
+    name = "poisson"
+    needs_scale = True
+
+    def __init__(self, n_features: int | None = None):
+        super().__init__()
+        self.n_features = n_features
+
+    def config(self) -> dict:
+        """The constructor settings, for saving.
+
+        Returns
+        -------
+        dict
+            ``{"name": "poisson", "n_features": n_features}``.
+        """
+        return {"name": self.name, "n_features": self.n_features}
+
+    def nll(self, x, out, scale=None):
+        """Poisson NLL of counts.
+
+        Parameters
+        ----------
+        x
+            Counts, ``samples x features`` (float dtype).
+        out
+            The decoder's raw output, ``samples x features``.
+        scale
+            Per-sample library sizes ``(samples,)``, or ``None`` (then the mean is the composition).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(samples,)``: NLL of each sample, summed over features.
+        """
+        log_m = _log_composition(out, scale)
+        return -(x * log_m - log_m.exp() - torch.lgamma(x + 1.0)).sum(-1)
+
+    def mean(self, out, scale=None):
+        """Expected counts ``scale * softmax(out)`` (the composition when ``scale`` is ``None``).
+
+        Parameters
+        ----------
+        out
+            The decoder's raw output, ``samples x features``.
+        scale
+            Per-sample library sizes ``(samples,)``, or ``None``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``samples x features`` means.
+        """
+        return _log_composition(out, scale).exp()
+
+    @torch.no_grad()
+    def sample(self, out, scale=None, generator=None):
+        """Poisson draws with the given means.
+
+        Parameters
+        ----------
+        out
+            The decoder's raw output, ``samples x features``.
+        scale
+            Per-sample library sizes ``(samples,)``, or ``None``.
+        generator
+            Torch random generator (``None``: the global one).
+
+        Returns
+        -------
+        torch.Tensor
+            ``samples x features`` integer-valued float counts.
+        """
+        return torch.poisson(self.mean(out, scale), generator=generator)
+
+
+class BinaryAccessibility(Likelihood):
+    """Bernoulli on binarised counts (``x > 0``) with ``P(x > 0) = 1 - exp(-scale * softmax(out))``.
+
+    The probability that a Poisson count with mean ``scale * softmax(out)`` is non-zero: the decoder
+    learns a per-cell accessibility composition, as for the count likelihoods, and the cell's depth
+    (``scale``: its total counts in the modality, e.g. fragments in peaks) sets how many of its open
+    regions are seen. A cell with twice the fragments sees more of the same peaks, without a separate
+    depth model; the link is the complementary log-log of a binary GLM with an offset. Binarising is
+    what most ATAC tools do (MultiVI, PeakVI, ArchR): peak counts of 1 and 2 mostly reflect the two
+    insertions of one fragment rather than twice the accessibility.
+
+    Parameters
+    ----------
+    n_features
+        Number of features (recorded in :meth:`config` only; there are no parameters).
+    """
+
+    name = "binary"
+    needs_scale = True
+
+    #: Below this rate ``log(1 - exp(-rate))`` is computed as ``log(rate) - rate / 2`` (its series),
+    #: exact to float32 precision and finite with a finite gradient when the rate underflows.
+    SMALL_RATE = 1e-4
+
+    def __init__(self, n_features: int | None = None):
+        super().__init__()
+        self.n_features = n_features
+
+    def config(self) -> dict:
+        """The constructor settings, for saving.
+
+        Returns
+        -------
+        dict
+            ``{"name": "binary", "n_features": n_features}``.
+        """
+        return {"name": self.name, "n_features": self.n_features}
+
+    def _log_open(self, log_rate: torch.Tensor) -> torch.Tensor:
+        rate = log_rate.exp()
+        safe = rate.clamp_min(self.SMALL_RATE)  # keeps the unused branch's gradient finite
+        return torch.where(rate < self.SMALL_RATE, log_rate - rate / 2, torch.log(-torch.expm1(-safe)))
+
+    def nll(self, x, out, scale=None):
+        """Bernoulli NLL of ``x > 0``.
+
+        Parameters
+        ----------
+        x
+            Counts or 0/1 values, ``samples x features`` (any value > 0 counts as open).
+        out
+            The decoder's raw output, ``samples x features``.
+        scale
+            Per-sample depth ``(samples,)`` (total counts of the modality), or ``None`` (depth 1).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(samples,)``: NLL of each sample, summed over features.
+        """
+        log_rate = _log_composition(out, scale)
+        is_open = x > 0
+        # log P(closed) = -rate; log P(open) = log(1 - exp(-rate))
+        return -torch.where(is_open, self._log_open(log_rate), -log_rate.exp()).sum(-1)
+
+    def mean(self, out, scale=None):
+        """``P(x > 0) = 1 - exp(-scale * softmax(out))``; with ``scale=None`` the accessibility composition
+        ``softmax(out)`` (rows sum to 1), as the count likelihoods' normalised mean.
+
+        Parameters
+        ----------
+        out
+            The decoder's raw output, ``samples x features``.
+        scale
+            Per-sample depth ``(samples,)``, or ``None``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``samples x features`` probabilities (or the composition).
+        """
+        log_rate = _log_composition(out, scale)
+        return log_rate.exp() if scale is None else -torch.expm1(-log_rate.exp())
+
+    @torch.no_grad()
+    def sample(self, out, scale=None, generator=None):
+        """Draw 0/1 values with probabilities :meth:`mean` (``scale`` needed).
+
+        Parameters
+        ----------
+        out
+            The decoder's raw output, ``samples x features``.
+        scale
+            Per-sample depth ``(samples,)``.
+        generator
+            Torch random generator (``None``: the global one).
+
+        Returns
+        -------
+        torch.Tensor
+            ``samples x features`` draws (0.0 or 1.0).
+        """
+        if scale is None:
+            raise ValueError("Sampling binary accessibility needs each cell's depth (scale=...).")
+        return torch.bernoulli(self.mean(out, scale), generator=generator)
+
+
 _ALIASES = {
     "nb": "nb", "negative_binomial": "nb", "negbinom": "nb",
     "gaussian": "gaussian", "normal": "gaussian", "mse": "gaussian",
     "bernoulli": "bernoulli", "bce": "bernoulli",
+    "poisson": "poisson",
+    "binary": "binary", "binary_accessibility": "binary",
 }
 
 
 def make_likelihood(spec: str | dict | Likelihood, n_features: int, **kwargs) -> Likelihood:
-    """Build a likelihood from a name (``"nb"``, ``"gaussian"``/``"mse"``, ``"bernoulli"``/``"bce"``),
-    a saved config dict, or pass an instance through.
+    """Build a likelihood from a name (``"nb"``, ``"gaussian"``/``"mse"``, ``"bernoulli"``/``"bce"``,
+    ``"poisson"``, ``"binary"``), a saved config dict, or pass an instance through.
 
     Parameters
     ----------
@@ -520,7 +726,8 @@ def make_likelihood(spec: str | dict | Likelihood, n_features: int, **kwargs) ->
     Returns
     -------
     Likelihood
-        A new :class:`NegativeBinomial`, :class:`Gaussian` or :class:`Bernoulli` (or ``spec`` itself).
+        A new :class:`NegativeBinomial`, :class:`Gaussian`, :class:`Bernoulli`, :class:`Poisson` or
+        :class:`BinaryAccessibility` (or ``spec`` itself).
 
     Raises
     ------
@@ -534,9 +741,14 @@ def make_likelihood(spec: str | dict | Likelihood, n_features: int, **kwargs) ->
         spec = spec["name"]
     key = _ALIASES.get(str(spec).lower())
     if key is None:
-        raise ValueError(f"Unknown likelihood {spec!r}; use one of 'nb', 'gaussian' (or 'mse'), 'bernoulli' (or 'bce').")
+        raise ValueError(f"Unknown likelihood {spec!r}; use one of 'nb', 'gaussian' (or 'mse'), 'bernoulli' (or 'bce'), "
+                         "'poisson', 'binary'.")
     if key == "nb":
         return NegativeBinomial(n_features, **kwargs)
     if key == "gaussian":
         return Gaussian(n_features, **kwargs)
+    if key == "poisson":
+        return Poisson(n_features)
+    if key == "binary":
+        return BinaryAccessibility(n_features)
     return Bernoulli(n_features)

@@ -9,11 +9,13 @@
 - :func:`simulate_batches`: cell types seen through batches (gene-wise and library batch effects, a
   batch lacking some types, unseen batches), the truth in ``uns``.
 - :func:`simulate_count_chunks`: large count matrices generated chunk by chunk (scale benchmark).
+- :func:`simulate_multiome`: paired RNA + ATAC (MuData), peaks linked to marker genes, the truth in ``uns``.
 """
 
 from .batches import simulate_batches
 from .counts import simulate_count_chunks
 from .grn import GRNSimulation, hill_response, simulate_grn
+from .multiome import simulate_multiome
 from .superposition import (
     PlantedSparseCodes,
     SuperpositionData,
@@ -31,5 +33,5 @@ __all__ = [
     "simulate_superposition", "simulate_superposition_runs", "load_superposition", "SuperpositionData",
     "embed_superposition", "SuperpositionEmbedding", "planted_sparse_codes", "PlantedSparseCodes",
     "reference_hidden_sizes",
-    "simulate_count_chunks", "simulate_batches",
+    "simulate_count_chunks", "simulate_batches", "simulate_multiome",
 ]
