@@ -204,5 +204,5 @@ def test_make_likelihood_names_configs_and_errors():
     rebuilt = make_likelihood(nb.config(), 5)
     assert rebuilt.config() == nb.config()
     assert make_likelihood(nb, 5) is nb
-    with pytest.raises(ValueError, match="Unknown likelihood 'poisson'"):
-        make_likelihood("poisson", 5)
+    with pytest.raises(ValueError, match="Unknown likelihood 'zinb'"):
+        make_likelihood("zinb", 5)
