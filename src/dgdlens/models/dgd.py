@@ -51,8 +51,6 @@ from .base import BaseModel, names_digest
 __all__ = ["DGD", "default_n_components"]
 
 MODEL_KIND = "DGD"
-#: Early-stopping patience of a model of several modalities (see :meth:`DGD.train`).
-MULTIMODAL_PATIENCE = 50
 _SCALINGS = {"sum", "max", "mean", "none"}
 
 
@@ -749,8 +747,7 @@ class DGD(BaseModel):
         batch_size
             Cells per mini-batch (``None``: 256).
         early_stopping
-            Stop when the validation loss has not improved for ``patience`` epochs (20; 50 for several
-            modalities, whose validation loss plateaus while the latents separate) and restore the best
+            Stop when the validation loss has not improved for ``patience`` epochs and restore the best
             epoch (the training loss is monitored when there is no validation split).
         **kwargs
             Runner options (``device``, ``checkpoint_path``, ``patience``, ``seed``, ...) and
@@ -762,11 +759,6 @@ class DGD(BaseModel):
             ``self``, trained (``history_`` and ``train_summary_`` set), so calls can be chained.
         """
         self._require_data("train")
-        if self.is_multimodal:
-            # several modalities: the validation loss plateaus for tens of epochs while the latents separate
-            # along what only one modality sees; with patience 20 a 1,200-cell multiome simulation stopped at
-            # epoch 109 (best 88) although its validation loss was lowest at epoch 185 (benchmarks/multiome.py)
-            kwargs.setdefault("patience", MULTIMODAL_PATIENCE)
         return super().train(max_epochs, batch_size, early_stopping, **kwargs)
 
     def _make_plan(self, *, batch_size: int, seed: int, **options) -> DecoderOnlyPlan:
