@@ -542,3 +542,16 @@ def test_cross_modal_prediction_averages_over_modes_the_input_cannot_tell_apart(
                for k in range(3))
     np.testing.assert_allclose(avg, want, rtol=1e-4, atol=1e-6)
     assert avg.shape == point.shape
+
+
+def test_binary_accessibility_gradient_and_both_code_paths_agree():
+    torch.manual_seed(0)
+    lik = BinaryAccessibility(40)
+    x = (torch.rand(6, 40, dtype=torch.float64) < 0.2).double() * 2
+    out = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
+    depth = torch.tensor([0.5, 3.0, 10.0, 40.0, 1e-3, 200.0], dtype=torch.float64)
+    # analytic gradient (the sparse identity: the rates of a cell sum to its depth) vs finite differences
+    assert torch.autograd.gradcheck(lambda o: lik.nll(x, o, depth), (out,))
+    log_comp = torch.log_softmax(out, -1)
+    np.testing.assert_allclose(lik._open_sum_sparse(x, log_comp, depth.log()).detach(),
+                               lik._open_sum_dense(x, log_comp, depth.log()).detach(), rtol=1e-12)

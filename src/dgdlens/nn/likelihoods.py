@@ -651,10 +651,29 @@ class BinaryAccessibility(Likelihood):
         torch.Tensor
             ``(samples,)``: NLL of each sample, summed over features.
         """
-        log_rate = _log_composition(out, scale)
-        is_open = x > 0
-        # log P(closed) = -rate; log P(open) = log(1 - exp(-rate))
-        return -torch.where(is_open, self._log_open(log_rate), -log_rate.exp()).sum(-1)
+        # log P(closed) = -rate, log P(open) = log(1 - exp(-rate)); the rates of a cell sum to its depth
+        # (softmax), so NLL = depth - sum over the OPEN features of (rate + log(1 - exp(-rate))): only the
+        # few open entries (ATAC: ~3 %) need the expensive terms, not all 100k peaks of a mini-batch.
+        log_comp = F.log_softmax(out, dim=-1)
+        if scale is None:
+            depth = log_comp.new_ones(out.shape[0])
+        else:
+            depth = scale.reshape(-1).to(log_comp.dtype).clamp_min(1e-12)
+        # dense on a GPU: indexing the open entries would wait for the device (a host sync)
+        open_sum = self._open_sum_dense if out.is_cuda else self._open_sum_sparse
+        return depth - open_sum(x, log_comp, depth.log())
+
+    def _open_sum_sparse(self, x, log_comp, log_depth):
+        """Per cell, sum over its open features of ``rate + log(1 - exp(-rate))``, on the open entries only."""
+        rows, cols = (x > 0).nonzero(as_tuple=True)
+        log_rate = log_comp[rows, cols] + log_depth[rows]
+        return torch.zeros_like(log_depth).index_add(0, rows, log_rate.exp() + self._log_open(log_rate))
+
+    def _open_sum_dense(self, x, log_comp, log_depth):
+        """The same as :meth:`_open_sum_sparse`, elementwise over every entry (no data-dependent shapes)."""
+        log_rate = log_comp + log_depth[:, None]
+        term = torch.where(x > 0, log_rate.exp() + self._log_open(log_rate), torch.zeros_like(log_rate))
+        return term.sum(-1)
 
     def mean(self, out, scale=None):
         """``P(x > 0) = 1 - exp(-scale * softmax(out))``; with ``scale=None`` the accessibility composition
