@@ -555,3 +555,14 @@ def test_binary_accessibility_gradient_and_both_code_paths_agree():
     log_comp = torch.log_softmax(out, -1)
     np.testing.assert_allclose(lik._open_sum_sparse(x, log_comp, depth.log()).detach(),
                                lik._open_sum_dense(x, log_comp, depth.log()).detach(), rtol=1e-12)
+
+
+def test_decoding_one_head_equals_slicing_the_full_decode(trained):
+    z = trained.get_latent_representation()
+    lib = trained.library_size
+    full = trained.decode_latent(z, lib)
+    atac = trained.decode_latent(z, lib[:, 1], modality="atac")
+    np.testing.assert_allclose(atac, full[:, 20:], rtol=1e-6)
+    np.testing.assert_allclose(trained.decode_latent(z, modality="rna"), trained.decode_latent(z)[:, :20], rtol=1e-6)
+    with pytest.raises(ValueError, match="Unknown modality"):
+        trained.decode_latent(z, modality="prot")

@@ -166,7 +166,6 @@ class _ModalityView:
     def __init__(self, model, modality: str):
         self._model = model
         self._m = model._modality_index(modality)
-        self._cols = model._modality_columns(modality)
         self.var_names = model.modality_var_names(modality)
         self.modality = modality
 
@@ -174,13 +173,8 @@ class _ModalityView:
         return getattr(self._model, name)
 
     def decode_latent(self, z, library_size=None, *, extra=None, transform_batch=None, batch_size: int = 2048):
-        lib = None
-        if library_size is not None:
-            one = np.broadcast_to(np.asarray(library_size, dtype=np.float32).reshape(-1), (len(z),))
-            lib = np.zeros((len(z), len(self._model.modality_names)), dtype=np.float32)
-            lib[:, self._m] = one
-        out = self._model.decode_latent(z, lib, extra=extra, transform_batch=transform_batch, batch_size=batch_size)
-        return out[:, self._cols]
+        return self._model.decode_latent(z, library_size, extra=extra, transform_batch=transform_batch,
+                                         batch_size=batch_size, modality=self.modality)
 
 
 def _for_modality(model, modality: str | None):

@@ -1052,7 +1052,7 @@ class DGD(BaseModel):
         return z, self._extra_input(emb["covariate_z"], emb["continuous"], len(z), transform_batch)
 
     def decode_latent(self, z, library_size=None, *, extra=None, transform_batch=None,
-                      batch_size: int = 2048) -> np.ndarray:
+                      batch_size: int = 2048, modality: str | None = None) -> np.ndarray:
         """Decode latents to NB means (cells x genes). With ``library_size=None``: the per-cell
         composition (rows sum to 1), i.e. the normalised expression.
 
@@ -1076,6 +1076,10 @@ class DGD(BaseModel):
             ``{key: category}``) whose component mean every cell is decoded with.
         batch_size
             Cells decoded per forward pass.
+        modality
+            Several modalities: decode this modality's head only (the others' layers are not computed);
+            ``library_size`` is then a scalar or one value per cell, and the result has that modality's
+            features. ``None``: every modality side by side, ``library_size`` cells x modalities.
 
         Returns
         -------
@@ -1095,7 +1099,9 @@ class DGD(BaseModel):
             if extra.shape != (len(z), self.n_covariate_inputs):
                 raise ValueError(f"extra must have shape ({len(z)}, {self.n_covariate_inputs}), got {extra.shape}")
         if self.is_multimodal:
-            return self._decode_modalities(z, extra, library_size, batch_size)
+            return self._decode_modalities(z, extra, library_size, batch_size, modality)
+        if modality is not None:
+            raise ValueError("modality= is for models built on several modalities (a MuData).")
         if library_size is not None:
             # a real (writable) copy: torch.from_numpy warns on the read-only view broadcast_to returns
             library_size = np.array(np.broadcast_to(np.asarray(library_size, dtype=np.float32).reshape(-1), (len(z),))).copy()
@@ -1131,16 +1137,25 @@ class DGD(BaseModel):
                              f"({n} x {n_mod}), got shape {lib.shape}.")
         return np.array(np.broadcast_to(lib, (n, n_mod)))
 
-    def _decode_modalities(self, z, extra, library_size, batch_size: int) -> np.ndarray:
-        """Each modality's mean at ``library_size`` (cells x modalities), or its composition when ``None``."""
-        lib = self._modal_library(library_size, len(z))
-        out = np.empty((len(z), len(self.var_names)), dtype=np.float32)
+    def _decode_modalities(self, z, extra, library_size, batch_size: int, modality: str | None = None) -> np.ndarray:
+        """Each modality's mean at ``library_size`` (cells x modalities), or its composition when ``None``; with
+        ``modality`` that modality's head only (``library_size`` a scalar or one value per cell), the other
+        heads' (possibly 100k-wide) layers not computed."""
+        if modality is None:
+            head, mean, width = None, self.module.likelihood.mean, len(self.var_names)
+            lib = self._modal_library(library_size, len(z))
+        else:
+            head = self._modality_index(modality)
+            mean, width = self.module.likelihood.likelihoods[head].mean, self.params["modalities"][head]["n_features"]
+            lib = None if library_size is None else np.array(
+                np.broadcast_to(np.asarray(library_size, dtype=np.float32).reshape(-1), (len(z),)))
+        out = np.empty((len(z), width), dtype=np.float32)
         self.module.eval()
         with torch.no_grad():
             for i in range(0, len(z), batch_size):
-                raw = self._decode(z[i:i + batch_size], None if extra is None else extra[i:i + batch_size])
-                scale = None if lib is None else torch.from_numpy(lib[i:i + batch_size]).to(self.device)
-                out[i:i + batch_size] = self.module.likelihood.mean(raw, scale).cpu().numpy()
+                raw = self._decode(z[i:i + batch_size], None if extra is None else extra[i:i + batch_size], head=head)
+                scale = None if lib is None else torch.from_numpy(np.ascontiguousarray(lib[i:i + batch_size])).to(self.device)
+                out[i:i + batch_size] = mean(raw, scale).cpu().numpy()
         return out
 
     def predict_modality(self, adata=None, modality: str | None = None, *, z=None, library_size=None,
@@ -1203,19 +1218,8 @@ class DGD(BaseModel):
             if own is not None and len(own) == n:
                 lib = np.where(own[:, m] > 0, own[:, m], lib).astype(np.float32)
         else:
-            lib = np.array(np.broadcast_to(np.asarray(library_size, dtype=np.float32).reshape(-1), (n,)))
-        full = np.zeros((n, len(self.modality_names)), dtype=np.float32)
-        full[:, m] = lib
-        cols = self._modality_columns(modality)
-        out = np.empty((n, cols.stop - cols.start), dtype=np.float32)
-        lik = self.module.likelihood.likelihoods[m]
-        self.module.eval()
-        with torch.no_grad():
-            for i in range(0, n, batch_size):
-                raw = self._decode(zb[i:i + batch_size], None if extra is None else extra[i:i + batch_size])
-                scale = torch.from_numpy(np.ascontiguousarray(lib[i:i + batch_size])).to(self.device)
-                out[i:i + batch_size] = lik.mean(raw[:, cols], scale).cpu().numpy()
-        return out
+            lib = library_size
+        return self._decode_modalities(zb, extra, lib, batch_size, modality)
 
     def _predict_over_modes(self, adata, layer, modality: str, library_size, batch_size: int,
                             infer_kwargs: dict) -> np.ndarray:
@@ -1262,11 +1266,12 @@ class DGD(BaseModel):
         have = lib[:, m] > 0
         return float(np.median(lib[have, m])) if have.any() else 1.0
 
-    def _decode(self, z: np.ndarray, extra: np.ndarray | None) -> torch.Tensor:
+    def _decode(self, z: np.ndarray, extra: np.ndarray | None, head: int | None = None) -> torch.Tensor:
+        """Raw decoder output of every feature, or (several modalities) of one modality's head only."""
         zt = torch.from_numpy(np.ascontiguousarray(z)).to(self.device)
         if extra is None:
-            return self.module.decode(zt)
-        return self.module.decode(zt, torch.from_numpy(np.ascontiguousarray(extra)).to(self.device))
+            return self.module.decode(zt, head=head)
+        return self.module.decode(zt, torch.from_numpy(np.ascontiguousarray(extra)).to(self.device), head=head)
 
     def get_normalized_expression(self, adata=None, *, z=None, layer: str | None = None,
                                   gene_list: Sequence[str] | None = None, transform_batch=None,

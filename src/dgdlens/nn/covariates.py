@@ -254,7 +254,7 @@ class CovariateDecoderModule(DecoderOnlyModule):
         parts = list(cov_zs) + ([] if cont is None or self.n_continuous == 0 else [cont])
         return torch.cat(parts, dim=1)
 
-    def decode(self, z: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, extra: torch.Tensor | None = None, *, head: int | None = None) -> torch.Tensor:
         """Decoder output for the biological latent ``z`` and ``extra`` (covariate latents + continuous
         covariates, concatenated; ``None`` when ``z`` already holds the full decoder input).
 
@@ -265,13 +265,15 @@ class CovariateDecoderModule(DecoderOnlyModule):
             ``extra`` is ``None``).
         extra
             ``n x n_extra`` (see :meth:`extra_input`), moved to ``z``'s device and dtype; or ``None``.
+        head
+            With a :class:`~dgdlens.nn.MultiHeadDecoder`: only this modality's head; ``None``: every output.
 
         Returns
         -------
         torch.Tensor
             ``n x features`` raw decoder output.
         """
-        return self.decoder(z if extra is None else torch.cat([z, extra.to(z)], dim=1))
+        return self._run_decoder(z if extra is None else torch.cat([z, extra.to(z)], dim=1), head)
 
     def covariate_prior_nll(self, cov_zs: list[torch.Tensor], codes: torch.Tensor,
                             extra_means: list[torch.Tensor | None] | None = None) -> torch.Tensor:

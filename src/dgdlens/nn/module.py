@@ -61,20 +61,26 @@ class DecoderOnlyModule(nn.Module):
         self.likelihood = likelihood
         self.prior = prior
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, *, head: int | None = None) -> torch.Tensor:
         """The decoder's raw output (before the likelihood's activation).
 
         Parameters
         ----------
         z
             Latents, ``n x n_latent``.
+        head
+            With a :class:`~dgdlens.nn.MultiHeadDecoder`: only this modality's head (its features only);
+            ``None``: every output.
 
         Returns
         -------
         torch.Tensor
             ``n x features``; :meth:`Likelihood.mean <dgdlens.nn.Likelihood.mean>` turns it into expected values.
         """
-        return self.decoder(z)
+        return self._run_decoder(z, head)
+
+    def _run_decoder(self, inputs: torch.Tensor, head: int | None) -> torch.Tensor:
+        return self.decoder(inputs) if head is None else self.decoder(inputs, head=head)
 
     def recon_nll(self, x: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Negative log-likelihood of each sample, summed over features, shape (n,).

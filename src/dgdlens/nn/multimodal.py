@@ -69,21 +69,25 @@ class MultiHeadDecoder(nn.Module):
                                    _ACTIVATIONS[activation]())
         self.heads = nn.ModuleList(MLP(self.hidden[-1], size, self.head_hidden, activation) for size in self.sizes)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw outputs of every head, concatenated: ``n x sum(sizes)``.
+    def forward(self, z: torch.Tensor, head: int | None = None) -> torch.Tensor:
+        """Raw outputs of every head, concatenated: ``n x sum(sizes)``; or of one head only.
 
         Parameters
         ----------
         z
             Decoder input, ``n x n_in``.
+        head
+            Index of the one modality to decode (the others' wide layers are not computed); ``None``: all.
 
         Returns
         -------
         torch.Tensor
-            ``n x sum(sizes)``.
+            ``n x sum(sizes)``, or ``n x sizes[head]``.
         """
         h = self.trunk(z)
-        return torch.cat([head(h) for head in self.heads], dim=1)
+        if head is not None:
+            return self.heads[head](h)
+        return torch.cat([one(h) for one in self.heads], dim=1)
 
     def config(self) -> dict:
         """The constructor settings, for saving and rebuilding.
