@@ -703,15 +703,6 @@ def _feature_activity(activations, cell_types: pd.Series) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _uns_writable_params(params: dict) -> dict:
-    """The model's parameters in a form h5py can store: the list of per-modality dicts (which anndata cannot
-    write) becomes ``{modality: {...}}``; ``None`` values are dropped."""
-    out = {k: v for k, v in params.items() if v is not None and v != []}
-    if isinstance(out.get("modalities"), list):
-        out["modalities"] = {m["name"]: {k: v for k, v in m.items() if k != "name"} for m in out["modalities"]}
-    return out
-
-
 def _run_multiome(out, *, quick, max_epochs, device, seed, progress, echo) -> DemoResult:
     from . import lens
     from ._device import resolve_device
@@ -861,8 +852,7 @@ def _write_multiome_outputs(out: Path, mdata, model, sae, features_rna, features
         "feature_summary": out / "feature_summary.csv", "steering_genes": out / "steering_genes.csv",
         "steering_peaks": out / "steering_peaks.csv", "cross_modal": out / "cross_modal.csv",
     }
-    mdata.uns["dgd"] = {"params": _uns_writable_params(model.params), "key_added": "X_dgd",
-                        "cluster_key": "dgd_cluster"}
+    mdata.uns["dgd"] = dict(model.adata.uns["dgd"])  # the model summary add_to_adata wrote (h5mu-writable)
     mdata.uns["dgdlens_demo"] = {"labels_key": "cell_type", "latent_rep": "X_dgd", "cluster_key": "dgd_cluster",
                                  "activations_rep": "X_sae", "steered_feature": int(steering["rna"].feature),
                                  "modalities": list(model.modality_names)}
