@@ -317,3 +317,23 @@ def test_steer_result_and_term_descriptions_are_shown(tmp_path):
     assert "GO:0000003 (" not in visible  # a description equal to the ID is not repeated
     assert "Feature 0 (top term: first process (GO:0000001)) was set (clamped) to 2.5 in 12 cells." in visible
     assert "The 15 most increased and 15 most decreased of 40 genes." in visible
+
+
+def test_maps_show_a_sample_above_max_map_cells_and_say_so(tmp_path, monkeypatch):
+    from dgdlens import tl
+
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(300, 4))
+    clusters = rng.integers(0, 3, 300)
+    seen = []
+    real_umap = tl.umap
+    monkeypatch.setattr(tl, "umap", lambda x, **kw: seen.append(len(x)) or real_umap(x, **kw))
+    page = build_report(tmp_path / "r.html", latent=latent, clusters=clusters, labels=clusters.astype(str),
+                        activations=sp.random(300, 5, density=0.3, format="csr", random_state=0),
+                        max_map_cells=100).read_text(encoding="utf-8")
+    assert seen == [100]  # the UMAP itself ran on the sample only
+    assert "sample of 100 of the 300 cells" in page
+    whole = build_report(tmp_path / "w.html", latent=latent, clusters=clusters).read_text(encoding="utf-8")
+    assert "sample of" not in whole and seen[-1] == 300
+    with pytest.raises(ValueError, match="max_map_cells"):
+        build_report(tmp_path / "x.html", latent=latent, max_map_cells=0)

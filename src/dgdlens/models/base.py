@@ -14,6 +14,7 @@ Subclasses implement ``_make_plan``, ``_collect_training`` (read results back fr
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -44,7 +45,8 @@ class BaseModel(FittedState):
     # ------------------------------------------------------------------ training
     def train(self, max_epochs: int | None = None, batch_size: int | None = None, early_stopping: bool = True, *,
               device: str | torch.device = "auto", checkpoint_path: str | None = None, checkpoint_every: int = 50,
-              resume_from: str | None = None, progress: bool = True, **plan_kwargs):
+              resume_from: str | None = None, progress: bool = True, callbacks: Sequence[Callable[[dict], None]] = (),
+              **plan_kwargs):
         """Train the model; returns ``self``.
 
         Parameters
@@ -61,6 +63,9 @@ class BaseModel(FittedState):
             and on Ctrl-C; ``resume_from`` continues such a run exactly (pass the same settings).
         progress
             Show a progress bar.
+        callbacks
+            Functions called as ``callback(row)`` after every epoch with its history row; ``self.module``
+            holds that epoch's weights at the time (e.g. to log, or to snapshot the model as it trains).
         **plan_kwargs
             ``patience``, ``min_delta``, ``min_epochs``, ``restore_best``, ``seed`` (the runner's), and the
             model's own training options (learning rates, schedules; see the model's documentation).
@@ -78,7 +83,8 @@ class BaseModel(FittedState):
         if early_stopping and not plan.has_validation:
             warnings.warn("No validation split (validation_fraction=0 or too few samples): early stopping "
                           "monitors the training loss instead.", stacklevel=2)
-        runner = Runner(plan, config, dev, kind=self._model_kind, fingerprint=self._fingerprint())
+        runner = Runner(plan, config, dev, kind=self._model_kind, fingerprint=self._fingerprint(),
+                        callbacks=callbacks)
         runner.fit(resume_from=resume_from)
         self.device = dev
         self._collect_training(plan)

@@ -180,6 +180,24 @@ def _as_activations(activations):
     return arr
 
 
+def _map_sample(n_cells: int | None, max_cells: int | None, seed: int) -> np.ndarray | None:
+    """Sorted seeded sample of cells for the maps, or ``None`` when every cell is shown."""
+    if max_cells is not None and int(max_cells) < 1:
+        raise ValueError(f"max_map_cells must be a positive integer or None, got {max_cells}.")
+    if n_cells is None or max_cells is None or n_cells <= max_cells:
+        return None
+    return np.sort(np.random.default_rng([seed, 17]).choice(n_cells, int(max_cells), replace=False))
+
+
+def _take(values, rows: np.ndarray | None):
+    """``values`` restricted to ``rows`` (arrays, sparse matrices, Series, Categoricals); ``None`` stays."""
+    if values is None or rows is None:
+        return values
+    if isinstance(values, pd.Series):
+        return values.iloc[rows]
+    return values[rows]
+
+
 def _check_cell_counts(**inputs) -> int | None:
     """All per-cell inputs must describe the same cells; return their number."""
     sizes = {name: int(v.shape[0]) for name, v in inputs.items() if v is not None}
@@ -612,6 +630,7 @@ def build_report(
     n_steering_genes: int = 15,
     n_steering_terms: int = 10,
     umap_kwargs: Mapping | None = None,
+    max_map_cells: int | None = 50_000,
     seed: int = 0,
     dpi: int = 110,
     overwrite: bool = True,
@@ -678,8 +697,13 @@ def build_report(
         Sizes of the tables and figures.
     umap_kwargs
         Options for :func:`dgdlens.tl.umap` (``n_neighbors``, ``min_dist``, ``metric``).
+    max_map_cells
+        With more cells than this, the maps (the UMAP and the feature-activity panels) show a seeded
+        random sample of this many cells, and the caption says so: a UMAP of a million cells takes
+        longer than the rest of a report and a scatter of them shows no more. ``None``: every cell.
+        Tables and the cluster/label comparison always use every cell.
     seed
-        Seed of the UMAP computation.
+        Seed of the UMAP computation and of the map's cell sample.
     dpi
         Resolution of the embedded figures.
     overwrite
@@ -717,17 +741,21 @@ def build_report(
                                  labels=np.empty(len(labels_vec)) if labels_vec is not None else None,
                                  activations=activations)
 
+    shown = _map_sample(n_cells, max_map_cells, seed)
     used_scanpy = False
     if umap_arr is not None:
-        coords, umap_note = umap_arr, "UMAP coordinates as supplied."
+        coords, umap_note = _take(umap_arr, shown), "UMAP coordinates as supplied."
     elif latent_arr is not None:
         options = {"n_neighbors": 15, "min_dist": 0.5, **dict(umap_kwargs or {})}
-        coords = tl.umap(latent_arr, seed=seed, **options)
+        coords = tl.umap(_take(latent_arr, shown), seed=seed, **options)
         used_scanpy = True
         umap_note = (f"UMAP of the {latent_arr.shape[1]}-dimensional latent representation (scanpy; "
                      f"{options['n_neighbors']} neighbours, min_dist {options['min_dist']}, seed {seed}).")
     else:
         coords, umap_note = None, ""
+    if shown is not None and coords is not None:
+        umap_note += (f" Shown: a seeded random sample of {len(shown):,} of the {n_cells:,} cells "
+                      "(max_map_cells).")
 
     report = Report(title)
     if summary is None:
@@ -748,12 +776,13 @@ def build_report(
         report.add_header_note(note)
 
     report.add_section(_training_section(history, best_epoch, dpi))
-    report.add_section(_umap_section(coords, umap_note, clusters_arr, labels_vec, labels_name, dpi))
+    report.add_section(_umap_section(coords, umap_note, _take(clusters_arr, shown), _take(labels_vec, shown),
+                                     labels_name, dpi))
     report.add_section(_contingency_section(clusters_arr, labels_vec, labels_name, dpi))
     report.add_section(_sae_section(sae_metrics, activations, dpi))
     features_section, top_ids = _features_section(features, alpha, n_top_features, terms_per_feature)
     report.add_section(features_section)
-    report.add_section(_feature_umap_section(coords, activations, features, top_ids, feature_names,
+    report.add_section(_feature_umap_section(coords, _take(activations, shown), features, top_ids, feature_names,
                                              n_feature_panels, dpi))
     report.add_section(_steering_section(steering, features, alpha, n_steering_genes, n_steering_terms, dpi))
     for section in extra_sections:

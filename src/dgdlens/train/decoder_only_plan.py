@@ -29,6 +29,7 @@ from ..data.matrix import RowMatrix
 from ..nn.module import DecoderOnlyModule, frozen
 from ..nn.representation import RepresentationTable
 from .inference import optimise_latents
+from .latent_init import pca_latents
 from .plan import TrainingPlan
 
 __all__ = ["DecoderOnlyPlanConfig", "DecoderOnlyPlan", "SampleCovariates", "REFIT_SAMPLE"]
@@ -56,6 +57,10 @@ class DecoderOnlyPlanConfig:
         (the reference). ``"batch"``: a lazy Adam step on the batch rows after every mini-batch.
     rep_optimizer, rep_momentum
         ``"adam"`` (DGD) or ``"sgd"`` with momentum (the decoder-only "manifold" paper).
+    latent_init
+        ``"zeros"``: every latent starts at the origin (the reference). ``"pca"``: at its cell's principal
+        components of the log-normalised counts, scaled into the prior's radius, with the mixture fitted
+        to them by EM before the first epoch (see :mod:`dgdlens.train.latent_init` for why).
     lr_decay_epoch, lr_decay_factor, reset_optimizers_on_decay
         Reference: at epoch 300 the decoder learning rate drops 10x and the decoder and prior
         optimisers are re-created (their Adam state reset). ``None`` disables the drop.
@@ -99,6 +104,7 @@ class DecoderOnlyPlanConfig:
     rep_step: str = "epoch"
     rep_optimizer: str = "adam"
     rep_momentum: float = 0.9
+    latent_init: str = "zeros"
     lr_decay_epoch: int | None = 300
     lr_decay_factor: float = 0.1
     reset_optimizers_on_decay: bool = True
@@ -116,7 +122,7 @@ class DecoderOnlyPlanConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
-        choices = {"rep_step": {"epoch", "batch"}, "rep_optimizer": {"adam", "sgd"},
+        choices = {"rep_step": {"epoch", "batch"}, "rep_optimizer": {"adam", "sgd"}, "latent_init": {"zeros", "pca"},
                    "hyperprior": {"dataset", "per_cell"}, "monitor": {"val_recon", "val_loss"}}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -299,9 +305,31 @@ class DecoderOnlyPlan(TrainingPlan):
         self.val_loader = (None if self.val_table is None else
                            self._loader(self.val_idx[self.val_lo:self.val_hi], seed=cfg.seed + 1, train=False))
         strategy.agree([len(self.train_loader)], "the number of mini-batches per epoch")
+        if cfg.latent_init == "pca":
+            self._start_latents_from_pca()
         self.opt_rep = _rep_optimizer(self.train_tables, cfg)
         self.opt_val_rep = None if self.val_tables is None else _rep_optimizer(self.val_tables, cfg)
         self._build_optimizers(decayed=False)
+
+    def _start_latents_from_pca(self) -> None:
+        """Put untrained latents at their cells' scaled PCA coordinates and fit the mixture to them by EM.
+
+        Only latents that are all still at the origin move (a second ``train`` call, or a resumed run whose
+        checkpoint is loaded after this, keeps what was learned). Every process fits the same components
+        on the same seeded sample of all training cells and projects its own shard."""
+        tables = [self.train_table] + ([] if self.val_table is None else [self.val_table])
+        fresh = torch.tensor([float(all(not bool(t.z.detach().any()) for t in tables))])
+        if float(self.strategy.reduce_sum(fresh)[0]) < self.strategy.world_size:
+            return
+        rows = [self.train_idx[self.train_lo:self.train_hi]]
+        if self.val_table is not None:
+            rows.append(self.val_idx[self.val_lo:self.val_hi])
+        radius = float(getattr(self.module.prior, "softball_radius", 2.0))
+        starts = pca_latents(self.matrix, self.train_idx, rows, self.train_table.dim, radius=radius, seed=self.cfg.seed)
+        with torch.no_grad():
+            for table, z in zip(tables, starts):
+                table.z.copy_(torch.from_numpy(z).to(table.z.device))
+        self._refit_prior()
 
     def _local_table(self, table, lo, hi):
         if table is None:

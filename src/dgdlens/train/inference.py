@@ -159,14 +159,17 @@ def infer_latents(
 
 def optimise_latents(objective, x, scale, z0, n_steps, lr, betas, tol) -> torch.Tensor:
     """Adam on latents ``z0`` (a batch, jointly: Adam is elementwise, so this equals one run per sample) for
-    up to ``n_steps`` steps of ``objective(x, z, scale).sum()``; stops when it changes by less than ``tol``
-    (relative). The stopping check reads the loss on the host; it is off the training hot path.
+    up to ``n_steps`` steps of ``objective(x, z, scale).sum()``. Each sample stops on its own once its loss
+    changes by at most ``tol`` (relative): its latent is kept from that step on, so a sample's result
+    never depends on which other samples share its batch (batch size, shards, order). The check reads
+    the per-sample losses on the host; it is off the training hot path.
 
     Parameters
     ----------
     objective
-        Callable ``objective(x, z, scale)`` returning the per-sample loss, shape ``(n,)`` (any shape whose
-        sum is the batch loss works). Whatever it uses besides ``z`` should be frozen.
+        Callable ``objective(x, z, scale)`` returning the per-sample loss, shape ``(n,)`` (other shapes
+        are summed per sample; a scalar makes the whole batch stop together). Whatever it uses besides
+        ``z`` should be frozen.
     x
         Data of the batch, e.g. ``cells x genes`` counts; passed through to ``objective``.
     scale
@@ -178,8 +181,8 @@ def optimise_latents(objective, x, scale, z0, n_steps, lr, betas, tol) -> torch.
     lr, betas
         Adam learning rate and betas.
     tol
-        Stop once the summed loss changes by at most ``tol`` times its previous value (``0``: run all
-        ``n_steps``).
+        A sample stops once its loss changes by at most ``tol`` times its previous value (``0``: every
+        sample runs all ``n_steps``).
 
     Returns
     -------
@@ -187,18 +190,29 @@ def optimise_latents(objective, x, scale, z0, n_steps, lr, betas, tol) -> torch.
         The optimised latents, ``n x d``, detached, on ``z0``'s device.
     """
     z = z0.detach().clone().requires_grad_(True)
+    n = z.shape[0]
     opt = torch.optim.Adam([z], lr=lr, betas=betas)
+    done = torch.zeros(n, dtype=torch.bool, device=z.device)
+    kept = z.detach().clone()  # latents of the samples that have stopped, frozen at their stopping step
     prev = None
     for _ in range(n_steps):
         opt.zero_grad(set_to_none=True)
-        loss = objective(x, z, scale).sum()
-        loss.backward()
+        per_sample = objective(x, z, scale)
+        per_sample = per_sample.reshape(n, -1).sum(1) if per_sample.dim() > 0 else per_sample.expand(n)
+        per_sample.sum().backward()
         opt.step()
-        value = float(loss.detach())
-        if tol > 0 and prev is not None and abs(prev - value) <= tol * abs(prev):
-            break
+        if tol <= 0:
+            continue
+        value = per_sample.detach()
+        if prev is not None:
+            newly = ~done & ((prev - value).abs() <= tol * prev.abs())
+            if bool(newly.any()):
+                kept[newly] = z.detach()[newly]
+                done |= newly
+                if bool(done.all()):
+                    return kept
         prev = value
-    return z.detach()
+    return torch.where(done[:, None], kept, z.detach())
 
 
 def infer_latents_sharded(module, matrix, scale: np.ndarray | None, n_latent: int, *, batch_size: int,

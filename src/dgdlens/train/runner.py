@@ -11,6 +11,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 import warnings
 from dataclasses import asdict, dataclass
@@ -122,11 +123,17 @@ class Runner:
         Recorded in checkpoints; resuming refuses a checkpoint of another kind or other data.
     strategy
         Default: :func:`~dgdlens.train.make_strategy` (data-parallel under ``torchrun``).
+    callbacks
+        Called as ``callback(row)`` with each epoch's history row (``epoch``, losses, ``time``) after the
+        epoch's checkpoint; the plan's module holds that epoch's weights then. For logging and for
+        benchmarks that snapshot the model as it trains (``benchmarks/time_to_quality.py``).
     """
 
     def __init__(self, plan: TrainingPlan, config: RunnerConfig, device: torch.device, *, kind: str,
-                 fingerprint: dict, strategy: Strategy | None = None) -> None:
+                 fingerprint: dict, strategy: Strategy | None = None,
+                 callbacks: Sequence[Callable[[dict], None]] = ()) -> None:
         self.plan, self.cfg, self.device = plan, config, device
+        self.callbacks = list(callbacks)
         self.kind, self.fingerprint = kind, dict(fingerprint)
         self.strategy = make_strategy(device) if strategy is None else strategy
         self.history: list[dict] = []
@@ -337,6 +344,8 @@ class Runner:
                     raise TrainingInterrupted(self.epoch, self.save_checkpoint())
                 if self.epoch % cfg.checkpoint_every == 0 and not self.stopped_early:
                     self.save_checkpoint()
+                for callback in self.callbacks:
+                    callback(row)
         bar.close()
         self.fit_time += time.perf_counter() - t0
         self.save_checkpoint()
