@@ -334,7 +334,7 @@ def _demo_parser(sub, common) -> None:
                         "cross-modal prediction of held-out cells, the lens on genes and on peaks, steering read "
                         "out in both modalities; writes mdata.h5mu instead of adata.h5ad")
     p.add_argument("--epochs", dest="max_epochs", type=_positive_int, metavar="N",
-                   help="maximum DGD epochs (max_epochs= of run_demo; default: 500 with early stopping; "
+                   help="maximum DGD epochs (max_epochs= of run_demo; default: 250 with early stopping; "
                         "15 with --quick; --multiome: 100, 25 with --quick, no early stopping)")
     _add_device(p)
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed")
