@@ -52,6 +52,9 @@ import numpy as np
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results"
 
+sys.path.insert(0, str(HERE.parent))
+from scale import peak_rss_mb  # noqa: E402  (the process's peak RSS, as in the scale benchmark)
+
 
 # ------------------------------------------------------------------------------------------ data
 
@@ -139,14 +142,6 @@ class Snapshots:
             self.next_time = max(elapsed * self.grid, elapsed + 1.0)
 
 
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
 # ------------------------------------------------------------------------------------------ workers
 
 def dgd_worker(adata, train_idx, scored, cfg: dict, args) -> dict:
@@ -187,7 +182,6 @@ def scvi_worker(adata, train_idx, scored, cfg: dict, args) -> dict:
     import scvi
     from lightning.pytorch.callbacks import Callback
 
-    sys.path.insert(0, str(HERE.parent))
     from dgd_vs_scvi import scvi_split_models
 
     from dgdlens.evaluate import count_split_nll
