@@ -175,7 +175,8 @@ def dgd_worker(adata, train_idx, scored, cfg: dict, args) -> dict:
     final = float(count_split_nll(split_model(model), scored, **kw).mean())
     curve.append({"epoch": len(model.history_), "time_s": total, "nll": final, "final": True})
     return {"curve": curve, "final_nll": final, "train_s": total, "epochs": len(model.history_),
-            "best_epoch": model.train_summary_.get("best_epoch"), "peak_rss_mb": rss}
+            "best_epoch": model.train_summary_.get("best_epoch"), "peak_rss_mb": rss,
+            "history": model.history_.to_dict(orient="list")}
 
 
 def scvi_worker(adata, train_idx, scored, cfg: dict, args) -> dict:

@@ -154,3 +154,114 @@ def test_latent_optimisation_stops_each_sample_on_its_own():
     # without a tolerance the stiff bowls reach their targets (within Adam's step); with it some samples stopped early
     torch.testing.assert_close(everything[3:5], target[3:5], atol=0.1, rtol=0)
     assert not torch.equal(together, everything)
+
+
+class _ScriptedPlan(dl.train.TrainingPlan):
+    """A plan whose monitored loss follows a given sequence, one value per epoch (nothing is learned)."""
+
+    monitor_without_validation = "train_loss"
+
+    def __init__(self, losses):
+        super().__init__()
+        self.losses, self.epoch = list(losses), 0
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def train_batches(self):
+        return [None]
+
+    def zero_grad(self):
+        self.weight.grad = None
+
+    def training_step(self, batch):
+        value = torch.tensor(self.losses[min(self.epoch, len(self.losses) - 1)], dtype=torch.float64)
+        return self.weight * 0.0, {"loss": value}
+
+    def optimizer_step(self):
+        pass
+
+    def on_epoch_end(self):
+        self.epoch += 1
+
+    def summarise(self, sums):
+        return {"train_loss": float(sums["loss"])}
+
+    def snapshot(self):
+        return {"epoch": self.epoch}
+
+    def restore(self, snapshot):
+        self.restored = snapshot["epoch"]
+
+
+def _run_scripted(losses, **settings):
+    from dgdlens.train import Runner
+
+    plan = _ScriptedPlan(losses)
+    cfg = RunnerConfig(**{"max_epochs": len(losses), "min_epochs": 0, "progress": False, **settings})
+    return Runner(plan, cfg, torch.device("cpu"), kind="scripted", fingerprint={}).fit(), plan
+
+
+def test_relative_min_delta_means_the_same_at_any_loss_scale():
+    # improvements of 0.02 % per epoch after epoch 3 (0.06 % over the patience of 3): below a 0.1 % bar,
+    # above a 0.01 % one, at every scale
+    shape = [1.0, 0.9, 0.8, 0.7] + [0.7 * 0.9998 ** k for k in range(1, 12)]
+    for scale in (1.0, 1e3, 1e6):
+        losses = [scale * v for v in shape]
+        history, plan = _run_scripted(losses, patience=3, min_rel_delta=1e-3)
+        assert len(history) == 7 and plan.restored == 4  # epoch 3 (0-based) was the last to count; 3 waited
+        history, _ = _run_scripted(losses, patience=3, min_rel_delta=1e-4)
+        assert len(history) == len(losses)  # every step counts
+    # an absolute bar fitted to one scale means nothing at another
+    history, _ = _run_scripted([1e6 * v for v in shape], patience=3, min_delta=1e-3 * 0.7)
+    assert len(history) == len(shape)
+
+
+def test_compacted_latent_optimisation_equals_the_full_batch():
+    """Computing only on the still-running samples (per-sample inputs through x as a tuple) gives the same
+    latents as computing on every sample each step, with far fewer sample evaluations."""
+    from dgdlens.train.inference import optimise_latents
+
+    gen = torch.Generator().manual_seed(1)
+    n = 64
+    target = torch.randn(n, 3, generator=gen)
+    weight = 10.0 ** torch.empty(n, 1).uniform_(-2, 2, generator=gen)  # very different stopping steps
+    offset = torch.rand(n, generator=gen) + 0.5
+    evaluated = {"rows": 0}
+
+    def objective(data, z, scale):
+        t, off = data
+        evaluated["rows"] += len(z)
+        return ((z - t) ** 2 * scale).sum(1) + off
+
+    z0 = torch.zeros(n, 3)
+    full = optimise_latents(objective, (target, offset), weight, z0, 300, 0.05, (0.5, 0.7), 1e-4)
+    full_rows = evaluated["rows"]
+    evaluated["rows"] = 0
+    compact = optimise_latents(objective, (target, offset), weight, z0, 300, 0.05, (0.5, 0.7), 1e-4, compact=True)
+    torch.testing.assert_close(compact, full, rtol=0, atol=1e-6)
+    assert evaluated["rows"] < 0.6 * full_rows
+    for i in (0, 17, 63):  # and each sample as if optimised alone
+        alone = optimise_latents(objective, (target[i:i + 1], offset[i:i + 1]), weight[i:i + 1], z0[i:i + 1], 300,
+                                 0.05, (0.5, 0.7), 1e-4)
+        torch.testing.assert_close(compact[i:i + 1], alone, rtol=0, atol=1e-6)
+
+
+def test_dgd_stopping_rule_and_latent_rate_defaults(tiny):
+    """The DGD's defaults with the PCA start: a 0.1 % relative bar over 10 epochs, no stop before 1,000
+    decoder steps, latent learning rate 0.03; from the origin the reference's 0.01 and the former rule
+    (patience 20, at least 50 epochs); a user's values win."""
+    import math
+
+    def settings(model):
+        cfg = model.train_config_
+        return cfg["min_rel_delta"], cfg["patience"], cfg["min_epochs"], cfg["lr_rep"]
+
+    model = dl.DGD(tiny, seed=0, **SMALL)
+    floor = math.ceil(1000 / math.ceil(len(model.train_idx) / 8))  # epochs of 1,000 steps of batches of 8
+    model.train(max_epochs=500, **{**FAST, "batch_size": 8, "early_stopping": True})
+    assert model.train_config_["min_epochs"] == floor and len(model.history_) >= floor
+    model = dl.DGD(tiny, seed=0, **SMALL).train(max_epochs=2, **FAST)
+    assert settings(model) == (1e-3, 10, 2, 0.03) and model.train_config_["latent_init"] == "pca"
+    mine = dl.DGD(tiny, seed=0, **SMALL).train(max_epochs=2, patience=3, min_rel_delta=0.0, lr_rep=0.01, **FAST)
+    assert settings(mine) == (0.0, 3, 2, 0.01)
+    origin = dl.DGD(tiny, seed=0, **SMALL).train(max_epochs=60, latent_init="zeros", **FAST)
+    assert settings(origin) == (0.0, 20, 50, 0.01)

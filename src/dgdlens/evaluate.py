@@ -612,7 +612,7 @@ def composition_split_model(log_composition: Callable, log_r, *, n_latent: int |
                         n, k = xt.shape[0], cand.shape[0]
                         scores = torch.stack([objective(xt, cand[j].expand(n, -1), log_lib) for j in range(k)], 1)
                         z0 = cand[scores.argmin(1)]
-                z = optimise_latents(objective, xt, log_lib, z0, int(n_steps), lr, betas, tol)
+                z = optimise_latents(objective, xt, log_lib, z0, int(n_steps), lr, betas, tol, compact=True)
             out.append(z.cpu().numpy())
         return np.concatenate(out) if out else np.empty((0, n_latent or 0), dtype=np.float32)
 

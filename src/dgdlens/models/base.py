@@ -28,7 +28,7 @@ from ..train.fitted import FittedState
 __all__ = ["BaseModel", "RUNNER_OPTIONS", "names_digest"]
 
 #: training options the runner owns; everything else given to ``train`` goes to the model's plan
-RUNNER_OPTIONS = ("patience", "min_delta", "min_epochs", "restore_best", "checkpoint_every", "seed")
+RUNNER_OPTIONS = ("patience", "min_delta", "min_rel_delta", "min_epochs", "restore_best", "checkpoint_every", "seed")
 
 
 class BaseModel(FittedState):
@@ -67,8 +67,9 @@ class BaseModel(FittedState):
             Functions called as ``callback(row)`` after every epoch with its history row; ``self.module``
             holds that epoch's weights at the time (e.g. to log, or to snapshot the model as it trains).
         **plan_kwargs
-            ``patience``, ``min_delta``, ``min_epochs``, ``restore_best``, ``seed`` (the runner's), and the
-            model's own training options (learning rates, schedules; see the model's documentation).
+            ``patience``, ``min_delta``, ``min_rel_delta``, ``min_epochs``, ``restore_best``, ``seed`` (the
+            runner's), and the model's own training options (learning rates, schedules; see the model's
+            documentation).
         """
         runner_kwargs = {k: plan_kwargs.pop(k) for k in RUNNER_OPTIONS if k in plan_kwargs}
         runner_kwargs.setdefault("seed", self._default_seed())

@@ -39,7 +39,7 @@ from ..nn.priors import GaussianMixture, make_prior
 from ..nn.representation import RepresentationTable
 from ..train.decoder_only_plan import DecoderOnlyPlan, DecoderOnlyPlanConfig
 from ..train.inference import infer_latents_sharded
-from .base import BaseModel
+from .base import RUNNER_OPTIONS, BaseModel
 
 __all__ = ["DecoderOnly", "LatentModel", "as_row_matrix", "module_from_config"]
 
@@ -232,7 +232,7 @@ def split_options(options: dict, defaults: dict, allowed: set[str], renamed: dic
     if unknown:
         hints = "".join(f"; {k!r} is called {renamed[k]!r} here" for k in unknown if k in renamed)
         raise TypeError(f"Unknown training option(s) {unknown}{hints}; valid options: {sorted(allowed)} and the "
-                        "runner's patience, min_delta, min_epochs, restore_best, checkpoint_every, seed.")
+                        "runner's " + ", ".join(RUNNER_OPTIONS) + ".")
     return {**defaults, **options}
 
 

@@ -577,16 +577,17 @@ class DecoderOnlyPlan(TrainingPlan):
                 if loader is None or tables is None:
                     continue
                 dims = [t.dim for t in tables]
+
+                def objective(data, z, scale, dims=dims):  # covariates travel with the counts (see compact)
+                    x, codes, cont = data
+                    recon, prior = self.module.batch_nll(x, list(torch.split(z, dims, dim=1)), scale, codes, cont)
+                    return recon + prior
+
                 for batch in loader:
                     codes, cont = self._batch_covariates(batch.index, cov)
-
-                    def objective(x, z, scale, codes=codes, cont=cont, dims=dims):
-                        recon, prior = self.module.batch_nll(x, list(torch.split(z, dims, dim=1)), scale, codes, cont)
-                        return recon + prior
-
                     z0 = torch.cat([t.z.detach()[batch.index] for t in tables], dim=1)
-                    z = optimise_latents(objective, batch.x, batch.scale, z0, cfg.polish_steps, cfg.polish_lr,
-                                         cfg.betas, cfg.polish_tol)
+                    z = optimise_latents(objective, (batch.x, codes, cont), batch.scale, z0, cfg.polish_steps,
+                                         cfg.polish_lr, cfg.betas, cfg.polish_tol, compact=True)
                     with torch.no_grad():
                         for t, part in zip(tables, torch.split(z, dims, dim=1)):
                             t.z[batch.index] = part

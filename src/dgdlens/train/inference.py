@@ -146,7 +146,7 @@ def infer_latents(
                 with torch.no_grad():
                     scores = _score_candidates(module, x, scale, cand, select_by if use_prior else "recon")
                     z0 = cand[scores.argmin(1)]
-            z = optimise_latents(objective, x, scale, z0, n_steps, lr, betas, tol)
+            z = optimise_latents(objective, x, scale, z0, n_steps, lr, betas, tol, compact=True)
             with torch.no_grad():
                 final = objective(x, z, scale)
             pos = batch.index.cpu().numpy()
@@ -157,7 +157,21 @@ def infer_latents(
     return z_out, loss_out
 
 
-def optimise_latents(objective, x, scale, z0, n_steps, lr, betas, tol) -> torch.Tensor:
+def _take_rows(data, rows: torch.Tensor):
+    """``data`` (a tensor, ``None``, or a tuple / list of them) restricted to ``rows`` along dimension 0."""
+    if data is None:
+        return None
+    if isinstance(data, (tuple, list)):
+        return type(data)(_take_rows(part, rows) for part in data)
+    return data.index_select(0, rows)
+
+
+#: Re-gather the still-running samples once they are fewer than this share of those gathered last:
+#: copies stay rare, and most steps compute on running samples only.
+_COMPACT_BELOW = 0.8
+
+
+def optimise_latents(objective, x, scale, z0, n_steps, lr, betas, tol, *, compact: bool = False) -> torch.Tensor:
     """Adam on latents ``z0`` (a batch, jointly: Adam is elementwise, so this equals one run per sample) for
     up to ``n_steps`` steps of ``objective(x, z, scale).sum()``. Each sample stops on its own once its loss
     changes by at most ``tol`` (relative): its latent is kept from that step on, so a sample's result
@@ -171,7 +185,8 @@ def optimise_latents(objective, x, scale, z0, n_steps, lr, betas, tol) -> torch.
         are summed per sample; a scalar makes the whole batch stop together). Whatever it uses besides
         ``z`` should be frozen.
     x
-        Data of the batch, e.g. ``cells x genes`` counts; passed through to ``objective``.
+        Data of the batch, e.g. ``cells x genes`` counts (a tensor, or a tuple of per-sample tensors,
+        e.g. counts and covariate codes); passed through to ``objective``.
     scale
         Per-sample scale factors (e.g. library sizes, ``(n,)``) or ``None``; passed through.
     z0
@@ -183,6 +198,12 @@ def optimise_latents(objective, x, scale, z0, n_steps, lr, betas, tol) -> torch.
     tol
         A sample stops once its loss changes by at most ``tol`` times its previous value (``0``: every
         sample runs all ``n_steps``).
+    compact
+        Evaluate ``objective`` on the samples still running only (``x``, ``z`` and ``scale`` restricted to
+        their rows). A batch otherwise costs as many steps as its slowest sample takes: a DGD polish of
+        10,000 cells took 15.6 steps per cell on average but 65.6 per batch of 256. Only for objectives
+        whose samples are independent and that get every per-sample input through ``x``, ``z`` or
+        ``scale`` (not from a closure). The result is the same up to floating-point reordering.
 
     Returns
     -------
@@ -195,22 +216,34 @@ def optimise_latents(objective, x, scale, z0, n_steps, lr, betas, tol) -> torch.
     done = torch.zeros(n, dtype=torch.bool, device=z.device)
     kept = z.detach().clone()  # latents of the samples that have stopped, frozen at their stopping step
     prev = None
+    rows = None  # the samples gathered into x_run / scale_run (None: all, no copy)
+    x_run, scale_run = x, scale
     for _ in range(n_steps):
         opt.zero_grad(set_to_none=True)
-        per_sample = objective(x, z, scale)
-        per_sample = per_sample.reshape(n, -1).sum(1) if per_sample.dim() > 0 else per_sample.expand(n)
+        per_sample = objective(x_run, z if rows is None else z.index_select(0, rows), scale_run)
+        m = n if rows is None else len(rows)
+        separable = per_sample.dim() > 0
+        per_sample = per_sample.reshape(m, -1).sum(1) if separable else per_sample.expand(m)
         per_sample.sum().backward()
-        opt.step()
+        opt.step()  # samples outside ``rows`` have stopped: whatever Adam does to them is never read
         if tol <= 0:
             continue
-        value = per_sample.detach()
+        if rows is None:
+            value = per_sample.detach()
+        else:  # the stopped samples keep their last value, so they never count as newly stopped
+            value = prev.clone()
+            value[rows] = per_sample.detach()
         if prev is not None:
             newly = ~done & ((prev - value).abs() <= tol * prev.abs())
             if bool(newly.any()):
                 kept[newly] = z.detach()[newly]
                 done |= newly
-                if bool(done.all()):
+                running = int((~done).sum())
+                if running == 0:
                     return kept
+                if compact and separable and running < _COMPACT_BELOW * m:
+                    rows = (~done).nonzero().squeeze(1)
+                    x_run, scale_run = _take_rows(x, rows), _take_rows(scale, rows)
         prev = value
     return torch.where(done[:, None], kept, z.detach())
 
@@ -390,14 +423,15 @@ def infer_covariate_latents(
                 else:
                     z0 = state[index]
 
-                def objective(x, zc, scale, c=c, cont=cont):
-                    recon, prior = module.batch_nll(x, list(torch.split(zc, dims, dim=1)), scale, c, cont, new_means)
+                def objective(data, zc, scale):  # codes travel with the counts, so the running cells can be gathered
+                    x_, c_, cont_ = data
+                    recon, prior = module.batch_nll(x_, list(torch.split(zc, dims, dim=1)), scale, c_, cont_, new_means)
                     return recon + prior
 
-                zc = optimise_latents(objective, x, scale, z0, n_steps, lr, betas, tol)
+                zc = optimise_latents(objective, (x, c, cont), scale, z0, n_steps, lr, betas, tol, compact=True)
                 with torch.no_grad():
                     state[index] = zc
-                    loss_out[index] = objective(x, zc, scale)
+                    loss_out[index] = objective((x, c, cont), zc, scale)
                 bar.update(x.shape[0])
             if any_new and r < rounds - 1:  # M-step: each new mean = the mean covariate latent of its cells
                 blocks = torch.split(state, dims, dim=1)

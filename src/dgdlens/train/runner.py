@@ -57,10 +57,12 @@ class RunnerConfig:
     ----------
     max_epochs
         Passes over the training data.
-    early_stopping, patience, min_delta, min_epochs
+    early_stopping, patience, min_delta, min_rel_delta, min_epochs
         Stop once the monitored value (the plan's validation loss, or its training loss without a
-        validation split) has not improved by ``min_delta`` for ``patience`` epochs, never before
-        ``min_epochs``. Labels are never used.
+        validation split) has not improved by ``min_delta + min_rel_delta * |best so far|`` for ``patience``
+        epochs, never before ``min_epochs``. Labels are never used. ``min_rel_delta`` makes one setting
+        mean the same on data whose losses differ by orders of magnitude (nats per cell grow with genes
+        and depth).
     restore_best
         End with the weights of the best monitored epoch.
     checkpoint_path, checkpoint_every
@@ -76,6 +78,7 @@ class RunnerConfig:
     early_stopping: bool = True
     patience: int = 20
     min_delta: float = 0.0
+    min_rel_delta: float = 0.0
     min_epochs: int = 50
     restore_best: bool = True
     checkpoint_path: str | None = None
@@ -92,8 +95,11 @@ class RunnerConfig:
         if isinstance(self.min_epochs, bool) or int(self.min_epochs) != self.min_epochs or self.min_epochs < 0:
             raise ValueError(f"min_epochs must be a non-negative integer, got {self.min_epochs!r}")
         self.min_epochs = int(self.min_epochs)
-        if not math.isfinite(self.min_delta) or self.min_delta < 0:
-            raise ValueError(f"min_delta must be a non-negative number, got {self.min_delta!r}")
+        for name in ("min_delta", "min_rel_delta"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, str)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            setattr(self, name, float(value))
         if self.checkpoint_path is not None:
             self.checkpoint_path = str(self.checkpoint_path)
 
@@ -262,7 +268,10 @@ class Runner:
         return out
 
     def _improved(self, value: float) -> bool:
-        return value < self.best["value"] - self.cfg.min_delta
+        best = self.best["value"]
+        if not math.isfinite(best):
+            return value < best
+        return value < best - (self.cfg.min_delta + self.cfg.min_rel_delta * abs(best))
 
     # ------------------------------------------------------------------ the loop
     def fit(self, *, resume_from=None) -> list[dict]:
