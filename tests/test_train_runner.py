@@ -245,7 +245,7 @@ def test_compacted_latent_optimisation_equals_the_full_batch():
         torch.testing.assert_close(compact[i:i + 1], alone, rtol=0, atol=1e-6)
 
 
-def test_dgd_stopping_rule_and_latent_rate_defaults(tiny):
+def test_dgd_stopping_rule_and_latent_rate_defaults(tiny, monkeypatch):
     """The DGD's defaults with the PCA start: a 0.1 % relative bar over 10 epochs, no stop before 1,000
     decoder steps, latent learning rate 0.03; from the origin the reference's 0.01 and the former rule
     (patience 20, at least 50 epochs); a user's values win."""
@@ -255,8 +255,12 @@ def test_dgd_stopping_rule_and_latent_rate_defaults(tiny):
         cfg = model.train_config_
         return cfg["min_rel_delta"], cfg["patience"], cfg["min_epochs"], cfg["lr_rep"]
 
+    import dgdlens.models.dgd as dgd_module
+
+    assert dgd_module.MIN_DECODER_STEPS == 1000
+    monkeypatch.setattr(dgd_module, "MIN_DECODER_STEPS", 100)  # the same rule, 10x fewer steps to train
     model = dl.DGD(tiny, seed=0, **SMALL)
-    floor = math.ceil(1000 / math.ceil(len(model.train_idx) / 8))  # epochs of 1,000 steps of batches of 8
+    floor = math.ceil(100 / math.ceil(len(model.train_idx) / 8))  # epochs of 100 steps of batches of 8
     model.train(max_epochs=500, **{**FAST, "batch_size": 8, "early_stopping": True})
     assert model.train_config_["min_epochs"] == floor and len(model.history_) >= floor
     model = dl.DGD(tiny, seed=0, **SMALL).train(max_epochs=2, **FAST)
