@@ -28,7 +28,8 @@ from ..train.fitted import FittedState
 __all__ = ["BaseModel", "RUNNER_OPTIONS", "names_digest"]
 
 #: training options the runner owns; everything else given to ``train`` goes to the model's plan
-RUNNER_OPTIONS = ("patience", "min_delta", "min_rel_delta", "min_epochs", "restore_best", "checkpoint_every", "seed")
+RUNNER_OPTIONS = ("patience", "min_delta", "min_rel_delta", "min_epochs", "restore_best", "checkpoint_every",
+                  "seed")
 
 
 class BaseModel(FittedState):
@@ -75,7 +76,7 @@ class BaseModel(FittedState):
         runner_kwargs.setdefault("seed", self._default_seed())
         max_epochs = self._default_max_epochs if max_epochs is None else max_epochs
         batch_size = self._default_batch_size if batch_size is None else batch_size
-        runner_kwargs.setdefault("min_epochs", self._default_min_epochs(max_epochs))
+        runner_kwargs = {**self._default_runner_options(max_epochs, batch_size, plan_kwargs), **runner_kwargs}
         config = RunnerConfig(max_epochs=max_epochs, early_stopping=bool(early_stopping),
                               checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
                               progress=bool(progress), **runner_kwargs)
@@ -95,8 +96,9 @@ class BaseModel(FittedState):
     def _default_seed(self) -> int:
         return int(getattr(self, "seed", 0))
 
-    def _default_min_epochs(self, max_epochs: int) -> int:
-        return min(50, int(max_epochs))
+    def _default_runner_options(self, max_epochs: int, batch_size: int, plan_kwargs: dict) -> dict:
+        """The runner settings this model trains with unless ``train`` is given others (its stopping rule)."""
+        return {"min_epochs": min(50, int(max_epochs))}
 
     def _make_plan(self, *, batch_size: int, seed: int, **plan_kwargs) -> TrainingPlan:
         raise NotImplementedError

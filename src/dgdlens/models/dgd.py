@@ -52,13 +52,13 @@ __all__ = ["DGD", "default_n_components"]
 
 MODEL_KIND = "DGD"
 
-#: The stopping rule of DGDs whose latents start at PCA coordinates, chosen on validation cells only (benchmarks/time_to_quality.py --tune at
-#: 30k / 100k / 300k simulated cells, benchmarks/dgd_vs_scvi.py --tune on pbmc68k and celltypist; numbers
-#: in docs/benchmarks/time_to_quality.md). The validation reconstruction keeps creeping down long after
-#: held-out quality is flat (the validation latents get one step per epoch), so the former "any
-#: improvement for 20 epochs" trained 267 epochs at 30k cells, with a worse validation NLL than at 54.
-#: Stop once it has not improved by 0.1 % for 10 epochs: 54 / 64 / 53 epochs at 30k / 100k / 300k cells,
-#: each within 0.3 nats of the best validation NLL its run reached ...
+#: The stopping rule of DGDs whose latents start at PCA coordinates, chosen on validation cells only
+#: (benchmarks/time_to_quality.py --tune at 30k / 100k / 300k simulated cells, benchmarks/dgd_vs_scvi.py
+#: --tune on pbmc68k and celltypist; numbers in docs/benchmarks/time_to_quality.md). The validation
+#: reconstruction keeps creeping down long after held-out quality is flat (the validation latents get one
+#: step per epoch), so the former "any improvement for 20 epochs" trained 267 epochs at 30k cells, with a
+#: worse validation NLL than at 54. Stop once it has not improved by 0.1 % for 10 epochs: 54 / 64 / 53
+#: epochs at 30k / 100k / 300k cells, each within 0.3 nats of the best validation NLL its run reached ...
 EARLY_STOPPING = {"min_rel_delta": 1e-3, "patience": 10}
 #: ... but never before the decoder has taken this many optimiser steps: a few hundred cells give two or
 #: three steps per epoch, and there the relative rule stopped too soon (celltypist: 4014 vs 3978 nats,
@@ -757,9 +757,13 @@ class DGD(BaseModel):
         # the shared-structure multiome test it lost the gene -> peak links).
         return "zeros" if (self.has_covariates or self.is_multimodal) else "pca"
 
-    def _min_epochs_for_steps(self, max_epochs: int, batch_size: int) -> int:
+    def _default_runner_options(self, max_epochs: int, batch_size: int, plan_kwargs: dict) -> dict:
+        # the stopping rule was chosen for PCA-started latents; from the origin the former one stays
+        if plan_kwargs.get("latent_init", self._default_latent_init()) != "pca":
+            return super()._default_runner_options(max_epochs, batch_size, plan_kwargs)
         steps_per_epoch = max(1, math.ceil(len(self.train_idx) / batch_size))
-        return min(int(max_epochs), math.ceil(MIN_DECODER_STEPS / steps_per_epoch))
+        min_epochs = min(int(max_epochs), math.ceil(MIN_DECODER_STEPS / steps_per_epoch))
+        return {**EARLY_STOPPING, "min_epochs": min_epochs}
 
     def train(self, max_epochs: int | None = None, batch_size: int | None = None, early_stopping: bool = True,
               **kwargs) -> DGD:
@@ -797,12 +801,6 @@ class DGD(BaseModel):
             ``self``, trained (``history_`` and ``train_summary_`` set), so calls can be chained.
         """
         self._require_data("train")
-        if kwargs.get("latent_init", self._default_latent_init()) == "pca":
-            # the stopping rule was chosen for PCA-started latents; from the origin the former one stays
-            kwargs = {**EARLY_STOPPING, **kwargs}
-            kwargs.setdefault("min_epochs", self._min_epochs_for_steps(
-                self._default_max_epochs if max_epochs is None else max_epochs,
-                self._default_batch_size if batch_size is None else batch_size))
         return super().train(max_epochs, batch_size, early_stopping, **kwargs)
 
     def _make_plan(self, *, batch_size: int, seed: int, **options) -> DecoderOnlyPlan:
