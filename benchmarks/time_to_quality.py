@@ -277,6 +277,42 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+FAMILY_NAMES = {"dgd": "DGD", "scvi": "scVI"}
+
+
+def plot_time_to_target(results: list[dict], ax) -> None:
+    """Cells against wall time: each model's time to scVI's final NLL (solid) and its whole run (dashed)."""
+    # one line per package when each size has one run of it (row names may differ, e.g. a capped run),
+    # else one per row name (tuning runs compare several configurations of one package)
+    per_size = [(r["n_cells"], r["family"]) for r in results]
+    key = "family" if len(per_size) == len(set(per_size)) else "model"
+    for name in sorted({r[key] for r in results}):
+        reach, total = [], []
+        for n in sorted({r["n_cells"] for r in results}):
+            scvi_final = [r["final_nll"] for r in results if r["n_cells"] == n and r["family"] == "scvi"]
+            run = [r for r in results if r["n_cells"] == n and r[key] == name]
+            if not run or not scvi_final:
+                continue
+            t = time_to_reach(run[0]["curve"], min(scvi_final))
+            if t is not None:
+                reach.append((n, t))
+            total.append((n, run[0]["train_s"]))
+        label = FAMILY_NAMES.get(name, name)
+        line, = ax.plot(*zip(*reach), marker="o", label=f"{label}: to scVI's final NLL") if reach else (None,)
+        if total:
+            ax.plot(*zip(*total), ls="--", marker=".", color=None if line is None else line.get_color(),
+                    label=f"{label}: whole run")
+    sizes = sorted({r["n_cells"] for r in results})
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(sizes, labels=[f"{n / 1000:g}k" for n in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("cells")
+    ax.set_ylabel("wall time, s")
+    ax.set_title("time to scVI's final held-out NLL")
+    ax.legend(fontsize=7)
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -284,7 +320,7 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = sorted({r["n_cells"] for r in results})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(sizes) + 1, figsize=(4.5 * (len(sizes) + 1), 3.6), squeeze=False)
     for ax, n in zip(axes[0], sizes):
         for r in [r for r in results if r["n_cells"] == n]:
             t = [p["time_s"] for p in r["curve"]]
@@ -293,10 +329,12 @@ def plot(results: list[dict], path: Path) -> None:
         finals = [r["final_nll"] for r in results if r["n_cells"] == n]
         ax.set_ylim(min(finals) - 0.02 * abs(min(finals)), min(finals) + 0.08 * abs(min(finals)))
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded labels within a decade
         ax.set_xlabel("wall time, s (training only)")
         ax.set_title(f"{n:,} cells")
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("held-out NB NLL, nats/cell")
+    plot_time_to_target(results, axes[0][-1])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
