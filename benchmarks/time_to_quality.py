@@ -261,13 +261,18 @@ def time_to_reach(curve: list[dict], target: float) -> float | None:
     return None
 
 
+def scvi_final_nll(results: list[dict], n_cells: int) -> float | None:
+    """The target at one size: the best final held-out NLL of the scVI runs there (None without one)."""
+    finals = [r["final_nll"] for r in results if r["n_cells"] == n_cells and r["family"] == "scvi"]
+    return min(finals) if finals else None
+
+
 def table(results: list[dict]) -> str:
     lines = ["| cells | model | epochs | train s | peak RSS MB | final NLL (refined) | final NLL (amortised) | "
              "time to scVI's final NLL, s |", "|---|---|---|---|---|---|---|---|"]
     for n in sorted({r["n_cells"] for r in results}):
         rows = [r for r in results if r["n_cells"] == n]
-        scvi_final = [r["final_nll"] for r in rows if r["family"] == "scvi"]
-        target = min(scvi_final) if scvi_final else None
+        target = scvi_final_nll(results, n)
         for r in rows:
             reach = None if target is None else time_to_reach(r["curve"], target)
             amort = r.get("final_nll_amortised")
@@ -289,11 +294,11 @@ def plot_time_to_target(results: list[dict], ax) -> None:
     for name in sorted({r[key] for r in results}):
         reach, total = [], []
         for n in sorted({r["n_cells"] for r in results}):
-            scvi_final = [r["final_nll"] for r in results if r["n_cells"] == n and r["family"] == "scvi"]
+            target = scvi_final_nll(results, n)
             run = [r for r in results if r["n_cells"] == n and r[key] == name]
-            if not run or not scvi_final:
+            if not run or target is None:
                 continue
-            t = time_to_reach(run[0]["curve"], min(scvi_final))
+            t = time_to_reach(run[0]["curve"], target)
             if t is not None:
                 reach.append((n, t))
             total.append((n, run[0]["train_s"]))
