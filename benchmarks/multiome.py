@@ -84,7 +84,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -97,6 +96,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import peak_rss_mb, reset_peak_rss  # noqa: E402  (VmHWM, as every benchmark reads it)
+
 HERE = Path(__file__).resolve()
 DEFAULT_OUT = HERE.parent / "results" / "multiome"
 LABEL_KEY, BATCH_KEY = "cell_type", "batch"
@@ -104,29 +106,6 @@ MODALITIES = ("rna", "atac")
 
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"mudata.*")
 warnings.filterwarnings("ignore", message=r".*pull_on_update.*")
-
-
-# ------------------------------------------------------------------------------------------ memory
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM) in MB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Restart the kernel's VmHWM counter at the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def command_line() -> str:

@@ -40,6 +40,15 @@ HERE = Path(__file__).resolve()
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM. Not ``ru_maxrss``: Linux carries the parent's peak
+    over a fork and exec into it, so a worker launched by a parent that simulated a million cells reported
+    the parent's 5 GB as its own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
 
 
@@ -52,14 +61,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def peak_rss_since_reset_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def generate(path: Path, n_cells: int, n_genes: int, seed: int, mean_library: float) -> dict:
@@ -138,9 +139,9 @@ def worker(args) -> None:
         "read_s": stats.read_s, "densify_s": stats.densify_s, "wait_s": stats.wait_s,
         "comm_s": float(getattr(runner.strategy, "comm_s", 0.0)), "n_batches": stats.n_batches,
         "cells_trained": stats.n_rows,
-        "train_loss": runner.history[-1]["train_loss"], "peak_rss_mb": peak_rss_mb(),
+        "train_loss": runner.history[-1]["train_loss"], "peak_rss_mb": max(rss_after_load, peak_rss_mb()),
         "rss_after_load_mb": rss_after_load,
-        "peak_rss_after_load_mb": peak_rss_since_reset_mb() if has_reset else float("nan"),
+        "peak_rss_after_load_mb": peak_rss_mb() if has_reset else float("nan"),
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with open(Path(args.out) / f"{args.mode}-{out['world_size']}-rank{out['rank']}.json", "w") as fh:
@@ -166,8 +167,9 @@ def defaults_worker(args, adata, load_s: float, rss_after_load: float, has_reset
         "mode": "backed-defaults", "rank": distributed.rank(), "world_size": distributed.world_size(),
         "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), "epochs": args.epochs,
         "load_s": load_s, "init_s": init_s, "train_call_s": train_s, "epoch_s": epochs_s / args.epochs,
-        "end_of_training_s": train_s - epochs_s, "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": rss_after_load,
-        "peak_rss_after_load_mb": peak_rss_since_reset_mb() if has_reset else float("nan"),
+        "end_of_training_s": train_s - epochs_s, "peak_rss_mb": max(rss_after_load, peak_rss_mb()),
+        "rss_after_load_mb": rss_after_load,
+        "peak_rss_after_load_mb": peak_rss_mb() if has_reset else float("nan"),
     }
     print(json.dumps(out), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)

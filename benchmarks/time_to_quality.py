@@ -112,6 +112,33 @@ def ensure_dataset(args, n_cells: int) -> Path:
     return path
 
 
+def pool_path(args, n_cells: int) -> Path:
+    return dataset_path(args, n_cells).with_suffix(f".{'tune' if args.tune else 'test'}_pool.h5ad")
+
+
+def ensure_pool_file(args, n_cells: int) -> Path:
+    """The training pool (every cell but the scored ones) as its own h5ad, for a DGD trained from disk;
+    written once, in row chunks, never holding the matrix."""
+    import anndata as ad
+
+    from dgdlens.data.matrix import write_h5ad_in_chunks
+
+    path = pool_path(args, n_cells)
+    if path.exists():
+        return path
+    full = ad.read_h5ad(dataset_path(args, n_cells), backed="r")
+    rows, _ = split(full.n_obs, args.test_cells, args.seed, args.tune)
+
+    def chunks(step=50_000):
+        for start in range(0, full.n_obs, step):
+            block = full.X[start:start + step]
+            keep = rows[(rows >= start) & (rows < start + step)] - start
+            yield block[keep]
+
+    write_h5ad_in_chunks(path, chunks(), full.var_names, obs_names=full.obs_names[rows])
+    return path
+
+
 def split(n_cells: int, n_held: int, seed: int, tune: bool):
     """(training pool, scored cells): test cells, or with tune validation cells taken from the pool."""
     order = np.random.default_rng(seed + 7).permutation(n_cells)
@@ -151,10 +178,19 @@ def dgd_worker(adata, train_idx, scored, cfg: dict, args) -> dict:
     cfg = copy.deepcopy(cfg)
     train_kwargs = cfg.pop("train", {})
     refit = train_kwargs.get("refit_prior_at_end", True)
-    train = adata[train_idx].copy()
+    if args.backed:  # the DGD reads its training cells from disk (the pool file), as at atlas scale
+        import anndata as ad
+
+        train = ad.read_h5ad(pool_path(args, args.worker_cells), backed="r")
+    else:
+        train = adata[train_idx].copy()
     t0 = time.perf_counter()
     model = dl.DGD(train, seed=args.seed, **cfg)
-    snaps = Snapshots(model.module, args.grid, t0, latents=lambda: model.train_rep.z)
+    # the latents the epochs train (with decoder_subsample, the plan's copy of the subsample's rows)
+    plans = []
+    make_plan = model._make_plan
+    model._make_plan = lambda **kw: plans.append(make_plan(**kw)) or plans[-1]
+    snaps = Snapshots(model.module, args.grid, t0, latents=lambda: plans[-1].train_table.z)
     model.train(device=args.device, progress=False, callbacks=[lambda row: snaps(row["epoch"])], **train_kwargs)
     total = time.perf_counter() - t0
     rss = peak_rss_mb()
@@ -229,15 +265,16 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)  # sklearn's EM refit and numpy too, not only torch
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # pay torch._dynamo's import outside the timings
-    adata = ad.read_h5ad(dataset_path(args, args.worker_cells))
+    backed = args.backed and args.worker_model == "dgd"  # scVI is given its cells in memory
+    adata = ad.read_h5ad(dataset_path(args, args.worker_cells), backed="r" if backed else None)
     train_idx, scored_idx = split(adata.n_obs, args.test_cells, args.seed, args.tune)
-    scored = adata[scored_idx].copy()
+    scored = adata[scored_idx].to_memory() if backed else adata[scored_idx].copy()
     cfg = json.loads(args.worker_config)
     fn = dgd_worker if args.worker_model == "dgd" else scvi_worker
     out = fn(adata, train_idx, scored, cfg, args)
     out.update({"model": args.worker_name, "family": args.worker_model, "n_cells": int(adata.n_obs),
                 "n_train": int(len(train_idx)), "n_scored": int(len(scored_idx)), "threads": args.threads,
-                "device": args.device, "tune": bool(args.tune), "config": cfg})
+                "device": args.device, "tune": bool(args.tune), "config": cfg, "backed": bool(backed)})
     tmp = Path(args.worker_out).with_suffix(".partial")
     tmp.write_text(json.dumps(out, indent=1))
     os.replace(tmp, args.worker_out)
@@ -250,7 +287,7 @@ def launch(args, n_cells: int, family: str, name: str, cfg: dict, out: Path) -> 
            "--worker-name", name, "--worker-config", json.dumps(cfg), "--worker-out", str(out),
            "--genes", str(args.genes), "--seed", str(args.seed), "--test-cells", str(args.test_cells),
            "--threads", str(args.threads), "--grid", str(args.grid), "--device", args.device,
-           "--data-dir", args.data_dir] + (["--tune"] if args.tune else [])
+           "--data-dir", args.data_dir] + (["--tune"] if args.tune else []) + (["--backed"] if args.backed else [])
     return subprocess.Popen(cmd)
 
 
@@ -355,6 +392,8 @@ def main(argv=None) -> None:
     p.add_argument("--scvi-config", type=json.loads, default=None, help='JSON {"row name": {SCVI kwargs}}')
     p.add_argument("--side-by-side", action="store_true", help="run the workers of one size at the same time")
     p.add_argument("--tune", action="store_true", help="score on validation cells of the pool, never on test cells")
+    p.add_argument("--backed", action="store_true",
+                   help="the DGD trains from a backed file of the training pool (scVI still in memory)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--grid", type=float, default=1.3, help="snapshot when elapsed time grew by this factor")
@@ -376,6 +415,8 @@ def main(argv=None) -> None:
         for n_cells in args.cells:
             tic = time.perf_counter()
             ensure_dataset(args, n_cells)
+            if args.backed:
+                ensure_pool_file(args, n_cells)
             print(f"data {n_cells} x {args.genes}: {time.perf_counter() - tic:.0f} s", flush=True)
             procs = []
             for family, name, cfg in configs:

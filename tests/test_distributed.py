@@ -26,6 +26,7 @@ from dgdlens.sim.counts import simulate_count_chunks
 
 N_CELLS, N_GENES, EPOCHS = 600, 100, 6
 MODEL = dict(n_latent=3, n_components=3, seed=0)
+SUBSAMPLE = 200
 TRAIN = dict(batch_size=64, early_stopping=True, patience=3, min_epochs=1, progress=False, prior_refit_epoch=2)
 
 
@@ -65,6 +66,11 @@ def _worker(data_path: str, out: str) -> None:
     resumed = DGD(backed, **MODEL)
     resumed.train(max_epochs=EPOCHS, resume_from=str(out / "half.ckpt"), **TRAIN)
 
+    # the epochs on a subsample of 200 cells (100 per rank), the other cells embedded at the end
+    sub = DGD(backed, **MODEL)
+    sub.train(max_epochs=EPOCHS, decoder_subsample=SUBSAMPLE, **TRAIN)
+    np.save(out / f"sub_latent{rank}.npy", sub.get_latent_representation())
+
     heldout = model.get_latent_representation(_new_cells(backed), n_steps=30, batch_size=30, progress=False)
     np.save(out / f"shard{rank}.npy", shards[0])
     np.save(out / f"latent{rank}.npy", model.get_latent_representation())
@@ -72,6 +78,7 @@ def _worker(data_path: str, out: str) -> None:
     with open(out / f"rank{rank}.json", "w") as fh:
         json.dump({"owned": list(map(str, owned)), "history": model.history_.drop(columns="time").to_dict("list"),
                    "resumed": resumed.history_.drop(columns="time").to_dict("list"),
+                   "sub": sub.history_.drop(columns="time").to_dict("list"),
                    "world_size": distributed.world_size()}, fh)
 
 
@@ -105,6 +112,23 @@ def test_two_processes_reach_the_single_process_loss(run):
           f"1 process with another batch order {other_order.history_['train_loss'].iloc[-1]:.4f}")
     assert abs(dist_loss - ref) <= max(3 * noise, 0.01 * ref), (dist_loss, ref, noise)
     assert dist_loss < ranks[0]["history"]["train_loss"][0]  # and it learned
+
+
+def test_two_processes_train_a_subsample_and_embed_the_rest(run):
+    tmp, data, ranks = run
+    assert ranks[0]["sub"] == ranks[1]["sub"]  # the same decisions on every rank
+    z = np.load(tmp / "sub_latent0.npy")
+    np.testing.assert_array_equal(np.load(tmp / "sub_latent1.npy"), z)  # every rank ends with every cell
+    assert np.all(np.abs(z).sum(1) > 0)
+    # one process trains another seeded sample of 200 cells: the same loss within the noise of the sample
+    single = DGD(ad.read_h5ad(data, backed="r"), **MODEL).train(max_epochs=EPOCHS, decoder_subsample=SUBSAMPLE,
+                                                                **TRAIN)
+    other = DGD(ad.read_h5ad(data, backed="r"), **MODEL).train(max_epochs=EPOCHS, decoder_subsample=SUBSAMPLE,
+                                                               **{**TRAIN, "seed": 99})
+    dist_loss, ref = ranks[0]["sub"]["train_loss"][-1], single.history_["train_loss"].iloc[-1]
+    noise = abs(other.history_["train_loss"].iloc[-1] - ref)
+    assert abs(dist_loss - ref) <= max(3 * noise, 0.02 * ref), (dist_loss, ref, noise)
+    assert ranks[0]["sub"]["train_loss"][-1] < ranks[0]["sub"]["train_loss"][0]
 
 
 def test_saved_model_loads_in_one_process_with_every_cell_once(run):

@@ -81,6 +81,7 @@ class RowMatrix:
             )
         self.X = X
         self.shape = (int(X.shape[0]), int(X.shape[1]))
+        self._csr_arrays = None  # an on-disk CSR's data / indices / indptr arrays, once looked up
 
     @property
     def n_obs(self) -> int:
@@ -101,10 +102,23 @@ class RowMatrix:
     # ------------------------------------------------------------------ reading
     def _slice(self, start: int, stop: int):
         """Rows start:stop, as CSR (sparse kinds) or ndarray (dense kinds)."""
-        block = self.X[start:stop]
-        if self.kind == "backed_sparse" and not sp.issparse(block):
-            block = sp.csr_matrix(block)
-        return block
+        if self.kind == "backed_sparse":
+            return self._backed_csr_rows(start, stop)
+        return self.X[start:stop]
+
+    def _backed_csr_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows start:stop of an on-disk CSR, read from its three arrays directly: one ``indptr`` slice, then
+        one slice each of ``indices`` and ``data``. anndata's own row slicing (0.12) looks up scipy's
+        installed version through ``importlib.metadata`` on every call, which was 40 % of a backed
+        training epoch; the arrays read here are the same bytes (tested against anndata's reading)."""
+        if self._csr_arrays is None:  # looking the arrays up in the group costs as much as a small read
+            group = self.X.group
+            self._csr_arrays = (group["data"], group["indices"], group["indptr"])
+        data, indices, indptr = self._csr_arrays
+        indptr = np.asarray(indptr[start:stop + 1], dtype=np.int64)
+        lo, hi = (int(indptr[0]), int(indptr[-1])) if len(indptr) else (0, 0)
+        data, indices = data[lo:hi], indices[lo:hi]
+        return sp.csr_matrix((data, indices, indptr - lo), shape=(max(stop - start, 0), self.shape[1]))
 
     def rows(self, index, dtype=np.float32) -> np.ndarray:
         """Dense rows for ``index`` (any order); the only place where data become dense.

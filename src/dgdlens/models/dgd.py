@@ -70,6 +70,14 @@ MIN_DECODER_STEPS = 1_000
 #: in the same time, 100k 621.3 vs 621.9 in 388 vs 468 s, 300k 620.9 after 41 epochs where 0.01 had
 #: 621.2 after 53; pbmc68k and celltypist equal within 0.1 %). Started at the origin, the reference's.
 PCA_START_LR_REP = 3e-2
+#: PCA-started latents: past this many training cells the epochs train on a seeded sample of this many
+#: (``decoder_subsample``) and every other cell is embedded at the end with the decoder frozen. A latent
+#: takes one step per pass, so the DGD needs 50-80 passes at any size; on every cell of a million that is
+#: 30+ minutes on 2 cores (30 capped epochs: 1,654 s, held-out NLL 622.0). Chosen on validation cells of
+#: the million-cell simulation (benchmarks/time_to_quality.py --tune): 100,000 reached 620.57 nats in
+#: 663 s, 300,000 reached 620.67 in 1,080 s. Below 100,000 was not tried: simulated types are few and
+#: common, and a real atlas' rare types need their cells in the sample.
+DECODER_SUBSAMPLE = 100_000
 _SCALINGS = {"sum", "max", "mean", "none"}
 
 
@@ -757,11 +765,25 @@ class DGD(BaseModel):
         # the shared-structure multiome test it lost the gene -> peak links).
         return "zeros" if (self.has_covariates or self.is_multimodal) else "pca"
 
+    def _plan_defaults(self, options: dict) -> dict:
+        """The plan options with the DGD's own defaults filled in where not given: the latents' start, and
+        with the PCA start its learning rate and the decoder subsample."""
+        options = dict(options)
+        options.setdefault("latent_init", self._default_latent_init())
+        if options["latent_init"] == "pca":
+            options.setdefault("lr_rep", PCA_START_LR_REP)
+            options.setdefault("decoder_subsample", DECODER_SUBSAMPLE)
+        return options
+
     def _default_runner_options(self, max_epochs: int, batch_size: int, plan_kwargs: dict) -> dict:
         # the stopping rule was chosen for PCA-started latents; from the origin the former one stays
-        if plan_kwargs.get("latent_init", self._default_latent_init()) != "pca":
+        options = self._plan_defaults(plan_kwargs)
+        if options["latent_init"] != "pca":
             return super()._default_runner_options(max_epochs, batch_size, plan_kwargs)
-        steps_per_epoch = max(1, math.ceil(len(self.train_idx) / batch_size))
+        fitted = len(self.train_idx)  # the cells an epoch visits
+        if options["decoder_subsample"] is not None:
+            fitted = min(fitted, int(options["decoder_subsample"]))
+        steps_per_epoch = max(1, math.ceil(fitted / batch_size))
         min_epochs = min(int(max_epochs), math.ceil(MIN_DECODER_STEPS / steps_per_epoch))
         return {**EARLY_STOPPING, "min_epochs": min_epochs}
 
@@ -777,9 +799,12 @@ class DGD(BaseModel):
         (``latent_init="pca"``) and learning rate ``lr_rep=0.03``, early stopping once the validation cells'
         reconstruction NLL has not improved by 0.1 % (``min_rel_delta=1e-3``) for 10 epochs (``patience``),
         never before the decoder has taken 1,000 optimiser steps (``min_epochs``: 3 epochs with 90,000
-        training cells, all 500 with at most 512; see ``dgdlens.models.dgd.EARLY_STOPPING``). Models with
-        covariates or several modalities start at the origin (``"zeros"``, the reference) with its
-        ``lr_rep=0.01`` and the former rule: ``patience=20``, ``min_epochs=50``, any improvement counts.
+        training cells, all 500 with at most 512; see ``dgdlens.models.dgd.EARLY_STOPPING``). Past 100,000
+        training cells the epochs train on a seeded sample of 100,000 (``decoder_subsample``; ``None``
+        trains every cell) and the other cells are embedded at the end with the decoder frozen (see
+        ``dgdlens.models.dgd.DECODER_SUBSAMPLE``). Models with covariates or several modalities start at
+        the origin (``"zeros"``, the reference) with its ``lr_rep=0.01``, the former rule
+        (``patience=20``, ``min_epochs=50``, any improvement counts) and every cell in every epoch.
 
         Parameters
         ----------
@@ -809,10 +834,7 @@ class DGD(BaseModel):
             raise TypeError(f"Unknown training option(s) {unknown}; valid options: "
                             f"{sorted(DecoderOnlyPlanConfig.names() - {'batch_size', 'seed'})} and the runner's "
                             "(" + ", ".join(RUNNER_OPTIONS) + ").")
-        options.setdefault("latent_init", self._default_latent_init())
-        if options["latent_init"] == "pca":
-            options.setdefault("lr_rep", PCA_START_LR_REP)
-        cfg = DecoderOnlyPlanConfig(batch_size=batch_size, seed=seed, **options)
+        cfg = DecoderOnlyPlanConfig(batch_size=batch_size, seed=seed, **self._plan_defaults(options))
         if not self.has_covariates:
             return DecoderOnlyPlan(self.module, self._matrix, self.library_size, self.train_idx, self.val_idx,
                                    self.train_rep, self.val_rep, cfg)

@@ -36,6 +36,10 @@ __all__ = ["DecoderOnlyPlanConfig", "DecoderOnlyPlan", "SampleCovariates", "REFI
 
 #: most latents the end-of-training EM refit of the mixture uses (a seeded sample across all processes)
 REFIT_SAMPLE = 100_000
+#: Cells per batch of the end-of-training polish. Each cell stops on its own (``optimise_latents``), so
+#: the batch changes no result; in order and 2,048 at a time it cost 25 % less per cell and step than
+#: shuffled batches of 256 (60,000 simulated cells x 500 genes, one thread).
+POLISH_BATCH = 2048
 
 
 @dataclass
@@ -71,6 +75,14 @@ class DecoderOnlyPlanConfig:
         trained mixture ends with one or two occupied components even when the latents separate the cell
         types cleanly (planted 4 types: k-means on the latents ARI 1.0, mixture argmax ARI 0.0). The
         reference never refits (``refit_prior_at_end=False``).
+    decoder_subsample
+        Train the decoder, the prior and the latents on a seeded sample of at most this many training
+        samples (and the same share of the validation samples). The others wait at their PCA start
+        (``latent_init="pca"`` is required); at the end each starts from the least-squares line that maps
+        the sample's PCA starts to their trained latents, and is polished with the decoder frozen, as new
+        samples are embedded. ``None``: every sample trains. Why: a latent gets one step per pass, so the
+        passes needed do not shrink with the data; past a size the decoder learns little from more cells,
+        while every latent still costs a pass.
     polish_steps, polish_lr, polish_tol
         After the final refit, the training and validation latents are re-optimised for up to this many
         Adam steps under the refitted prior with the decoder frozen, exactly as held-out samples are
@@ -110,6 +122,7 @@ class DecoderOnlyPlanConfig:
     reset_optimizers_on_decay: bool = True
     prior_refit_epoch: int | None = None
     refit_prior_at_end: bool = True
+    decoder_subsample: int | None = None
     polish_steps: int = 100
     polish_lr: float = 1e-2
     polish_tol: float = 1e-4
@@ -134,6 +147,13 @@ class DecoderOnlyPlanConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if int(self.polish_steps) != self.polish_steps or self.polish_steps < 0:
             raise ValueError(f"polish_steps must be a non-negative integer, got {self.polish_steps!r}")
+        if self.decoder_subsample is not None:
+            n = self.decoder_subsample
+            if isinstance(n, bool) or int(n) != n or n < 1:
+                raise ValueError(f"decoder_subsample must be a positive integer or None, got {n!r}")
+            if self.latent_init != "pca":
+                raise ValueError("decoder_subsample needs latent_init='pca': the samples left out of training keep "
+                                 "their starting latents until the end, and at the origin they would have none.")
 
     @classmethod
     def names(cls) -> set[str]:
@@ -294,22 +314,112 @@ class DecoderOnlyPlan(TrainingPlan):
                            if use_val else None)
         if size > 1:  # holding the full tables meanwhile would undo the sharding
             self.full_train_tables = self.full_val_tables = None
+        self.n_fit, self.n_fit_val = self.n_train, (self.n_val if use_val else 0)
+        if cfg.latent_init == "pca":
+            self._start_latents_from_pca()
+        # every sample's latents on this process; the epochs may see a subsample of them (decoder_subsample)
+        self._shard_tables = (self.train_tables, self.val_tables)
+        self._fit_positions = None
+        if cfg.decoder_subsample is not None and cfg.decoder_subsample < self.n_train:
+            if cfg.polish_steps < 1:
+                raise ValueError(f"decoder_subsample={cfg.decoder_subsample} leaves {self.n_train - cfg.decoder_subsample} "
+                                 "training samples to the end-of-training polish, but polish_steps=0; give "
+                                 "polish_steps >= 1, or decoder_subsample=None to train every sample.")
+            self._fit_positions = self._subsample_positions(cfg.decoder_subsample, use_val)
+        self._bind_samples(self._fit_positions)
+        strategy.agree([len(self.train_loader)], "the number of mini-batches per epoch")
+        self.opt_rep = _rep_optimizer(self.train_tables, cfg)
+        self.opt_val_rep = None if self.val_tables is None else _rep_optimizer(self.val_tables, cfg)
+        self._build_optimizers(decayed=False)
+
+    def _subsample_positions(self, n_fit: int, use_val: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Seeded positions, within this process's shards, of the training and validation samples the epochs
+        see: ``n_fit`` training samples and the same share of the validation samples over all processes,
+        each process taking its even share (so every process steps the same number of batches)."""
+        st, seed = self.strategy, self.cfg.seed
+        if n_fit < st.world_size:
+            raise ValueError(f"decoder_subsample={n_fit} is smaller than the {st.world_size} processes; give each "
+                             "process at least one cell.")
+        self.n_fit = n_fit
+        lo, hi = self._shard_of(n_fit, st.rank)
+        rng = np.random.default_rng([seed, st.rank, 1])
+        train_pos = np.sort(rng.choice(self.train_hi - self.train_lo, hi - lo, replace=False))
+        val_pos = None
+        if use_val:
+            self.n_fit_val = min(self.n_val, max(st.world_size, round(self.n_val * n_fit / self.n_train)))
+            vlo, vhi = self._shard_of(self.n_fit_val, st.rank)
+            val_pos = np.sort(rng.choice(self.val_hi - self.val_lo, vhi - vlo, replace=False))
+        return train_pos, val_pos
+
+    def _bind_samples(self, positions: tuple[np.ndarray, np.ndarray | None] | None) -> None:
+        """Point the epochs (tables, covariates, loaders) at these positions of this process's training and
+        validation shards (from :meth:`_subsample_positions`), or at every sample (``None``). A subsample's
+        tables are copies: :meth:`_rejoin_subsample` writes them back."""
+        cfg = self.cfg
+        train, val = self._shard_tables
+        rows = self.train_idx[self.train_lo:self.train_hi]
+        val_rows = None if val is None else self.val_idx[self.val_lo:self.val_hi]
+        if positions is not None:
+            train_pos, val_pos = positions
+            rows, train = rows[train_pos], [self._rows_of(t, train_pos) for t in train]
+            if val is not None:
+                val_rows, val = val_rows[val_pos], [self._rows_of(t, val_pos) for t in val]
+        self.train_tables, self.val_tables = train, val
         sparse = cfg.rep_step == "batch" and cfg.rep_optimizer == "adam"
         for table in self.train_tables + (self.val_tables or []):
             table.sparse_grad = sparse
         if self.covariates is not None:
-            self._cov_train = self.covariates.local(self.train_idx[self.train_lo:self.train_hi], device)
-            if self.val_tables is not None:
-                self._cov_val = self.covariates.local(self.val_idx[self.val_lo:self.val_hi], device)
-        self.train_loader = self._loader(self.train_idx[self.train_lo:self.train_hi], seed=cfg.seed, train=True)
-        self.val_loader = (None if self.val_table is None else
-                           self._loader(self.val_idx[self.val_lo:self.val_hi], seed=cfg.seed + 1, train=False))
-        strategy.agree([len(self.train_loader)], "the number of mini-batches per epoch")
-        if cfg.latent_init == "pca":
-            self._start_latents_from_pca()
-        self.opt_rep = _rep_optimizer(self.train_tables, cfg)
-        self.opt_val_rep = None if self.val_tables is None else _rep_optimizer(self.val_tables, cfg)
-        self._build_optimizers(decayed=False)
+            self._cov_train = self.covariates.local(rows, self.device)
+            if val is not None:
+                self._cov_val = self.covariates.local(val_rows, self.device)
+        self.train_loader = self._loader(rows, seed=cfg.seed, train=True)
+        self.val_loader = None if val is None else self._loader(val_rows, seed=cfg.seed + 1, train=False)
+
+    @staticmethod
+    def _rows_of(table: RepresentationTable, positions: np.ndarray) -> RepresentationTable:
+        picked = table.z.detach()[torch.from_numpy(positions).to(table.z.device)]
+        return RepresentationTable(len(positions), table.dim, init=picked.cpu()).to(table.z.device)
+
+    def _rejoin_subsample(self) -> bool:
+        """Write the subsample's latents back into this process's tables, start every other latent where the
+        subsample's training would have taken it, and point everything at every sample again; whether
+        there was a subsample.
+
+        The start: a least-squares line (with intercept) from the subsample's PCA starts to their trained
+        latents, one map for every process, applied to the others' PCA starts. Measured on 20,000 left-out
+        cells (60,000 simulated, 10,000 trained): the polish took 23 s to 799.22 nats per cell from the PCA
+        start, 8.7 s to 798.95 from the line (18.8 steps per cell; the line from 50 principal components
+        instead of the start's 20 did no better)."""
+        if self._fit_positions is None:
+            return False
+        whole_train, whole_val = self._shard_tables
+        train_pos, val_pos = self._fit_positions
+        start = whole_train[0].z.detach()[torch.from_numpy(train_pos).to(self.device)]
+        line = self._fitted_line(start, self.train_tables[0].z.detach())
+        with torch.no_grad():
+            for tables, whole, pos in ((self.train_tables, whole_train, train_pos),
+                                       (self.val_tables, whole_val, val_pos)):
+                for part, table in zip(tables or [], whole or []):
+                    rows = torch.from_numpy(pos).to(table.z.device)
+                    table.z.copy_(line(table.z.detach()))
+                    table.z[rows] = part.z.detach()
+        self._fit_positions = None
+        self._bind_samples(None)
+        return True
+
+    def _fitted_line(self, x: torch.Tensor, y: torch.Tensor):
+        """``f(x) = [x, 1] W`` fitted by least squares on every process's rows (normal equations summed
+        over processes, in float64, with a tiny ridge so a constant column cannot make them singular)."""
+        design = torch.cat([x, torch.ones(len(x), 1, device=x.device, dtype=x.dtype)], 1).double()
+        normal = self.strategy.reduce_sum(torch.cat([design.T @ design, design.T @ y.double()], 1))
+        gram, rhs = normal[:, :design.shape[1]], normal[:, design.shape[1]:]
+        ridge = 1e-8 * torch.trace(gram) / len(gram)
+        weights = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), rhs)
+
+        def line(z: torch.Tensor) -> torch.Tensor:
+            return (z.double() @ weights[:-1] + weights[-1]).to(z.dtype)
+
+        return line
 
     def _start_latents_from_pca(self) -> None:
         """Put untrained latents at their cells' scaled PCA coordinates and fit the mixture to them by EM.
@@ -341,7 +451,7 @@ class DecoderOnlyPlan(TrainingPlan):
     def _loader(self, rows: np.ndarray, *, seed: int, train: bool) -> BatchLoader:
         scale = None if self.scale is None else self.scale[rows]
         loader = self.shuffled_loader(self.matrix, rows, scale, batch_size=self.cfg.batch_size, seed=seed,
-                                      block_size=self.cfg.shuffle_block_size, n_total=self.n_train if train else None)
+                                      block_size=self.cfg.shuffle_block_size, n_total=self.n_fit if train else None)
         if train:
             loader.max_batches = self.cfg.max_batches
         return loader
@@ -410,7 +520,7 @@ class DecoderOnlyPlan(TrainingPlan):
         if not hasattr(prior, "fit_to"):
             return
         st = self.strategy
-        sizes = [hi - lo for lo, hi in (self._shard_of(self.n_train, r) for r in range(st.world_size))]
+        sizes = [hi - lo for lo, hi in (self._shard_of(self.n_fit, r) for r in range(st.world_size))]
         takes = [min(n, math.ceil(REFIT_SAMPLE / st.world_size)) for n in sizes]
         z = self.train_table.z.detach()
         if takes[st.rank] < len(z):
@@ -481,7 +591,7 @@ class DecoderOnlyPlan(TrainingPlan):
         loss, recon, prior = self._batch_loss(batch, self.train_tables, self._cov_train)
         hyper = self.module.hyperprior_nll()
         n = len(batch.index)
-        weight = n / self.n_train if self.cfg.hyperprior == "dataset" else float(n)
+        weight = n / self.n_fit if self.cfg.hyperprior == "dataset" else float(n)
         self._last_hyper = hyper.detach()
         return loss + weight * hyper, {"recon": recon, "prior": prior}
 
@@ -545,22 +655,25 @@ class DecoderOnlyPlan(TrainingPlan):
             ``hyperprior`` (the prior's hyperprior NLL at the last step) and, with validation,
             ``val_recon`` and ``val_loss`` (per validation sample).
         """
-        n = self.n_train
+        n = self.n_fit
         row = {"train_recon": float(sums["recon"]) / n, "train_prior": float(sums["prior"]) / n,
                "hyperprior": float(self._last_hyper)}
         row["train_loss"] = row["train_recon"] + row["train_prior"]
         if "val::recon" in sums:
-            row["val_recon"] = float(sums["val::recon"]) / self.n_val
-            row["val_loss"] = (float(sums["val::recon"]) + float(sums["val::prior"])) / self.n_val
+            row["val_recon"] = float(sums["val::recon"]) / self.n_fit_val
+            row["val_loss"] = (float(sums["val::recon"]) + float(sums["val::prior"])) / self.n_fit_val
         return row
 
     # ------------------------------------------------------------------ end of training
     def on_train_end(self) -> None:
         """With ``refit_prior_at_end``: refit the mixture by EM on (a sample of) the training latents and
         polish every latent under it; then gather the full latent tables into ``full_train_tables`` and
-        ``full_val_tables`` on every process."""
+        ``full_val_tables`` on every process. With ``decoder_subsample`` the mixture is refitted to the
+        subsample's trained latents, and every latent is polished (the others start on the line fitted from
+        the subsample, see :meth:`_rejoin_subsample`)."""
         if self.cfg.refit_prior_at_end:
             self._refit_prior()
+        if self._rejoin_subsample() or self.cfg.refit_prior_at_end:
             self._polish()
         self._gather_tables()
 
@@ -572,10 +685,12 @@ class DecoderOnlyPlan(TrainingPlan):
 
         self.module.eval()
         with frozen(self.module):
-            for loader, tables, cov in ((self.train_loader, self.train_tables, self._cov_train),
-                                        (self.val_loader, self.val_tables, self._cov_val)):
-                if loader is None or tables is None:
+            for rows, tables, cov in ((self.train_idx[self.train_lo:self.train_hi], self.train_tables, self._cov_train),
+                                      (self.val_idx[self.val_lo:self.val_hi], self.val_tables, self._cov_val)):
+                if tables is None:
                     continue
+                loader = BatchLoader(self.matrix, rows, None if self.scale is None else self.scale[rows],
+                                     batch_size=POLISH_BATCH, shuffle=False, device=self.device)
                 dims = [t.dim for t in tables]
 
                 def objective(data, z, scale, dims=dims):  # covariates travel with the counts (see compact)
