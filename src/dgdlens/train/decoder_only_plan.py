@@ -357,8 +357,7 @@ class DecoderOnlyPlan(TrainingPlan):
         tables are copies: :meth:`_rejoin_subsample` writes them back."""
         cfg = self.cfg
         train, val = self._shard_tables
-        rows = self.train_idx[self.train_lo:self.train_hi]
-        val_rows = None if val is None else self.val_idx[self.val_lo:self.val_hi]
+        rows, val_rows = self._shard_rows()
         if positions is not None:
             train_pos, val_pos = positions
             rows, train = rows[train_pos], [self._rows_of(t, train_pos) for t in train]
@@ -431,9 +430,7 @@ class DecoderOnlyPlan(TrainingPlan):
         fresh = torch.tensor([float(all(not bool(t.z.detach().any()) for t in tables))])
         if float(self.strategy.reduce_sum(fresh)[0]) < self.strategy.world_size:
             return
-        rows = [self.train_idx[self.train_lo:self.train_hi]]
-        if self.val_table is not None:
-            rows.append(self.val_idx[self.val_lo:self.val_hi])
+        rows = [r for r in self._shard_rows() if r is not None]
         radius = float(getattr(self.module.prior, "softball_radius", 2.0))
         starts = pca_latents(self.matrix, self.train_idx, rows, self.train_table.dim, radius=radius, seed=self.cfg.seed)
         with torch.no_grad():
@@ -448,9 +445,17 @@ class DecoderOnlyPlan(TrainingPlan):
             return table.to(self.device)
         return RepresentationTable(hi - lo, table.dim, init=table.z.detach()[lo:hi].cpu()).to(self.device)
 
+    def _shard_rows(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """This process's rows of the matrix: its training shard, and its validation shard (``None`` without
+        validation)."""
+        val_rows = None if self.val_tables is None else self.val_idx[self.val_lo:self.val_hi]
+        return self.train_idx[self.train_lo:self.train_hi], val_rows
+
+    def _scale_of(self, rows: np.ndarray) -> np.ndarray | None:
+        return None if self.scale is None else self.scale[rows]
+
     def _loader(self, rows: np.ndarray, *, seed: int, train: bool) -> BatchLoader:
-        scale = None if self.scale is None else self.scale[rows]
-        loader = self.shuffled_loader(self.matrix, rows, scale, batch_size=self.cfg.batch_size, seed=seed,
+        loader = self.shuffled_loader(self.matrix, rows, self._scale_of(rows), batch_size=self.cfg.batch_size, seed=seed,
                                       block_size=self.cfg.shuffle_block_size, n_total=self.n_fit if train else None)
         if train:
             loader.max_batches = self.cfg.max_batches
@@ -685,12 +690,12 @@ class DecoderOnlyPlan(TrainingPlan):
 
         self.module.eval()
         with frozen(self.module):
-            for rows, tables, cov in ((self.train_idx[self.train_lo:self.train_hi], self.train_tables, self._cov_train),
-                                      (self.val_idx[self.val_lo:self.val_hi], self.val_tables, self._cov_val)):
+            for rows, tables, cov in zip(self._shard_rows(), (self.train_tables, self.val_tables),
+                                         (self._cov_train, self._cov_val)):
                 if tables is None:
                     continue
-                loader = BatchLoader(self.matrix, rows, None if self.scale is None else self.scale[rows],
-                                     batch_size=POLISH_BATCH, shuffle=False, device=self.device)
+                loader = BatchLoader(self.matrix, rows, self._scale_of(rows), batch_size=POLISH_BATCH, shuffle=False,
+                                     device=self.device)
                 dims = [t.dim for t in tables]
 
                 def objective(data, z, scale, dims=dims):  # covariates travel with the counts (see compact)
