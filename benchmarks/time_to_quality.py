@@ -58,8 +58,10 @@ from scale import peak_rss_mb  # noqa: E402  (the process's peak RSS, as in the 
 
 # ------------------------------------------------------------------------------------------ data
 
-def simulate(n_cells: int, n_genes: int, *, n_types: int = 12, seed: int = 0, chunk: int = 20_000):
-    """Counts (CSR float32) and cell types: types with markers + continuous programs, NB noise."""
+def simulate(n_cells: int, n_genes: int, *, n_types: int = 12, seed: int = 0, chunk: int = 20_000,
+             type_weights=None):
+    """Counts (CSR float32) and cell types: types with markers + continuous programs, NB noise. Types are
+    drawn evenly, or with probabilities ``type_weights`` (``benchmarks/rare_types.py``)."""
     import scipy.sparse as sp
 
     rng = np.random.default_rng(seed)
@@ -73,7 +75,7 @@ def simulate(n_cells: int, n_genes: int, *, n_types: int = 12, seed: int = 0, ch
         genes = rng.choice(n_genes, 40, replace=False)
         programs[k, genes] = rng.normal(0.0, 1.2, 40)
     r = np.exp(rng.normal(np.log(3.0), 0.5, n_genes))
-    types = rng.integers(0, n_types, n_cells)
+    types = rng.integers(0, n_types, n_cells) if type_weights is None else rng.choice(n_types, n_cells, p=type_weights)
     blocks = []
     for start in range(0, n_cells, chunk):
         crng = np.random.default_rng([seed, start])

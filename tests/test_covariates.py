@@ -60,6 +60,7 @@ def knn_accuracy(z, labels, k=15):
 def batch_entropy(z, batches, k=15):
     """Mean normalised entropy of the batch labels among each cell's k nearest neighbours (1 = mixed)."""
     idx = NearestNeighbors(n_neighbors=k + 1).fit(z).kneighbors(z, return_distance=False)[:, 1:]
+    batches = np.asarray(batches)  # pandas 3's string arrays take no 2-D index
     cats = np.unique(batches)
     p = np.stack([(batches[idx] == c).mean(1) for c in cats], axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):

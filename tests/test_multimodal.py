@@ -210,12 +210,12 @@ FAST = {"batch_size": 32, "rep_step": "batch", "lr_rep": 0.05, "hyperprior": "pe
         "device": "cpu", "progress": False}
 
 
-@pytest.fixture(scope="module")
-def toy():
+def paired_toy(n: int = 120) -> md.MuData:
+    """``n`` cells of three types (in blocks of ``n // 3``), RNA (20 genes, Poisson) and ATAC (60 peaks) each
+    shaped by the type; ``obs["batch"]`` alternates two batches."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rng = np.random.default_rng(5)
-        n = 120
         types = np.repeat(np.arange(3), n // 3)
         def counts(k, depth, scale):
             prof = rng.normal(scale=scale, size=(3, k))
@@ -229,6 +229,11 @@ def toy():
         mdata = md.MuData({"rna": rna, "atac": atac})
         mdata.obs["batch"] = np.where(np.arange(n) % 2 == 0, "b0", "b1")
         return mdata
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return paired_toy()
 
 
 @pytest.fixture(scope="module")

@@ -549,6 +549,7 @@ def _subset_mudata(mdata, cells=None, features: dict | None = None, *, keep_uns:
     import copy
 
     import mudata as md
+    from .data.modalities import mudata_without_pull
 
     rows = np.arange(mdata.n_obs) if cells is None else np.asarray(cells)
     mods = {}
@@ -557,7 +558,7 @@ def _subset_mudata(mdata, cells=None, features: dict | None = None, *, keep_uns:
         if features is not None:
             sub = sub[:, features[name]]
         mods[name] = sub.copy()
-    with md.set_options(pull_on_update=False):
+    with mudata_without_pull():
         out = md.MuData(mods)
         obs = mdata.obs.iloc[rows]
         if not pd.Index(out.obs_names).equals(pd.Index(obs.index)):

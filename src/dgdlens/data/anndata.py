@@ -20,6 +20,11 @@ def _is_anndata(obj) -> bool:
     return type(obj).__name__ == "AnnData" and hasattr(obj, "obs") and hasattr(obj, "var")
 
 
+def _layer_names(adata) -> list[str]:
+    """The layers' names (anndata 0.13 also lists ``None``, its name for ``X``)."""
+    return [k for k in adata.layers.keys() if k is not None]
+
+
 def get_matrix(adata, layer: str | None = None) -> RowMatrix:
     """The matrix to model: ``adata.layers[layer]``, ``adata.raw.X`` for ``layer="raw"``, else ``adata.X``
     (``layer=None`` or ``"X"``; ``"X"`` lets a caller ask for ``X`` explicitly where ``None`` means a default).
@@ -55,7 +60,7 @@ def get_matrix(adata, layer: str | None = None) -> RowMatrix:
     else:
         if layer not in adata.layers:
             raise ValueError(
-                f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers.keys()) or 'none'}); "
+                f"Layer {layer!r} not found in adata.layers (available: {_layer_names(adata) or 'none'}); "
                 "pass layer=None to use adata.X."
             )
         X = adata.layers[layer]

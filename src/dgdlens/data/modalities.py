@@ -18,7 +18,22 @@ import scipy.sparse as sp
 from .anndata import get_matrix, var_names_for
 from .matrix import RowMatrix, validate_counts
 
-__all__ = ["Modalities", "read_modalities", "is_mudata", "default_modality_likelihood", "HStackRowMatrix"]
+__all__ = ["Modalities", "read_modalities", "is_mudata", "default_modality_likelihood", "HStackRowMatrix",
+           "mudata_without_pull"]
+
+
+def mudata_without_pull():
+    """A context in which ``MuData.update()`` does not copy the modalities' ``obs`` columns into the
+    MuData's (as ``"rna:cell_type"``, ...): shared annotations are written on ``mdata.obs`` itself.
+
+    mudata 0.3 spells it ``set_options(pull_on_update=False)``; 0.4 (Python 3.12+) moved the option to
+    ``settings.override`` (and no longer pulls by default).
+    """
+    import mudata as md
+
+    if hasattr(md, "set_options"):
+        return md.set_options(pull_on_update=False)
+    return md.settings.override(pull_on_update=False)
 
 #: The likelihood a modality gets by its name when none is given: counts of RNA and proteins are
 #: negative binomial; chromatin accessibility is binary (see :class:`~dgdlens.nn.BinaryAccessibility`).

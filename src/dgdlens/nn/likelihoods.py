@@ -217,7 +217,9 @@ class NegativeBinomial(Likelihood):
             ``1 x n_features`` (``dispersion="gene"``) or ``1 x 1`` (``"shared"``).
         """
         if self.r_min > 0:
-            return torch.logaddexp(self.log_r_free, torch.tensor(math.log(self.r_min), device=self.log_r_free.device))
+            # full_like, not torch.tensor(..., device=...): the latter is a host-to-GPU copy that waits
+            # for the GPU, and this runs in every loss call
+            return torch.logaddexp(self.log_r_free, torch.full_like(self.log_r_free, math.log(self.r_min)))
         return self.log_r_free
 
     @property

@@ -138,9 +138,13 @@ class MultiModalLikelihood(Likelihood):
         if len(weights) != len(names) or any(not np.isfinite(w) or w < 0 for w in weights):
             raise ValueError(f"weights must be one finite value >= 0 per modality, got {weights}.")
         self.weights = weights
+        # a buffer, so it moves with the module: a tensor built per loss call is a host-to-GPU copy that
+        # waits for the GPU every step (not saved: config() holds the weights)
+        self.register_buffer("_weight_vector", torch.tensor(weights, dtype=torch.float32), persistent=False)
         self.n_features = sum(self.sizes)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).tolist()
         self._observed: list[np.ndarray | None] | None = None
+        self._observed_on: dict[tuple[int, torch.device], torch.Tensor] = {}  # observed columns, per device
 
     def config(self) -> dict:
         """The constructor settings, for saving; :meth:`from_config` rebuilds it.
@@ -191,10 +195,21 @@ class MultiModalLikelihood(Likelihood):
             raise ValueError(f"observe() needs one column selection per modality ({len(self.names)}).")
         previous, self._observed = self._observed, (None if columns is None else
                                                     [None if c is None else np.asarray(c, np.int64) for c in columns])
+        previous_on, self._observed_on = self._observed_on, {}
         try:
             yield
         finally:
-            self._observed = previous
+            self._observed, self._observed_on = previous, previous_on
+
+    def _observed_index(self, m: int, device: torch.device) -> torch.Tensor | None:
+        """Modality ``m``'s observed columns as an index tensor on ``device``, copied there once per
+        :meth:`observe` block rather than once per loss call."""
+        if self._observed is None or self._observed[m] is None:
+            return None
+        key = (m, device)
+        if key not in self._observed_on:
+            self._observed_on[key] = torch.as_tensor(self._observed[m], device=device)
+        return self._observed_on[key]
 
     def _x_offsets(self) -> list[int]:
         if self._observed is None:
@@ -245,12 +260,11 @@ class MultiModalLikelihood(Likelihood):
             raise ValueError(f"A multi-modal likelihood needs each cell's library size per modality (cells x "
                              f"{len(self.names)}).")
         xo = self._x_offsets()
-        cols = [None] * len(self.names) if self._observed is None else self._observed
         parts = []
         for m, (lik, out_m) in enumerate(zip(self.likelihoods, self.split_output(out))):
             lib = scale[:, m]
             x_m = x[:, xo[m]:xo[m + 1]]
-            nll = _restricted_nll(lik, x_m, out_m, lib, cols[m])
+            nll = _restricted_nll(lik, x_m, out_m, lib, self._observed_index(m, out.device))
             parts.append(torch.where(lib > 0, nll, torch.zeros_like(nll)))
         return torch.stack(parts, dim=1)
 
@@ -274,7 +288,7 @@ class MultiModalLikelihood(Likelihood):
         per = self.nll_per_modality(x, out, scale)
         if all(w == 1.0 for w in self.weights):
             return per.sum(1)
-        return per @ torch.tensor(self.weights, dtype=per.dtype, device=per.device)
+        return per @ self._weight_vector.to(per.dtype)
 
     def mean(self, out, scale=None):
         """Each modality's mean (its likelihood's :meth:`~dgdlens.nn.Likelihood.mean`), concatenated. With
@@ -318,12 +332,11 @@ class MultiModalLikelihood(Likelihood):
 
 
 def _restricted_nll(lik: Likelihood, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor,
-                    columns: np.ndarray | None) -> torch.Tensor:
-    """``lik.nll`` on the features ``columns`` only: the output restricted to them (so a softmax
-    renormalises over them) and a per-feature dispersion taken at them."""
-    if columns is None:
+                    idx: torch.Tensor | None) -> torch.Tensor:
+    """``lik.nll`` on the features ``idx`` only (an index tensor on ``out``'s device): the output
+    restricted to them (so a softmax renormalises over them) and a per-feature dispersion taken at them."""
+    if idx is None:
         return lik.nll(x, out, scale)
-    idx = torch.as_tensor(columns, device=out.device)
     sub = out.index_select(1, idx)
     if isinstance(lik, NegativeBinomial):
         log_r = lik.log_r()

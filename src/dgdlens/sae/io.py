@@ -120,7 +120,10 @@ class EmbeddingRows:
             return self.tensor.index_select(0, idx).to(device=device, dtype=torch.float32)
         if isinstance(index, torch.Tensor):
             index = index.cpu().numpy()
-        return torch.from_numpy(self.matrix.rows(index, dtype=np.float32)).to(device)
+        rows = torch.from_numpy(self.matrix.rows(index, dtype=np.float32))
+        if torch.device(device).type == "cuda":  # pinned, so the copy does not wait for the GPU's queue
+            return rows.pin_memory().to(device, non_blocking=True)
+        return rows.to(device)
 
     def slice(self, start: int, stop: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Contiguous rows ``start:stop`` as a float32 tensor on ``device``.

@@ -338,6 +338,7 @@ def simulate_multiome(n_cells: int = 2000, n_genes: int = 1000, n_peaks: int = 5
     """
     import anndata as ad
     import mudata as md
+    from ..data.modalities import mudata_without_pull
 
     n_linked_genes, atac_markers = _check_args(
         n_cells, n_genes, n_peaks, n_rna_groups, n_atac_groups, n_batches, batch_effect_sd, linked_fraction,
@@ -443,7 +444,7 @@ def simulate_multiome(n_cells: int = 2000, n_genes: int = 1000, n_peaks: int = 5
 
     # The shared annotations live on mdata.obs itself; pull_on_update=False keeps mudata from also
     # copying them in as "rna:cell_type", "atac:cell_type", ... columns.
-    with md.set_options(pull_on_update=False):
+    with mudata_without_pull():
         mdata = md.MuData({"rna": rna, "atac": atac})
         for column in obs.columns:
             mdata.obs[column] = obs[column]

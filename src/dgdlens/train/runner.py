@@ -150,6 +150,7 @@ class Runner:
         self.fit_time = 0.0
         self.checkpoint_failures = 0
         self._torch_rng: torch.Tensor | None = None
+        self._cuda_rng: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -160,12 +161,16 @@ class Runner:
         dict
             ``epoch`` (epochs completed), ``history`` (rows so far), ``best`` (best monitored value, its
             epoch and the plan's snapshot), ``wait`` (epochs since the last improvement),
-            ``stopped_early``, ``torch_rng`` (torch's CPU generator state) and ``plan`` (the plan's
+            ``stopped_early``, ``torch_rng`` (torch's CPU generator state), on a GPU ``cuda_rng`` (its
+            generator state: dropout draws there) and ``plan`` (the plan's
             :meth:`~dgdlens.train.TrainingPlan.state_dict`).
         """
-        return {"epoch": self.epoch, "history": self.history, "best": self.best, "wait": self.wait,
-                "stopped_early": self.stopped_early, "torch_rng": torch.get_rng_state(),
-                "plan": self.plan.state_dict()}
+        state = {"epoch": self.epoch, "history": self.history, "best": self.best, "wait": self.wait,
+                 "stopped_early": self.stopped_early, "torch_rng": torch.get_rng_state(),
+                 "plan": self.plan.state_dict()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` (the plan must have been set up).
@@ -182,6 +187,7 @@ class Runner:
         self.epoch = int(state["epoch"])
         self.stopped_early = bool(state.get("stopped_early", False))
         self._torch_rng = state["torch_rng"]
+        self._cuda_rng = state.get("cuda_rng")  # absent when written on a CPU: the GPU's then starts at the seed
 
     def _checkpoint_file(self, path: str | None = None) -> str | None:
         path = self.cfg.checkpoint_path if path is None else path
@@ -230,7 +236,10 @@ class Runner:
         if self.strategy.world_size > 1 and not Path(file).exists():
             raise FileNotFoundError(f"No checkpoint shard {file}: resume with the same number of processes "
                                     f"({self.strategy.world_size}) and the checkpoint_path of the run.")
-        state = read_checkpoint(file, kind=self.kind, fingerprint=self._full_fingerprint(), device=self.device)
+        # read onto the CPU: the generator states must be CPU byte tensors, and Adam's step counters stay
+        # on the CPU as in a fresh run (on the GPU every step would read them back); load_state_dict moves
+        # weights and moments to the device
+        state = read_checkpoint(file, kind=self.kind, fingerprint=self._full_fingerprint(), device="cpu")
         self.load_state_dict(state)
         self.strategy.agree([self.epoch], "the epoch of their checkpoint shards (resume from a complete checkpoint)")
 
@@ -258,7 +267,8 @@ class Runner:
             return {}
         names = list(sums)
         shapes = [sums[n].shape for n in names]
-        flat = torch.cat([sums[n].reshape(-1).to(torch.float64) for n in names]).cpu()
+        # gathered on the training device (a statistic a plan kept on the CPU moves there), then one copy
+        flat = torch.cat([sums[n].reshape(-1).to(self.device, torch.float64) for n in names]).cpu()
         flat = self.strategy.reduce_sum(flat)
         out, offset = {}, 0
         for name, shape in zip(names, shapes):
@@ -309,6 +319,8 @@ class Runner:
             torch.manual_seed(cfg.seed)
             if self._torch_rng is not None:
                 torch.set_rng_state(self._torch_rng)
+            if self._cuda_rng is not None and devices:
+                torch.cuda.set_rng_state(self._cuda_rng.cpu(), self.device)
             self._loop()
         if cfg.restore_best and self.best["state"] is not None:
             plan.restore(self.best["state"])
@@ -329,7 +341,7 @@ class Runner:
                 sums = self._train_epoch()
                 sums.update({f"val::{k}": v for k, v in plan.validation_epoch().items()})
                 # every process learns of a Ctrl-C on any of them in the epoch's one reduction
-                sums["__interrupt__"] = torch.tensor([float(interrupt.requested)])
+                sums["__interrupt__"] = torch.full((1,), float(interrupt.requested), device=self.device)
                 reduced = self._reduce(sums)
                 stop_now = float(reduced.pop("__interrupt__")[0]) > 0
                 row = {"epoch": epoch, **plan.summarise(reduced), "time": time.perf_counter() - tic}

@@ -94,6 +94,10 @@ class SAEPlan(TrainingPlan):
         self.local_train = self.train_idx[lo:hi]
         vlo, vhi = strategy.shard(self.n_val)
         self.local_val = self.val_idx[vlo:vhi]
+        # with the data on the device, its validation rows are indexed by a tensor there, copied once:
+        # a numpy index becomes a host-to-GPU copy that waits for the GPU in every validation batch
+        self._val_index = (self.local_val if self.data.tensor is None else
+                           torch.as_tensor(np.asarray(self.local_val, np.int64), device=self.data.tensor.device))
         if self.prepare:
             reduce = strategy.reduce_sum if size > 1 else None
             self.normalize_mean, self.normalize_scale = model.prepare_for_training(
@@ -277,7 +281,7 @@ class SAEPlan(TrainingPlan):
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         sums = {"loss": zero, "sq_err": zero, "var": zero, "active": zero}
         for start in range(0, len(self.local_val), self.local_batch):
-            index = self.local_val[start:start + self.local_batch]
+            index = self._val_index[start:start + self.local_batch]
             loss, x_n, pre, f, x_hat, sq_err = self._forward(self.data.rows(index, self.device), self.cfg.l1_coef)
             sums["loss"] = sums["loss"] + loss.double() * len(index)
             sums["sq_err"] = sums["sq_err"] + sq_err.sum().double()
