@@ -77,9 +77,10 @@ def test_cells_left_out_are_embedded_as_well_as_trained_ones():
     assert nll[rest].mean() <= 1.01 * nll[fitted].mean()
 
 
-@pytest.mark.parametrize("rep_step", ["epoch", "batch"])
-def test_resume_with_a_subsample_is_exact(planted, tmp_path, rep_step):
-    opts = RUN | {"early_stopping": False, "decoder_subsample": 120, "rep_step": rep_step, "restore_best": False}
+@pytest.mark.parametrize(("rep_step", "by"), [("epoch", "random"), ("batch", "random"), ("epoch", "sketch")])
+def test_resume_with_a_subsample_is_exact(planted, tmp_path, rep_step, by):
+    opts = RUN | {"early_stopping": False, "decoder_subsample": 120, "rep_step": rep_step, "restore_best": False,
+                  "decoder_subsample_by": by}
     straight = dl.DGD(planted.copy(), n_components=3, seed=1, **SMALL).train(max_epochs=4, **opts)
     ckpt = tmp_path / "sub.ckpt"
     dl.DGD(planted.copy(), n_components=3, seed=1, **SMALL).train(max_epochs=2, checkpoint_path=str(ckpt), **opts)

@@ -8,6 +8,7 @@ on every rank (a sum is broadcast from rank 0 afterwards), so all processes take
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 
@@ -74,6 +75,14 @@ def init(backend: str | None = None, device: str | torch.device | None = "auto",
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    # the group dgdlens made is taken down before the interpreter tears down torch: a group left to the
+    # destructors at exit can abort the process (seen once as SIGABRT of a 2-process gloo test)
+    atexit.register(_destroy_at_exit)
+
+
+def _destroy_at_exit() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -14,10 +14,11 @@ from .fitted import FittedState
 from .inference import infer_latents, optimise_latents
 from .plan import TrainingPlan
 from .sae_plan import SAEPlan
+from .sketch import sketch_sample
 from .runner import Runner, RunnerConfig, TrainingInterrupted
 from .strategy import DataParallel, SingleProcess, Strategy, make_strategy
 
 __all__ = ["Runner", "RunnerConfig", "TrainingInterrupted", "TrainingPlan", "DecoderOnlyPlan", "DecoderOnlyPlanConfig",
            "AutoencoderPlan", "AutoencoderPlanConfig", "SAEPlan", "FittedState", "Strategy", "SingleProcess",
            "DataParallel", "make_strategy", "CheckpointError", "read_checkpoint", "write_checkpoint",
-           "infer_latents", "optimise_latents"]
+           "infer_latents", "optimise_latents", "sketch_sample"]

@@ -31,6 +31,7 @@ from ..nn.representation import RepresentationTable
 from .inference import optimise_latents
 from .latent_init import pca_latents
 from .plan import TrainingPlan
+from .sketch import sketch_sample
 
 __all__ = ["DecoderOnlyPlanConfig", "DecoderOnlyPlan", "SampleCovariates", "REFIT_SAMPLE"]
 
@@ -83,6 +84,14 @@ class DecoderOnlyPlanConfig:
         samples are embedded. ``None``: every sample trains. Why: a latent gets one step per pass, so the
         passes needed do not shrink with the data; past a size the decoder learns little from more cells,
         while every latent still costs a pass.
+    decoder_subsample_by
+        How that sample is drawn: ``"sketch"`` spreads it evenly over the PCA starts
+        (:func:`dgdlens.train.sketch_sample`: boxes by side of the median along the first 16
+        coordinates, the same number of samples from each), so rare populations keep most of their
+        samples while common ones are thinned; the end-of-training mixture refit draws the sample's
+        latents by weight (box size over take), so its weights follow every sample, not the sketch.
+        ``"random"``: a uniform sample, which keeps a population's share, so a type of 0.2 % of a million
+        cells has 200 cells in 100,000.
     polish_steps, polish_lr, polish_tol
         After the final refit, the training and validation latents are re-optimised for up to this many
         Adam steps under the refitted prior with the decoder frozen, exactly as held-out samples are
@@ -123,6 +132,7 @@ class DecoderOnlyPlanConfig:
     prior_refit_epoch: int | None = None
     refit_prior_at_end: bool = True
     decoder_subsample: int | None = None
+    decoder_subsample_by: str = "random"
     polish_steps: int = 100
     polish_lr: float = 1e-2
     polish_tol: float = 1e-4
@@ -136,6 +146,7 @@ class DecoderOnlyPlanConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
         choices = {"rep_step": {"epoch", "batch"}, "rep_optimizer": {"adam", "sgd"}, "latent_init": {"zeros", "pca"},
+                   "decoder_subsample_by": {"random", "sketch"},
                    "hyperprior": {"dataset", "per_cell"}, "monitor": {"val_recon", "val_loss"}}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -343,7 +354,12 @@ class DecoderOnlyPlan(TrainingPlan):
         self.n_fit = n_fit
         lo, hi = self._shard_of(n_fit, st.rank)
         rng = np.random.default_rng([seed, st.rank, 1])
-        train_pos = np.sort(rng.choice(self.train_hi - self.train_lo, hi - lo, replace=False))
+        self._fit_weights = None
+        if self.cfg.decoder_subsample_by == "sketch":  # spread over the PCA starts (rare groups kept whole)
+            starts = self.train_tables[0].z.detach().cpu().numpy()
+            train_pos, self._fit_weights = sketch_sample(starts, hi - lo, rng)
+        else:
+            train_pos = np.sort(rng.choice(self.train_hi - self.train_lo, hi - lo, replace=False))
         val_pos = None
         if use_val:
             self.n_fit_val = min(self.n_val, max(st.world_size, round(self.n_val * n_fit / self.n_train)))
@@ -528,8 +544,14 @@ class DecoderOnlyPlan(TrainingPlan):
         sizes = [hi - lo for lo, hi in (self._shard_of(self.n_fit, r) for r in range(st.world_size))]
         takes = [min(n, math.ceil(REFIT_SAMPLE / st.world_size)) for n in sizes]
         z = self.train_table.z.detach()
-        if takes[st.rank] < len(z):
-            pick = np.sort(np.random.default_rng([self.cfg.seed, st.rank]).choice(len(z), takes[st.rank], replace=False))
+        rng = np.random.default_rng([self.cfg.seed, st.rank])
+        bound = getattr(self, "_fit_positions", None) is not None  # the epochs' sample is still bound
+        weights = getattr(self, "_fit_weights", None) if bound else None
+        if weights is not None:  # a sketch: drawn by weight, so the mixture sees the cells' own proportions
+            pick = np.sort(rng.choice(len(z), takes[st.rank], replace=True, p=weights / weights.sum()))
+            z = z[torch.from_numpy(pick).to(z.device)]
+        elif takes[st.rank] < len(z):
+            pick = np.sort(rng.choice(len(z), takes[st.rank], replace=False))
             z = z[torch.from_numpy(pick).to(z.device)]
         sample = st.gather_rows(z, sum(takes), sizes=takes) if st.world_size > 1 else z
         if st.is_main and len(sample) >= getattr(prior, "n_components", 1):

@@ -1,0 +1,81 @@
+"""The grid sketch behind ``decoder_subsample_by="sketch"``.
+
+Independent truths: a brute-force search for the equal take; a planted rare population (its share in the
+sample against the uniform share); planted type proportions, which the end-of-training mixture must
+recover although the sketch over-represents the rare type.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import dgdlens as dl
+from dgdlens.train.sketch import equal_takes, grid_boxes, sketch_sample
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_equal_takes_is_the_largest_equal_quota(seed):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 60, size=40)
+    n_take = int(rng.integers(1, counts.sum()))
+    takes = equal_takes(counts, n_take, np.random.default_rng(0))
+    assert takes.sum() == n_take and np.all(takes <= counts)
+    # brute force: the largest q with sum(min(c, q)) <= n_take; every box gives min(c, q), a few one more
+    q = max(q for q in range(counts.max() + 1) if np.minimum(counts, q).sum() <= n_take)
+    extra = takes - np.minimum(counts, q)
+    assert set(np.unique(extra)) <= {0, 1} and np.all(takes[extra == 1] == q + 1)
+
+
+def test_a_rare_population_is_over_represented_and_weights_sum_to_the_cells():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(0.0, 2.0, (11, 16))
+    sizes = [1_980] * 10 + [200]  # ten common types and one of 1 %, each a cloud in 16 coordinates
+    z = np.concatenate([c + rng.normal(0.0, 0.5, (n, 16)) for c, n in zip(centers, sizes)])
+    pos, w = sketch_sample(z, 5_000, np.random.default_rng(1))
+    assert len(pos) == 5_000 and np.all(np.diff(pos) > 0)
+    kept_rare = np.mean(np.isin(np.arange(19_800, 20_000), pos))
+    assert kept_rare > 0.45  # a uniform sample keeps 25 % (measured: 55 %)
+    boxes = grid_boxes(z)
+    taken = np.bincount(boxes[pos], minlength=boxes.max() + 1)
+    np.testing.assert_allclose(w, np.bincount(boxes)[boxes[pos]] / taken[boxes[pos]])
+    assert w.sum() == pytest.approx(len(z))
+    again, _ = sketch_sample(z, 5_000, np.random.default_rng(1))
+    np.testing.assert_array_equal(again, pos)
+
+
+def _rare_and_common(n_common=1_900, n_rare=100, n_genes=60, seed=0) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(1.0, 1.0, n_genes)
+    rare_profile = base.copy()
+    rare_profile[:12] *= 8.0  # the rare type's own markers
+    labels = np.r_[np.zeros(n_common, int), np.ones(n_rare, int)]
+    profiles = np.stack([base / base.sum(), rare_profile / rare_profile.sum()])
+    mean = profiles[labels] * rng.lognormal(np.log(600), 0.2, len(labels))[:, None]
+    counts = rng.negative_binomial(5.0, 5.0 / (5.0 + mean)).astype(np.float32)
+    counts[:, 0] += 1
+    return ad.AnnData(sp.csr_matrix(counts),
+                      obs=pd.DataFrame({"cell_type": np.where(labels == 1, "rare", "common")},
+                                       index=[f"c{i}" for i in range(len(labels))]),
+                      var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]))
+
+
+def test_the_sketch_trains_and_the_mixture_keeps_the_cells_proportions():
+    data = _rare_and_common()
+    model = dl.DGD(data, n_latent=4, hidden=(32,), n_components=2, seed=0)
+    model.train(max_epochs=20, decoder_subsample=400, decoder_subsample_by="sketch", batch_size=64, device="cpu",
+                progress=False)
+    assert model.train_config_["decoder_subsample_by"] == "sketch"
+    # the sample over-represents the rare type, yet the refitted mixture weighs it by its 5 % of the cells
+    weights = np.sort(model.module.prior.log_weights().exp().detach().numpy())
+    assert weights[0] == pytest.approx(0.05, abs=0.03)
+    clusters = model.get_cluster_assignments()
+    rare = data.obs["cell_type"].to_numpy() == "rare"
+    assert np.mean(clusters[rare] == np.bincount(clusters[rare]).argmax()) > 0.9
+    with pytest.raises(ValueError, match="decoder_subsample_by"):
+        dl.DGD(data, n_components=2).train(max_epochs=1, decoder_subsample_by="kmeans", device="cpu", progress=False)
