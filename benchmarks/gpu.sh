@@ -20,14 +20,14 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
 # what a fresh `pip install dgdlens` resolves on Python 3.12 (anndata 0.13, scanpy 1.12, mudata 0.4), less the
-# image's own packages, plus scvi-tools for the baseline; pure Python except google-crc32c, msgspec,
-# numcodecs, pydantic_core and scikit-misc
+# image's own packages, plus scvi-tools for the baseline (and six, which its docrep needs; the image lists
+# it); pure Python except google-crc32c, msgspec, numcodecs, pydantic_core and scikit-misc
 WHEELS="anndata==0.13.4 scanpy==1.12.5 mudata==0.4.1 zarr==3.4.2 numcodecs==0.17.1 google-crc32c==1.9.0
 array-api-compat==1.16.0 donfig==0.8.1.post1 fast-array-utils==1.5.1 legacy-api-wrap==1.5 msgspec==0.23.0
 natsort==8.4.0 pynndescent==0.7.0 umap-learn==0.5.12 scverse-misc==0.1.7 session-info2==0.4.2 tzdata==2026.6
 pydantic==2.14.4 pydantic_core==2.50.5 pydantic-settings==2.16.3 annotated-types==0.8.0 typing-inspection==0.4.5
 python-dotenv==1.2.4 scvi-tools==1.4.2 ml_collections==1.1.0 pyro-ppl==1.9.2 pyro-api==0.1.2 sparse==0.19.3
-scikit-misc==0.5.3"
+scikit-misc==0.5.3 six==1.17.0"
 
 stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, note the end
     local name=$1 limit=$2
