@@ -806,9 +806,10 @@ class DGD(BaseModel):
         trains every cell) and the other cells are embedded at the end with the decoder frozen (see
         ``dgdlens.models.dgd.DECODER_SUBSAMPLE``). A sample fits rare populations worse (a type of 0.2 % of
         300,000 simulated cells: 2-17 % higher held-out NLL): pass ``decoder_subsample=None`` where they
-        matter, or ``decoder_subsample_by="sketch"`` (see the time-to-quality benchmark page). Models with covariates or several modalities start at
-        the origin (``"zeros"``, the reference) with its ``lr_rep=0.01``, the former rule
-        (``patience=20``, ``min_epochs=50``, any improvement counts) and every cell in every epoch.
+        matter, or ``decoder_subsample_by="sketch"`` (see the time-to-quality benchmark page). Models with
+        covariates or several modalities start at the origin (``"zeros"``, the reference) with its
+        ``lr_rep=0.01``, the former rule (``patience=20``, ``min_epochs=50``, any improvement counts) and
+        every cell in every epoch.
 
         Parameters
         ----------

@@ -147,7 +147,6 @@ class SupervisedGaussianMixture(nn.Module):
         own = comp.gather(1, codes.clamp_min(0).unsqueeze(1)).squeeze(1)
         if own.device.type == "cpu" and bool(known.all()):
             return own  # on the CPU reading the flag is free and skips the marginal; on a GPU it would wait
-
         marginal = torch.logsumexp(comp[:, : self.n_components] + self.log_weights, dim=1)
         return torch.where(known, own, marginal)
 

@@ -326,11 +326,12 @@ class DecoderOnlyPlan(TrainingPlan):
         if size > 1:  # holding the full tables meanwhile would undo the sharding
             self.full_train_tables = self.full_val_tables = None
         self.n_fit, self.n_fit_val = self.n_train, (self.n_val if use_val else 0)
+        # the epochs' sample (decoder_subsample): positions in the shards, and a sketch's weights
+        self._fit_positions = self._fit_weights = None
         if cfg.latent_init == "pca":
             self._start_latents_from_pca()
         # every sample's latents on this process; the epochs may see a subsample of them (decoder_subsample)
         self._shard_tables = (self.train_tables, self.val_tables)
-        self._fit_positions = None
         if cfg.decoder_subsample is not None and cfg.decoder_subsample < self.n_train:
             if cfg.polish_steps < 1:
                 raise ValueError(f"decoder_subsample={cfg.decoder_subsample} leaves {self.n_train - cfg.decoder_subsample} "
@@ -354,7 +355,6 @@ class DecoderOnlyPlan(TrainingPlan):
         self.n_fit = n_fit
         lo, hi = self._shard_of(n_fit, st.rank)
         rng = np.random.default_rng([seed, st.rank, 1])
-        self._fit_weights = None
         if self.cfg.decoder_subsample_by == "sketch":  # spread over the PCA starts (rare groups kept whole)
             starts = self.train_tables[0].z.detach().cpu().numpy()
             train_pos, self._fit_weights = sketch_sample(starts, hi - lo, rng)
@@ -418,7 +418,7 @@ class DecoderOnlyPlan(TrainingPlan):
                     rows = torch.from_numpy(pos).to(table.z.device)
                     table.z.copy_(line(table.z.detach()))
                     table.z[rows] = part.z.detach()
-        self._fit_positions = None
+        self._fit_positions = self._fit_weights = None
         self._bind_samples(None)
         return True
 
@@ -545,8 +545,7 @@ class DecoderOnlyPlan(TrainingPlan):
         takes = [min(n, math.ceil(REFIT_SAMPLE / st.world_size)) for n in sizes]
         z = self.train_table.z.detach()
         rng = np.random.default_rng([self.cfg.seed, st.rank])
-        bound = getattr(self, "_fit_positions", None) is not None  # the epochs' sample is still bound
-        weights = getattr(self, "_fit_weights", None) if bound else None
+        weights = self._fit_weights  # set while the epochs' sample is a sketch
         if weights is not None:  # a sketch: drawn by weight, so the mixture sees the cells' own proportions
             pick = np.sort(rng.choice(len(z), takes[st.rank], replace=True, p=weights / weights.sum()))
             z = z[torch.from_numpy(pick).to(z.device)]

@@ -320,7 +320,7 @@ class Runner:
             if self._torch_rng is not None:
                 torch.set_rng_state(self._torch_rng)
             if self._cuda_rng is not None and devices:
-                torch.cuda.set_rng_state(self._cuda_rng.cpu(), self.device)
+                torch.cuda.set_rng_state(self._cuda_rng, self.device)
             self._loop()
         if cfg.restore_best and self.best["state"] is not None:
             plan.restore(self.best["state"])

@@ -30,7 +30,7 @@ def equal_takes(counts: np.ndarray, n_take: int, rng: np.random.Generator) -> np
     lo, hi = 0, int(ordered[-1]) if n else 0
     while lo < hi:
         q = (lo + hi + 1) // 2
-        k = np.searchsorted(ordered, q, side="left")  # groups smaller than q give all their cells
+        k = np.searchsorted(ordered, q, side="left")  # boxes smaller than q give all their cells
         if below[k] + q * (n - k) <= n_take:
             lo = q
         else:
@@ -38,8 +38,8 @@ def equal_takes(counts: np.ndarray, n_take: int, rng: np.random.Generator) -> np
     takes = np.minimum(counts, lo)
     missing = n_take - int(takes.sum())
     if missing > 0:
-        open_groups = np.flatnonzero(counts > takes)
-        takes[rng.choice(open_groups, missing, replace=False)] += 1
+        open_boxes = np.flatnonzero(counts > takes)
+        takes[rng.choice(open_boxes, missing, replace=False)] += 1
     return takes
 
 
