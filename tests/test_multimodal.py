@@ -121,6 +121,31 @@ def test_observe_restricts_each_modality_to_its_present_features_renormalised():
     assert lik._observed is None  # restored after the block
 
 
+def test_multimodal_constant_reused_gives_scipys_weighted_nll_with_missing_modalities_and_subsets():
+    """nll_constant computed once, then nll(..., constant=) for new outputs: the weighted sum of scipy's
+    per-modality NLLs, with a missing modality adding nothing and the RNA restricted to present genes."""
+    rng = np.random.default_rng(5)
+    lik = _multimodal(weights=[1.0, 2.0, 0.5]).double()
+    keep_rna = np.array([0, 2, 5])
+    x = np.concatenate([rng.poisson(6, (3, 3)), rng.uniform(size=(3, 9)) < 0.3, rng.poisson(3, (3, 4))],
+                       1).astype(float)
+    lib = np.stack([x[:, :3].sum(1), x[:, 3:12].sum(1) + 1, x[:, 12:].sum(1)], 1)
+    lib[1, 0] = 0.0  # cell 1 has no RNA
+    r = lik.likelihoods[0].r.detach().numpy()[:, keep_rna]
+    xt, libt = torch.tensor(x), torch.tensor(lib)
+    with lik.observe([keep_rna, None, None]):
+        constant = lik.nll_constant(xt, libt)
+        for seed in range(2):
+            out = np.random.default_rng(seed).normal(size=(3, 19))
+            want_rna = np.where(lib[:, 0] > 0, _nb_ref(x[:, :3], lib[:, :1] * _softmax(out[:, keep_rna]), r), 0)
+            rate = lib[:, 1:2] * _softmax(out[:, 6:15])
+            want_atac = -np.where(x[:, 3:12] > 0, stats.poisson.logsf(0, rate), -rate).sum(1)
+            want_prot = -stats.poisson.logpmf(x[:, 12:], lib[:, 2:3] * _softmax(out[:, 15:])).sum(1)
+            want = want_rna + 2.0 * want_atac + 0.5 * want_prot
+            got = lik.nll(xt, torch.tensor(out), libt, constant=constant).detach().numpy()
+            np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
 def test_multimodal_likelihood_refuses_a_single_library_column():
     lik = _multimodal()
     with pytest.raises(ValueError, match="per modality"):

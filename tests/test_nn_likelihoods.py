@@ -100,6 +100,39 @@ def test_negative_binomial_nll_matches_scipy_for_each_activation(activation):
     np.testing.assert_allclose(lik.nll(x, out, scale).detach().numpy(), ref, rtol=1e-9)
 
 
+@pytest.mark.parametrize("kind", ["nb", "poisson"])
+def test_nll_with_a_precomputed_constant_matches_scipy_for_any_output(kind):
+    """The data-only terms computed once (``nll_constant``) and reused for outputs they were not computed
+    with: the NLL is still scipy's, and the constant is the log-gamma terms alone."""
+    from scipy.special import gammaln
+
+    from dgdlens.nn import Poisson
+
+    rng = np.random.default_rng(4)
+    n, g = 5, 12
+    x = torch.tensor(rng.poisson(6.0, (n, g)), dtype=torch.float64)
+    scale = torch.tensor(rng.uniform(20, 400, n))
+    lik = (NegativeBinomial(g, r_init=3.0) if kind == "nb" else Poisson(g)).double()
+    if kind == "nb":
+        with torch.no_grad():
+            lik.log_r_free.copy_(torch.linspace(-2, 2, g).reshape(1, g))
+    constant = lik.nll_constant(x, scale)
+    xn = x.numpy()
+    if kind == "nb":
+        r = lik.r.detach().numpy()
+        want_constant = -(gammaln(xn + r) - gammaln(r) - gammaln(xn + 1)).sum(1)
+    else:
+        want_constant = gammaln(xn + 1).sum(1)
+    np.testing.assert_allclose(constant.detach().numpy(), want_constant, rtol=1e-12)
+    for seed in range(3):  # outputs the constant never saw
+        out = torch.tensor(np.random.default_rng(seed).normal(scale=2, size=(n, g)))
+        m = (torch.softmax(out, -1) * scale[:, None]).numpy()
+        want = (-st.nbinom.logpmf(xn, n=r, p=r / (r + m)).sum(1) if kind == "nb"
+                else -st.poisson.logpmf(xn, m).sum(1))
+        np.testing.assert_allclose(lik.nll(x, out, scale, constant=constant).detach().numpy(), want, rtol=1e-9)
+        np.testing.assert_allclose(lik.nll(x, out, scale).detach().numpy(), want, rtol=1e-9)
+
+
 def test_negative_binomial_softmax_mean_is_library_times_composition():
     lik = NegativeBinomial(5)
     out = torch.randn(4, 5)

@@ -564,7 +564,7 @@ def composition_split_model(log_composition: Callable, log_r, *, n_latent: int |
     """
     import torch
 
-    from .nn.likelihoods import nb_log_prob
+    from .nn.likelihoods import _nb_constant_terms, _nb_mean_terms
     from .nn.module import frozen
     from .train.inference import optimise_latents
 
@@ -593,9 +593,13 @@ def composition_split_model(log_composition: Callable, log_r, *, n_latent: int |
             log_lib = torch.as_tensor(np.log(np.asarray(library[i:i + batch_size], dtype=np.float64)),
                                       dtype=torch.float32, device=dev)
 
-            def objective(x_, z_, log_lib_):
-                nll = -nb_log_prob(x_, _log_mean(z_, genes_t, log_lib_), lr_g).sum(1)
+            def objective(data, z_, log_lib_):  # data: counts and their NB terms free of the mean (see compact)
+                x_, constant = data
+                nll = constant - _nb_mean_terms(x_, _log_mean(z_, genes_t, log_lib_), lr_g).sum(1)
                 return nll if prior_nll is None else nll + prior_nll(z_)
+
+            with torch.no_grad():  # the dispersion is fixed, so these lgamma terms are computed once per batch
+                data = (xt, -_nb_constant_terms(xt, lr_g).sum(1))
 
             ctx = frozen(freeze) if freeze is not None else _nullcontext()
             with ctx:
@@ -610,9 +614,9 @@ def composition_split_model(log_composition: Callable, log_r, *, n_latent: int |
                         cand = torch.as_tensor(np.asarray(start, dtype=np.float32), device=dev)
                     with torch.no_grad():
                         n, k = xt.shape[0], cand.shape[0]
-                        scores = torch.stack([objective(xt, cand[j].expand(n, -1), log_lib) for j in range(k)], 1)
+                        scores = torch.stack([objective(data, cand[j].expand(n, -1), log_lib) for j in range(k)], 1)
                         z0 = cand[scores.argmin(1)]
-                z = optimise_latents(objective, xt, log_lib, z0, int(n_steps), lr, betas, tol, compact=True)
+                z = optimise_latents(objective, data, log_lib, z0, int(n_steps), lr, betas, tol, compact=True)
             out.append(z.cpu().numpy())
         return np.concatenate(out) if out else np.empty((0, n_latent or 0), dtype=np.float32)
 

@@ -137,12 +137,14 @@ def _continue(model, data, z0: np.ndarray, n_steps: int) -> np.ndarray:
     scale = torch.from_numpy(lib).to(dev)
     module = model.module
 
-    def objective(x_, z_, scale_):
-        return module.recon_nll(x_, z_, scale_) + module.prior_nll(z_)
+    def objective(data, z_, scale_):
+        x_, constant = data
+        return module.recon_nll(x_, z_, scale_, constant) + module.prior_nll(z_)
 
     module.eval()
     with frozen(module), module.likelihood.observe(observed):
-        z = optimise_latents(objective, x, scale, torch.from_numpy(z0).to(dev), n_steps, 1e-2, (0.5, 0.7), tol=0.0)
+        data = (x, module.recon_constant(x, scale))  # the count-only terms, once rather than every step
+        z = optimise_latents(objective, data, scale, torch.from_numpy(z0).to(dev), n_steps, 1e-2, (0.5, 0.7), tol=0.0)
     return z.detach().cpu().numpy()
 
 

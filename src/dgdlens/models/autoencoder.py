@@ -22,7 +22,7 @@ from torch import nn
 from ..data.loader import BatchLoader
 from ..data.matrix import RowMatrix
 from ..nn.likelihoods import Likelihood, make_likelihood
-from ..nn.module import frozen
+from ..nn.module import frozen, likelihood_nll
 from ..train.autoencoder_plan import AutoencoderPlan, AutoencoderPlanConfig
 from ..train.inference import optimise_latents
 from .decoder_only import (
@@ -217,14 +217,17 @@ class Autoencoder(LatentModel):
         out = z.copy()
         self.module.eval()
 
-        def objective(x, zb, s):
-            return self.likelihood.nll(x, self.decoder(zb), s)
+        def objective(data, zb, s):
+            x, constant = data
+            return likelihood_nll(self.likelihood, x, self.decoder(zb), s, constant)
 
         with frozen(self.module):
             for batch in loader:
                 pos = batch.index.cpu().numpy()
                 z0 = torch.from_numpy(np.ascontiguousarray(z[pos])).to(self.device)
-                out[pos] = optimise_latents(objective, batch.x, batch.scale, z0, n_steps, lr,
+                with torch.no_grad():  # the count-only terms of the likelihood, once rather than every step
+                    data = (batch.x, self.likelihood.nll_constant(batch.x, batch.scale))
+                out[pos] = optimise_latents(objective, data, batch.scale, z0, n_steps, lr,
                                             (0.5, 0.7), 0.0).cpu().numpy()
         return out
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .module import DecoderOnlyModule
+from .module import DecoderOnlyModule, likelihood_nll
 from .priors import _LOG_2PI, sample_softball, softball_log_prob
 
 __all__ = ["SupervisedGaussianMixture", "CovariateDecoderModule", "default_covariate_sd"]
@@ -299,7 +299,7 @@ class CovariateDecoderModule(DecoderOnlyModule):
             out = out - prior.log_prob(c, codes[:, j], extra)
         return out
 
-    def batch_nll(self, x, zs, scale=None, codes=None, cont=None, extra_means=None):
+    def batch_nll(self, x, zs, scale=None, codes=None, cont=None, extra_means=None, constant=None):
         """(reconstruction NLL, prior NLL) per sample for the blocks ``zs`` = [biological, covariate 1, ...].
 
         Parameters
@@ -317,6 +317,8 @@ class CovariateDecoderModule(DecoderOnlyModule):
             ``n x n_continuous`` standardised continuous covariates, or ``None``.
         extra_means
             Per covariate, means of categories learned at inference (or ``None``), for codes ``>= C_j``.
+        constant
+            :meth:`~dgdlens.nn.DecoderOnlyModule.recon_constant` of ``x`` (with the module frozen), or ``None``.
 
         Returns
         -------
@@ -326,7 +328,7 @@ class CovariateDecoderModule(DecoderOnlyModule):
             ``(n,)`` prior NLLs: the biological prior plus every covariate prior.
         """
         raw = self.decode(zs[0], self.extra_input(zs[1:], cont))
-        recon = self.likelihood.nll(x, raw, scale)
+        recon = likelihood_nll(self.likelihood, x, raw, scale, constant)
         prior = self.prior_nll(zs[0])
         if len(zs) > 1:
             prior = prior + self.covariate_prior_nll(zs[1:], codes, extra_means)

@@ -62,6 +62,19 @@ def nb_log_prob(x: torch.Tensor, log_mean: torch.Tensor, log_r: torch.Tensor) ->
     )
 
 
+def _nb_constant_terms(x: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    """The terms of :func:`nb_log_prob` that do not depend on the mean (elementwise): three ``lgamma``."""
+    r = log_r.exp()
+    return torch.lgamma(x + r) - torch.lgamma(r) - torch.lgamma(x + 1.0)
+
+
+def _nb_mean_terms(x: torch.Tensor, log_mean: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    """The terms of :func:`nb_log_prob` that depend on the mean (elementwise); with
+    :func:`_nb_constant_terms` they add up to it."""
+    log_m_plus_r = torch.logaddexp(log_mean, log_r)
+    return x * (log_mean - log_m_plus_r) + log_r.exp() * (log_r - log_m_plus_r)
+
+
 class Likelihood(nn.Module):
     """Base class. Subclasses implement ``nll``, ``mean`` and ``sample``.
 
@@ -71,6 +84,35 @@ class Likelihood(nn.Module):
 
     name: str = "base"
     needs_scale: bool = False
+
+    def nll_constant(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The part of each sample's NLL that depends neither on ``out`` nor on ``scale``, under the
+        likelihood's current parameters; ``None`` where there is none worth computing apart (the default).
+
+        Fitting latents with the model frozen scores the same data many times while only ``out`` changes:
+        computed once per batch and passed to ``nll(..., constant=...)``, it spares the terms that cannot
+        change (for the negative binomial three ``lgamma`` per entry; ``benchmarks/frozen_inference.py``).
+        It is stale once the parameters change, so training does not use it.
+
+        Parameters
+        ----------
+        x
+            Data, ``samples x features``.
+        scale
+            Per-sample scale factors, or ``None`` (the constant never depends on them; accepted so that a
+            likelihood whose data block depends on them, the multi-modal one, can mask).
+
+        Returns
+        -------
+        torch.Tensor or None
+            ``(samples,)``, or ``None``.
+        """
+        return None
+
+    @property
+    def has_nll_constant(self) -> bool:
+        """Whether this likelihood splits off an :meth:`nll_constant` (and its ``nll`` takes ``constant``)."""
+        return type(self).nll_constant is not Likelihood.nll_constant
 
     def nll(self, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Negative log-likelihood of the data under the distribution ``out`` parameterises.
@@ -254,7 +296,25 @@ class NegativeBinomial(Likelihood):
             return log_y
         return log_y + torch.log(scale.reshape(-1, 1).clamp_min(1e-12))
 
-    def nll(self, x, out, scale=None):
+    def nll_constant(self, x, scale=None):
+        """``-sum lgamma(x + r) - lgamma(r) - lgamma(x + 1)`` per sample (see
+        :meth:`Likelihood.nll_constant <dgdlens.nn.Likelihood.nll_constant>`).
+
+        Parameters
+        ----------
+        x
+            Counts, ``samples x features`` (float dtype).
+        scale
+            Ignored (the constant does not depend on it).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(samples,)``.
+        """
+        return -_nb_constant_terms(x, self.log_r()).sum(-1)
+
+    def nll(self, x, out, scale=None, constant=None):
         """Negative binomial NLL of counts.
 
         Parameters
@@ -265,13 +325,18 @@ class NegativeBinomial(Likelihood):
             The decoder's raw output, ``samples x features``.
         scale
             Per-sample scale factors ``(samples,)`` (see :meth:`log_mean`), or ``None``.
+        constant
+            :meth:`nll_constant` of the same ``x`` under the current dispersion, or ``None`` (computed here).
+            The result is the same up to rounding.
 
         Returns
         -------
         torch.Tensor
             ``(samples,)``: NLL of each sample, summed over features.
         """
-        return -nb_log_prob(x, self.log_mean(out, scale), self.log_r()).sum(-1)
+        if constant is None:
+            return -nb_log_prob(x, self.log_mean(out, scale), self.log_r()).sum(-1)
+        return constant - _nb_mean_terms(x, self.log_mean(out, scale), self.log_r()).sum(-1)
 
     def mean(self, out, scale=None):
         """Expected counts, ``scale * activation(out)``.
@@ -535,7 +600,25 @@ class Poisson(Likelihood):
         """
         return {"name": self.name, "n_features": self.n_features}
 
-    def nll(self, x, out, scale=None):
+    def nll_constant(self, x, scale=None):
+        """``sum lgamma(x + 1)`` per sample (see
+        :meth:`Likelihood.nll_constant <dgdlens.nn.Likelihood.nll_constant>`).
+
+        Parameters
+        ----------
+        x
+            Counts, ``samples x features`` (float dtype).
+        scale
+            Ignored.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(samples,)``.
+        """
+        return torch.lgamma(x + 1.0).sum(-1)
+
+    def nll(self, x, out, scale=None, constant=None):
         """Poisson NLL of counts.
 
         Parameters
@@ -546,6 +629,8 @@ class Poisson(Likelihood):
             The decoder's raw output, ``samples x features``.
         scale
             Per-sample library sizes ``(samples,)``, or ``None`` (then the mean is the composition).
+        constant
+            :meth:`nll_constant` of the same ``x``, or ``None`` (computed here).
 
         Returns
         -------
@@ -553,7 +638,9 @@ class Poisson(Likelihood):
             ``(samples,)``: NLL of each sample, summed over features.
         """
         log_m = _log_composition(out, scale)
-        return -(x * log_m - log_m.exp() - torch.lgamma(x + 1.0)).sum(-1)
+        if constant is None:
+            return -(x * log_m - log_m.exp() - torch.lgamma(x + 1.0)).sum(-1)
+        return constant - (x * log_m - log_m.exp()).sum(-1)
 
     def mean(self, out, scale=None):
         """Expected counts ``scale * softmax(out)`` (the composition when ``scale`` is ``None``).

@@ -9,7 +9,7 @@ from torch import nn
 
 from .likelihoods import Likelihood
 
-__all__ = ["DecoderOnlyModule", "frozen"]
+__all__ = ["DecoderOnlyModule", "frozen", "likelihood_nll"]
 
 
 @contextmanager
@@ -38,6 +38,15 @@ def frozen(module: nn.Module):
     finally:
         for p, f in zip(module.parameters(), flags):
             p.requires_grad_(f)
+
+
+def likelihood_nll(likelihood: Likelihood, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None,
+                   constant: torch.Tensor | None) -> torch.Tensor:
+    """``likelihood.nll(x, out, scale)``, reusing a precomputed :meth:`~dgdlens.nn.Likelihood.nll_constant`
+    when one is given (only likelihoods that have one take the argument)."""
+    if constant is None:
+        return likelihood.nll(x, out, scale)
+    return likelihood.nll(x, out, scale, constant=constant)
 
 
 class DecoderOnlyModule(nn.Module):
@@ -82,7 +91,8 @@ class DecoderOnlyModule(nn.Module):
     def _run_decoder(self, inputs: torch.Tensor, head: int | None) -> torch.Tensor:
         return self.decoder(inputs) if head is None else self.decoder(inputs, head=head)
 
-    def recon_nll(self, x: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def recon_nll(self, x: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None = None,
+                  constant: torch.Tensor | None = None) -> torch.Tensor:
         """Negative log-likelihood of each sample, summed over features, shape (n,).
 
         Parameters
@@ -93,13 +103,35 @@ class DecoderOnlyModule(nn.Module):
             Latents, ``n x n_latent``.
         scale
             Per-sample scale factors ``(n,)`` (e.g. library sizes for a negative binomial), or ``None``.
+        constant
+            :meth:`recon_constant` of the same data, computed once while the module is frozen, or ``None``.
 
         Returns
         -------
         torch.Tensor
             ``(n,)`` reconstruction NLLs.
         """
-        return self.likelihood.nll(x, self.decode(z), scale)
+        return likelihood_nll(self.likelihood, x, self.decode(z), scale, constant)
+
+    def recon_constant(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The part of :meth:`recon_nll` that does not depend on the latents (``None`` if the likelihood
+        has none to split off): for fitting latents with the module frozen, where it is the same in every
+        step (see :meth:`Likelihood.nll_constant <dgdlens.nn.Likelihood.nll_constant>`).
+
+        Parameters
+        ----------
+        x
+            Data, ``n x features``.
+        scale
+            Per-sample scale factors, or ``None``.
+
+        Returns
+        -------
+        torch.Tensor or None
+            ``(n,)``.
+        """
+        with torch.no_grad():
+            return self.likelihood.nll_constant(x, scale)
 
     def prior_nll(self, z: torch.Tensor) -> torch.Tensor:
         """Negative log-density of each latent under the prior, shape (n,).
@@ -117,7 +149,7 @@ class DecoderOnlyModule(nn.Module):
         return -self.prior.log_prob(z)
 
     def batch_nll(self, x: torch.Tensor, zs: list[torch.Tensor], scale: torch.Tensor | None = None, codes=None,
-                  cont=None, extra_means=None) -> tuple[torch.Tensor, torch.Tensor]:
+                  cont=None, extra_means=None, constant=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction NLL, prior NLL) per sample for the latent blocks ``zs`` (here one block; the
         covariate module, :class:`~dgdlens.nn.covariates.CovariateDecoderModule`, reads several).
 
@@ -131,6 +163,8 @@ class DecoderOnlyModule(nn.Module):
             Per-sample scale factors ``(n,)``, or ``None``.
         codes, cont, extra_means
             Covariate inputs of the covariate module; ignored here.
+        constant
+            :meth:`recon_constant` of ``x`` (with the module frozen), or ``None``.
 
         Returns
         -------
@@ -139,7 +173,7 @@ class DecoderOnlyModule(nn.Module):
         prior : torch.Tensor
             ``(n,)`` prior NLLs.
         """
-        return self.recon_nll(x, zs[0], scale), self.prior_nll(zs[0])
+        return self.recon_nll(x, zs[0], scale, constant), self.prior_nll(zs[0])
 
     def hyperprior_nll(self) -> torch.Tensor:
         """Negative log-prior of the prior's own parameters (0 for a prior without parameters).

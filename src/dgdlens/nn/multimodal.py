@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .decoders import _ACTIVATIONS, MLP
-from .likelihoods import Likelihood, NegativeBinomial, make_likelihood, nb_log_prob
+from .likelihoods import (Likelihood, NegativeBinomial, _nb_constant_terms, _nb_mean_terms, make_likelihood,
+                          nb_log_prob)
 
 __all__ = ["MultiHeadDecoder", "MultiModalLikelihood"]
 
@@ -239,7 +240,8 @@ class MultiModalLikelihood(Likelihood):
         return scale if scale.ndim == 1 else scale[:, m]
 
     # ------------------------------------------------------------------ likelihood
-    def nll_per_modality(self, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    def nll_per_modality(self, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None, *,
+                         without_constant: bool = False) -> torch.Tensor:
         """Unweighted NLL of each modality, ``n x modalities``; 0 where a cell's library in a modality is 0.
 
         Parameters
@@ -250,25 +252,33 @@ class MultiModalLikelihood(Likelihood):
             Decoder output, ``n x n_features`` (all features).
         scale
             Library sizes, ``n x modalities``.
+        without_constant
+            Leave out each modality's :meth:`~dgdlens.nn.Likelihood.nll_constant` (for :meth:`nll` given
+            the whole constant).
 
         Returns
         -------
         torch.Tensor
             ``n x modalities``.
         """
-        if scale is None or scale.ndim != 2 or scale.shape[1] != len(self.names):
-            raise ValueError(f"A multi-modal likelihood needs each cell's library size per modality (cells x "
-                             f"{len(self.names)}).")
+        self._check_scale(scale)
         xo = self._x_offsets()
         parts = []
         for m, (lik, out_m) in enumerate(zip(self.likelihoods, self.split_output(out))):
             lib = scale[:, m]
             x_m = x[:, xo[m]:xo[m + 1]]
-            nll = _restricted_nll(lik, x_m, out_m, lib, self._observed_index(m, out.device))
+            # with a constant given for the whole (see nll), a modality that has one leaves it out here
+            skip = without_constant and lik.has_nll_constant
+            nll = _restricted_nll(lik, x_m, out_m, lib, self._observed_index(m, out.device), skip)
             parts.append(torch.where(lib > 0, nll, torch.zeros_like(nll)))
         return torch.stack(parts, dim=1)
 
-    def nll(self, x, out, scale=None):
+    def _check_scale(self, scale) -> None:
+        if scale is None or scale.ndim != 2 or scale.shape[1] != len(self.names):
+            raise ValueError(f"A multi-modal likelihood needs each cell's library size per modality (cells x "
+                             f"{len(self.names)}).")
+
+    def nll(self, x, out, scale=None, constant=None):
         """Weighted sum over modalities of each modality's NLL (see :meth:`nll_per_modality`).
 
         Parameters
@@ -279,16 +289,50 @@ class MultiModalLikelihood(Likelihood):
             Decoder output, ``n x n_features``.
         scale
             Library sizes, ``n x modalities``.
+        constant
+            :meth:`nll_constant` of the same ``x`` and ``scale`` (under the same :meth:`observe` block and
+            parameters), or ``None``: the modalities that have one then compute only their other terms.
 
         Returns
         -------
         torch.Tensor
             ``(n,)``.
         """
-        per = self.nll_per_modality(x, out, scale)
-        if all(w == 1.0 for w in self.weights):
-            return per.sum(1)
-        return per @ self._weight_vector.to(per.dtype)
+        per = self.nll_per_modality(x, out, scale, without_constant=constant is not None)
+        total = per.sum(1) if all(w == 1.0 for w in self.weights) else per @ self._weight_vector.to(per.dtype)
+        return total if constant is None else total + constant
+
+    def nll_constant(self, x, scale=None):
+        """The weighted sum over modalities of each one's :meth:`~dgdlens.nn.Likelihood.nll_constant`
+        (0 for a modality without one, or where the cell has no library); ``None`` when no modality has one.
+
+        Parameters
+        ----------
+        x
+            Counts, ``n x features`` (as for :meth:`nll`).
+        scale
+            Library sizes, ``n x modalities``.
+
+        Returns
+        -------
+        torch.Tensor or None
+            ``(n,)``.
+        """
+        self._check_scale(scale)
+        xo = self._x_offsets()
+        total = None
+        for m, (lik, w) in enumerate(zip(self.likelihoods, self.weights)):
+            idx = self._observed_index(m, x.device)
+            if isinstance(lik, NegativeBinomial) and idx is not None and lik.log_r().shape[1] > 1:
+                log_r = lik.log_r().index_select(1, idx)  # the dispersion of the observed features only
+                const = -_nb_constant_terms(x[:, xo[m]:xo[m + 1]], log_r).sum(-1)
+            else:
+                const = lik.nll_constant(x[:, xo[m]:xo[m + 1]], scale[:, m])
+            if const is None:
+                continue
+            const = torch.where(scale[:, m] > 0, const, torch.zeros_like(const)) * w
+            total = const if total is None else total + const
+        return total
 
     def mean(self, out, scale=None):
         """Each modality's mean (its likelihood's :meth:`~dgdlens.nn.Likelihood.mean`), concatenated. With
@@ -332,15 +376,20 @@ class MultiModalLikelihood(Likelihood):
 
 
 def _restricted_nll(lik: Likelihood, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor,
-                    idx: torch.Tensor | None) -> torch.Tensor:
+                    idx: torch.Tensor | None, without_constant: bool = False) -> torch.Tensor:
     """``lik.nll`` on the features ``idx`` only (an index tensor on ``out``'s device): the output
-    restricted to them (so a softmax renormalises over them) and a per-feature dispersion taken at them."""
+    restricted to them (so a softmax renormalises over them) and a per-feature dispersion taken at them.
+    ``without_constant``: only the terms that depend on the output (a zero constant passed on)."""
+    zero = torch.zeros(x.shape[0], dtype=out.dtype, device=out.device) if without_constant else None
     if idx is None:
-        return lik.nll(x, out, scale)
+        return lik.nll(x, out, scale) if zero is None else lik.nll(x, out, scale, constant=zero)
     sub = out.index_select(1, idx)
     if isinstance(lik, NegativeBinomial):
         log_r = lik.log_r()
         if log_r.shape[1] > 1:
             log_r = log_r.index_select(1, idx)
-        return -nb_log_prob(x, lik.log_mean(sub, scale), log_r).sum(-1)
-    return lik.nll(x, sub, scale)
+        log_mean = lik.log_mean(sub, scale)
+        if without_constant:
+            return -_nb_mean_terms(x, log_mean, log_r).sum(-1)
+        return -nb_log_prob(x, log_mean, log_r).sum(-1)
+    return lik.nll(x, sub, scale) if zero is None else lik.nll(x, sub, scale, constant=zero)

@@ -720,14 +720,17 @@ class DecoderOnlyPlan(TrainingPlan):
                 dims = [t.dim for t in tables]
 
                 def objective(data, z, scale, dims=dims):  # covariates travel with the counts (see compact)
-                    x, codes, cont = data
-                    recon, prior = self.module.batch_nll(x, list(torch.split(z, dims, dim=1)), scale, codes, cont)
+                    x, codes, cont, constant = data
+                    recon, prior = self.module.batch_nll(x, list(torch.split(z, dims, dim=1)), scale, codes, cont,
+                                                         constant=constant)
                     return recon + prior
 
                 for batch in loader:
                     codes, cont = self._batch_covariates(batch.index, cov)
                     z0 = torch.cat([t.z.detach()[batch.index] for t in tables], dim=1)
-                    z = optimise_latents(objective, (batch.x, codes, cont), batch.scale, z0, cfg.polish_steps,
+                    # the likelihood's terms that the latents cannot change: once per batch, not per step
+                    data = (batch.x, codes, cont, self.module.recon_constant(batch.x, batch.scale))
+                    z = optimise_latents(objective, data, batch.scale, z0, cfg.polish_steps,
                                          cfg.polish_lr, cfg.betas, cfg.polish_tol, compact=True)
                     with torch.no_grad():
                         for t, part in zip(tables, torch.split(z, dims, dim=1)):

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import _dist
 from ..data.loader import BatchLoader
-from ..nn.module import DecoderOnlyModule, frozen
+from ..nn.module import DecoderOnlyModule, frozen, likelihood_nll
 from ..nn.priors import GaussianMixture
 
 __all__ = ["infer_latents", "infer_latents_sharded", "optimise_latents", "default_candidates",
@@ -35,10 +35,11 @@ def default_candidates(module: DecoderOnlyModule, n_latent: int, device) -> torc
     return torch.zeros(1, n_latent, device=device)
 
 
-def _score_candidates(module, x, scale, cand, select_by: str) -> torch.Tensor:
-    """Loss of every (sample, candidate) pair, shape (n, K); one decoder pass per candidate set."""
+def _score_candidates(module, x, scale, cand, select_by: str, constant=None) -> torch.Tensor:
+    """Loss of every (sample, candidate) pair, shape (n, K); one decoder pass per candidate set.
+    ``constant``: the module's ``recon_constant(x, scale)``, computed once for every candidate."""
     out = module.decode(cand)  # (K, G)
-    scores = torch.stack([module.likelihood.nll(x, out[k].expand(x.shape[0], -1), scale)
+    scores = torch.stack([likelihood_nll(module.likelihood, x, out[k].expand(x.shape[0], -1), scale, constant)
                           for k in range(cand.shape[0])], dim=1)
     if select_by == "recon+prior":
         scores = scores + module.prior_nll(cand).unsqueeze(0)
@@ -127,16 +128,19 @@ def infer_latents(
     loss_out = np.empty(loader.n, dtype=np.float32)
     bar = tqdm(total=loader.n, desc="embedding", disable=not progress, dynamic_ncols=True)
 
-    def objective(x, z, scale):
-        nll = module.recon_nll(x, z, scale)
+    def objective(data, z, scale):  # data: (counts, their recon_constant), gathered together (see compact)
+        x, constant = data
+        nll = module.recon_nll(x, z, scale, constant)
         return nll + module.prior_nll(z) if use_prior else nll
 
     with frozen(module):
         for batch in loader:
             x, scale = batch.x, batch.scale
             n, k = x.shape[0], cand.shape[0]
+            # the likelihood's terms that do not depend on the latent, once per batch rather than per step
+            data = (x, module.recon_constant(x, scale))
             if candidate_steps > 0 and k > 1:
-                xr = x.repeat_interleave(k, 0)
+                xr = _take_rows(data, torch.arange(n, device=x.device).repeat_interleave(k))
                 sr = None if scale is None else scale.repeat_interleave(k, 0)
                 zc = optimise_latents(objective, xr, sr, cand.repeat(n, 1), candidate_steps, lr, betas, tol=0.0)
                 with torch.no_grad():
@@ -144,11 +148,11 @@ def infer_latents(
                     z0 = zc.reshape(n, k, -1)[torch.arange(n), scores.argmin(1)]
             else:
                 with torch.no_grad():
-                    scores = _score_candidates(module, x, scale, cand, select_by if use_prior else "recon")
+                    scores = _score_candidates(module, x, scale, cand, select_by if use_prior else "recon", data[1])
                     z0 = cand[scores.argmin(1)]
-            z = optimise_latents(objective, x, scale, z0, n_steps, lr, betas, tol, compact=True)
+            z = optimise_latents(objective, data, scale, z0, n_steps, lr, betas, tol, compact=True)
             with torch.no_grad():
-                final = objective(x, z, scale)
+                final = objective(data, z, scale)
             pos = batch.index.cpu().numpy()
             z_out[pos] = z.cpu().numpy()
             loss_out[pos] = final.cpu().numpy()
@@ -378,6 +382,7 @@ def infer_covariate_latents(
         """Best (biological candidate, component of each unknown covariate) per cell; returns the start
         latents (n, sum(dims)) and, per covariate, the chosen trained component of unknown cells (-1 else)."""
         n = x.shape[0]
+        constant = module.recon_constant(x, scale)  # the same for every combination
         unknown = [j for j in range(n_cat) if bool((c[:, j] < 0).any())]
         all_means = [priors[j].mean.detach() if means[j] is None else torch.cat([priors[j].mean.detach(), means[j]])
                      for j in range(n_cat)]
@@ -391,7 +396,7 @@ def infer_covariate_latents(
             for j, comp in zip(unknown, combo[1:]):
                 covs[j] = torch.where((c[:, j] < 0).unsqueeze(1), priors[j].mean.detach()[comp].expand(n, -1), own[j])
                 pick[j] = comp
-            recon, prior = module.batch_nll(x, [z, *covs], scale, c, cont, means)
+            recon, prior = module.batch_nll(x, [z, *covs], scale, c, cont, means, constant)
             score = recon + prior if select_by == "recon+prior" else recon
             better = score < best
             best = torch.where(better, score, best)
@@ -431,14 +436,16 @@ def infer_covariate_latents(
                     z0 = state[index]
 
                 def objective(data, zc, scale):  # codes travel with the counts, so the running cells can be gathered
-                    x_, c_, cont_ = data
-                    recon, prior = module.batch_nll(x_, list(torch.split(zc, dims, dim=1)), scale, c_, cont_, new_means)
+                    x_, c_, cont_, constant_ = data
+                    recon, prior = module.batch_nll(x_, list(torch.split(zc, dims, dim=1)), scale, c_, cont_, new_means,
+                                                    constant_)
                     return recon + prior
 
-                zc = optimise_latents(objective, (x, c, cont), scale, z0, n_steps, lr, betas, tol, compact=True)
+                data = (x, c, cont, module.recon_constant(x, scale))  # computed once, not in every step
+                zc = optimise_latents(objective, data, scale, z0, n_steps, lr, betas, tol, compact=True)
                 with torch.no_grad():
                     state[index] = zc
-                    loss_out[index] = objective((x, c, cont), zc, scale)
+                    loss_out[index] = objective(data, zc, scale)
                 bar.update(x.shape[0])
             if any_new and r < rounds - 1:  # M-step: each new mean = the mean covariate latent of its cells
                 blocks = torch.split(state, dims, dim=1)
