@@ -50,7 +50,7 @@ sys.path.insert(0, str(HERE.parent))
 CONFIGS = {"sample (default)": {}, "every cell": {"decoder_subsample": None},
            "sample, then 3 epochs on every cell": {"then": {"max_epochs": 3, "decoder_subsample": None,
                                                             "early_stopping": False}},
-           "sketch": {"decoder_subsample_by": "sketch"}}
+           "sketch": {"decoder_subsample_by": "sketch"}, "residual": {"decoder_subsample_by": "residual"}}
 
 
 def data_path(args) -> Path:
@@ -159,6 +159,36 @@ def worker(args) -> None:
     os.replace(tmp, args.worker_out)
 
 
+def coverage(args) -> str:
+    """How many of each rare type's training cells each way of drawing a 100,000-cell sample keeps (one
+    process, the same PCA as the model's start; drawn from all of the benchmark's training cells, where the
+    model draws from the 90 % left after its validation split, so the shares are close, not identical)."""
+    import anndata as ad
+
+    from dgdlens.data.matrix import RowMatrix
+    from dgdlens.train.latent_init import pca_latents
+    from dgdlens.train.sketch import residual_sample, sketch_sample
+
+    adata = ad.read_h5ad(data_path(args))
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    train_idx, _ = split(labels, args.common_held, args.rare_held, args.seed)
+    y = labels[train_idx]
+    matrix = RowMatrix(adata.X)
+    (starts,), (scores,) = pca_latents(matrix, train_idx, [train_idx], 20, radius=2.0, seed=args.seed,
+                                       residuals=True)
+    n_take = min(100_000, len(train_idx))
+    rng = lambda: np.random.default_rng([args.seed, 0, 1])  # noqa: E731
+    samples = {"random": np.sort(rng().choice(len(train_idx), n_take, replace=False)),
+               "sketch": sketch_sample(starts, n_take, rng())[0], "residual": residual_sample(scores, n_take, rng())[0]}
+    rare = [t for t in np.unique(y) if t.startswith("rare")]
+    lines = ["| sample | " + " | ".join(f"{t}: kept of {int((y == t).sum())}" for t in rare) + " |",
+             "|---|" + "---|" * len(rare)]
+    for name, pos in samples.items():
+        kept = [np.isin(np.flatnonzero(y == t), pos).mean() for t in rare]
+        lines.append(f"| {name} | " + " | ".join(f"{k:.0%}" for k in kept) + " |")
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
     lines = ["| model | train s | epochs | group | held-out cells | held-out NLL | recall (15-NN) | "
              "training cells | same-type share of 15-NN | in own component |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -173,7 +203,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="run", choices=["run", "worker", "table"])
+    p.add_argument("command", nargs="?", default="run", choices=["run", "worker", "table", "coverage"])
     p.add_argument("--cells", type=int, default=300_000)
     p.add_argument("--genes", type=int, default=500)
     p.add_argument("--types", type=int, default=12, help="common types")
@@ -191,6 +221,9 @@ def main() -> None:
     args = p.parse_args()
     if args.command == "worker":
         return worker(args)
+    if args.command == "coverage":
+        ensure_data(args)
+        return print(coverage(args))
     out_dir = RESULTS / f"{args.cells}_seed{args.seed}"
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.command == "run":

@@ -1,4 +1,4 @@
-"""The grid sketch behind ``decoder_subsample_by="sketch"``.
+"""The grid sketch behind ``decoder_subsample_by="sketch"`` and the residual sample behind ``"residual"``.
 
 Independent truths: a brute-force search for the equal take; a planted rare population (its share in the
 sample against the uniform share); planted type proportions, which the end-of-training mixture must
@@ -14,7 +14,9 @@ import pytest
 import scipy.sparse as sp
 
 import dgdlens as dl
-from dgdlens.train.sketch import equal_takes, grid_boxes, sketch_sample
+from dgdlens.data.matrix import RowMatrix
+from dgdlens.train.latent_init import pca_residuals
+from dgdlens.train.sketch import equal_takes, grid_boxes, residual_sample, sketch_sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,3 +81,62 @@ def test_the_sketch_trains_and_the_mixture_keeps_the_cells_proportions():
     assert np.mean(clusters[rare] == np.bincount(clusters[rare]).argmax()) > 0.9
     with pytest.raises(ValueError, match="decoder_subsample_by"):
         dl.DGD(data, n_components=2).train(max_epochs=1, decoder_subsample_by="kmeans", device="cpu", progress=False)
+
+
+def test_pca_residuals_single_out_a_rare_type_and_not_small_libraries():
+    """A 0.3 % type with its own markers, too rare to shape the top components, is the worst explained by
+    them; among common cells the score does not follow the library size (the raw residual does: fewer
+    counts, noisier logs). (A type of 1 % here gets a component of its own, and then no high score.)"""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    n_genes, n_types = 200, 6
+    base = rng.gamma(0.8, 1.0, n_genes)
+    shifts = np.zeros((n_types + 1, n_genes))
+    for t in range(n_types + 1):
+        shifts[t, rng.choice(n_genes, 25, replace=False)] = 1.8
+    labels = np.r_[rng.integers(0, n_types, 9_970), np.full(30, n_types)]  # the last type: 0.3 %
+    profiles = base * np.exp(shifts)
+    profiles /= profiles.sum(1, keepdims=True)
+    library = rng.lognormal(np.log(1500), 0.6, len(labels))
+    counts = rng.negative_binomial(4.0, 4.0 / (4.0 + profiles[labels] * library[:, None])).astype(np.float32)
+    matrix = RowMatrix(sp.csr_matrix(counts))
+    scores = pca_residuals(matrix, np.arange(len(labels)), np.arange(len(labels)), 10, seed=0)
+    rare = labels == n_types
+    assert roc_auc_score(rare, scores) > 0.85  # measured 0.93
+    common = ~rare
+    assert abs(np.corrcoef(scores[common], np.log(counts[common].sum(1)))[0, 1]) < 0.1  # measured 0.02
+
+
+def test_residual_sample_takes_the_top_share_for_certain_and_weights_the_rest():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=10_000)
+    pos, w = residual_sample(scores, 2_000, np.random.default_rng(1), share=0.1)
+    assert len(pos) == 2_000 and np.all(np.diff(pos) > 0)
+    top = np.argsort(-scores)[:200]
+    assert np.isin(top, pos).all()  # the 200 highest scores are all kept, with weight 1
+    np.testing.assert_array_equal(w[np.isin(pos, top)], 1.0)
+    np.testing.assert_allclose(w[~np.isin(pos, top)], 9_800 / 1_800)
+    assert w.sum() == pytest.approx(10_000)
+    # Horvitz-Thompson: the weighted sample mean of any per-row value estimates the mean over every row
+    value = scores ** 2 + rng.normal(size=10_000)
+    estimates = []
+    for seed in range(30):
+        p, wt = residual_sample(scores, 2_000, np.random.default_rng(seed))
+        estimates.append(np.sum(wt * value[p]) / np.sum(wt))
+    assert np.mean(estimates) == pytest.approx(value.mean(), abs=0.03)
+    all_pos, all_w = residual_sample(scores, 20_000, np.random.default_rng(0))
+    np.testing.assert_array_equal(all_pos, np.arange(10_000))
+    np.testing.assert_array_equal(all_w, 1.0)
+
+
+def test_the_residual_sample_trains_and_the_mixture_keeps_the_cells_proportions():
+    data = _rare_and_common()
+    model = dl.DGD(data, n_latent=4, hidden=(32,), n_components=2, seed=0)
+    model.train(max_epochs=20, decoder_subsample=400, decoder_subsample_by="residual", batch_size=64,
+                device="cpu", progress=False)
+    weights = np.sort(model.module.prior.log_weights().exp().detach().numpy())
+    assert weights[0] == pytest.approx(0.05, abs=0.03)
+    clusters = model.get_cluster_assignments()
+    rare = data.obs["cell_type"].to_numpy() == "rare"
+    assert np.mean(clusters[rare] == np.bincount(clusters[rare]).argmax()) > 0.9

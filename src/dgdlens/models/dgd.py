@@ -76,9 +76,10 @@ PCA_START_LR_REP = 3e-2
 #: 30+ minutes on 2 cores (30 capped epochs: 1,654 s, held-out NLL 622.0). Chosen on validation cells of
 #: the million-cell simulation (benchmarks/time_to_quality.py --tune): 100,000 reached 620.57 nats in
 #: 663 s, 300,000 reached 620.67 in 1,080 s. Below 100,000 was not tried: simulated types are few and
-#: common. Rare types lose (benchmarks/rare_types.py, 300,000 cells, three seeds): a type of 0.2 % fitted
-#: 15 and 102 nats per held-out cell worse than with every cell; pass None where rare populations matter
-#: (or decoder_subsample_by="sketch", which helped on two seeds of three; docs/benchmarks/time_to_quality.md).
+#: common. Rare types lose (benchmarks/rare_types.py, 300,000 cells, three seeds): with a uniform sample a
+#: type of 0.2 % fitted 15 and 102 nats per held-out cell worse than with every cell; the default sample
+#: (decoder_subsample_by="residual": a tenth are the cells the PCA start explains worst) narrowed that to
+#: 10 and 23; pass None where rare populations matter (docs/benchmarks/time_to_quality.md).
 DECODER_SUBSAMPLE = 100_000
 _SCALINGS = {"sum", "max", "mean", "none"}
 
@@ -804,9 +805,11 @@ class DGD(BaseModel):
         training cells, all 500 with at most 512; see ``dgdlens.models.dgd.EARLY_STOPPING``). Past 100,000
         training cells the epochs train on a seeded sample of 100,000 (``decoder_subsample``; ``None``
         trains every cell) and the other cells are embedded at the end with the decoder frozen (see
-        ``dgdlens.models.dgd.DECODER_SUBSAMPLE``). A sample fits rare populations worse (a type of 0.2 % of
-        300,000 simulated cells: 2-17 % higher held-out NLL): pass ``decoder_subsample=None`` where they
-        matter, or ``decoder_subsample_by="sketch"`` (see the time-to-quality benchmark page). Models with
+        ``dgdlens.models.dgd.DECODER_SUBSAMPLE``); a tenth of that sample are the cells the PCA start
+        explains worst, the rest uniform (``decoder_subsample_by="residual"``; ``"random"``, ``"sketch"``).
+        A sample fits rare populations worse (a type of 0.2 % of 300,000 simulated cells: 2-4 % higher
+        held-out NLL than with every cell, 2-17 % with a uniform sample): pass ``decoder_subsample=None``
+        where they matter (see the time-to-quality benchmark page). Models with
         covariates or several modalities start at the origin (``"zeros"``, the reference) with its
         ``lr_rep=0.01``, the former rule (``patience=20``, ``min_epochs=50``, any improvement counts) and
         every cell in every epoch.

@@ -14,11 +14,12 @@ from .fitted import FittedState
 from .inference import infer_latents, optimise_latents
 from .plan import TrainingPlan
 from .sae_plan import SAEPlan
-from .sketch import sketch_sample
+from .latent_init import pca_latents, pca_residuals
+from .sketch import residual_sample, sketch_sample
 from .runner import Runner, RunnerConfig, TrainingInterrupted
 from .strategy import DataParallel, SingleProcess, Strategy, make_strategy
 
 __all__ = ["Runner", "RunnerConfig", "TrainingInterrupted", "TrainingPlan", "DecoderOnlyPlan", "DecoderOnlyPlanConfig",
            "AutoencoderPlan", "AutoencoderPlanConfig", "SAEPlan", "FittedState", "Strategy", "SingleProcess",
            "DataParallel", "make_strategy", "CheckpointError", "read_checkpoint", "write_checkpoint",
-           "infer_latents", "optimise_latents", "sketch_sample"]
+           "infer_latents", "optimise_latents", "sketch_sample", "residual_sample", "pca_latents", "pca_residuals"]

@@ -29,9 +29,9 @@ from ..data.matrix import RowMatrix
 from ..nn.module import DecoderOnlyModule, frozen
 from ..nn.representation import RepresentationTable
 from .inference import optimise_latents
-from .latent_init import pca_latents
+from .latent_init import pca_latents, pca_residuals
 from .plan import TrainingPlan
-from .sketch import sketch_sample
+from .sketch import residual_sample, sketch_sample
 
 __all__ = ["DecoderOnlyPlanConfig", "DecoderOnlyPlan", "SampleCovariates", "REFIT_SAMPLE"]
 
@@ -85,13 +85,16 @@ class DecoderOnlyPlanConfig:
         passes needed do not shrink with the data; past a size the decoder learns little from more cells,
         while every latent still costs a pass.
     decoder_subsample_by
-        How that sample is drawn: ``"sketch"`` spreads it evenly over the PCA starts
-        (:func:`dgdlens.train.sketch_sample`: boxes by side of the median along the first 16
-        coordinates, the same number of samples from each), so rare populations keep most of their
-        samples while common ones are thinned; the end-of-training mixture refit draws the sample's
-        latents by weight (box size over take), so its weights follow every sample, not the sketch.
-        ``"random"``: a uniform sample, which keeps a population's share, so a type of 0.2 % of a million
-        cells has 200 cells in 100,000.
+        How that sample is drawn. ``"residual"`` (default): a tenth of the sample are the cells the PCA
+        start's components explain worst for their library size
+        (:func:`dgdlens.train.pca_residuals`: a type too rare to shape those components leaves
+        its own markers unexplained, so its cells are among them), the rest uniform; the end-of-training
+        mixture refit draws the sample's latents by weight (Horvitz-Thompson), so its weights follow every
+        sample, not the sample. ``"random"``: a uniform sample, which keeps a population's share, so a
+        type of 0.2 % of a million cells has 200 cells in 100,000. ``"sketch"`` spreads it evenly over the
+        PCA starts (:func:`dgdlens.train.sketch_sample`: boxes by side of the median along the first 16
+        coordinates, the same number of samples from each), refit by weight likewise. Chosen on
+        validation cells (``benchmarks/rare_types.py``, docs/benchmarks/time_to_quality.md).
     polish_steps, polish_lr, polish_tol
         After the final refit, the training and validation latents are re-optimised for up to this many
         Adam steps under the refitted prior with the decoder frozen, exactly as held-out samples are
@@ -132,7 +135,7 @@ class DecoderOnlyPlanConfig:
     prior_refit_epoch: int | None = None
     refit_prior_at_end: bool = True
     decoder_subsample: int | None = None
-    decoder_subsample_by: str = "random"
+    decoder_subsample_by: str = "residual"
     polish_steps: int = 100
     polish_lr: float = 1e-2
     polish_tol: float = 1e-4
@@ -146,7 +149,7 @@ class DecoderOnlyPlanConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
         choices = {"rep_step": {"epoch", "batch"}, "rep_optimizer": {"adam", "sgd"}, "latent_init": {"zeros", "pca"},
-                   "decoder_subsample_by": {"random", "sketch"},
+                   "decoder_subsample_by": {"random", "sketch", "residual"},
                    "hyperprior": {"dataset", "per_cell"}, "monitor": {"val_recon", "val_loss"}}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -328,6 +331,7 @@ class DecoderOnlyPlan(TrainingPlan):
         self.n_fit, self.n_fit_val = self.n_train, (self.n_val if use_val else 0)
         # the epochs' sample (decoder_subsample): positions in the shards, and a sketch's weights
         self._fit_positions = self._fit_weights = None
+        self._residual_scores = None  # per training sample of this shard, for decoder_subsample_by="residual"
         if cfg.latent_init == "pca":
             self._start_latents_from_pca()
         # every sample's latents on this process; the epochs may see a subsample of them (decoder_subsample)
@@ -358,6 +362,13 @@ class DecoderOnlyPlan(TrainingPlan):
         if self.cfg.decoder_subsample_by == "sketch":  # spread over the PCA starts (rare groups kept whole)
             starts = self.train_tables[0].z.detach().cpu().numpy()
             train_pos, self._fit_weights = sketch_sample(starts, hi - lo, rng)
+        elif self.cfg.decoder_subsample_by == "residual":  # the cells the PCA explains worst, then uniform
+            scores = self._residual_scores  # from the PCA start's pass over the data, when it ran
+            if scores is None:  # the latents were not fresh (a second train call): the same PCA again
+                scores = pca_residuals(self.matrix, self.train_idx, self._shard_rows()[0], self.train_tables[0].dim,
+                                       seed=seed)
+            train_pos, self._fit_weights = residual_sample(scores, hi - lo, rng)
+            self._residual_scores = None
         else:
             train_pos = np.sort(rng.choice(self.train_hi - self.train_lo, hi - lo, replace=False))
         val_pos = None
@@ -448,7 +459,13 @@ class DecoderOnlyPlan(TrainingPlan):
             return
         rows = [r for r in self._shard_rows() if r is not None]
         radius = float(getattr(self.module.prior, "softball_radius", 2.0))
-        starts = pca_latents(self.matrix, self.train_idx, rows, self.train_table.dim, radius=radius, seed=self.cfg.seed)
+        if self.cfg.decoder_subsample_by == "residual":  # the sample's scores come from the same pass
+            starts, scores = pca_latents(self.matrix, self.train_idx, rows, self.train_table.dim, radius=radius,
+                                         seed=self.cfg.seed, residuals=True)
+            self._residual_scores = scores[0]
+        else:
+            starts = pca_latents(self.matrix, self.train_idx, rows, self.train_table.dim, radius=radius,
+                                 seed=self.cfg.seed)
         with torch.no_grad():
             for table, z in zip(tables, starts):
                 table.z.copy_(torch.from_numpy(z).to(table.z.device))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sketch_sample", "equal_takes", "grid_boxes"]
+__all__ = ["sketch_sample", "equal_takes", "grid_boxes", "residual_sample"]
 
 
 def equal_takes(counts: np.ndarray, n_take: int, rng: np.random.Generator) -> np.ndarray:
@@ -85,3 +85,45 @@ def sketch_sample(z: np.ndarray, n_take: int, rng: np.random.Generator, *, n_dim
     rank_in_box[order] = np.arange(n) - starts[boxes[order]]
     kept = np.flatnonzero(rank_in_box < takes[boxes])
     return kept, counts[boxes[kept]] / takes[boxes[kept]]
+
+
+#: Share of a ``"residual"`` sample given to the cells the PCA start explains worst (the rest is uniform).
+RESIDUAL_SHARE = 0.1
+
+
+def residual_sample(scores: np.ndarray, n_take: int, rng: np.random.Generator, *,
+                    share: float = RESIDUAL_SHARE) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted positions of ``n_take`` rows: the ``share`` of them with the highest ``scores`` for certain, the
+    rest drawn uniformly from the others; and Horvitz-Thompson weights (1 for the certain rows, ``others /
+    drawn`` for the drawn ones, so they sum to ``n``).
+
+    Parameters
+    ----------
+    scores
+        Per row, larger = more in need of a place (e.g. :func:`~dgdlens.train.pca_residuals`).
+    n_take
+        Rows to keep (all when ``n_take >= n``).
+    rng
+        Draws the uniform part.
+    share
+        Share of ``n_take`` taken by score.
+
+    Returns
+    -------
+    positions : numpy.ndarray
+        int64, increasing.
+    weights : numpy.ndarray
+        float64 per kept row.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    n = len(scores)
+    if n_take >= n:
+        return np.arange(n), np.ones(n)
+    n_top = int(round(share * n_take))
+    order = np.argsort(-scores, kind="stable")
+    top, others = order[:n_top], order[n_top:]
+    drawn = rng.choice(others, n_take - n_top, replace=False)
+    kept = np.concatenate([top, drawn])
+    weights = np.concatenate([np.ones(n_top), np.full(len(drawn), len(others) / max(len(drawn), 1))])
+    sort = np.argsort(kept)
+    return kept[sort], weights[sort]
