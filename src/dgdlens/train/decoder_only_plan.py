@@ -90,7 +90,7 @@ class DecoderOnlyPlanConfig:
         (:func:`dgdlens.train.pca_residuals`: a type too rare to shape those components leaves
         its own markers unexplained, so its cells are among them), the rest uniform; the end-of-training
         mixture refit draws the sample's latents by weight (Horvitz-Thompson), so its weights follow every
-        sample, not the sample. ``"random"``: a uniform sample, which keeps a population's share, so a
+        sample, not the over-represented ones. ``"random"``: a uniform sample, which keeps a population's share, so a
         type of 0.2 % of a million cells has 200 cells in 100,000. ``"sketch"`` spreads it evenly over the
         PCA starts (:func:`dgdlens.train.sketch_sample`: boxes by side of the median along the first 16
         coordinates, the same number of samples from each), refit by weight likewise. Chosen on
@@ -348,6 +348,12 @@ class DecoderOnlyPlan(TrainingPlan):
         self.opt_val_rep = None if self.val_tables is None else _rep_optimizer(self.val_tables, cfg)
         self._build_optimizers(decayed=False)
 
+    def _draws_residual_sample(self) -> bool:
+        """Whether setup will draw a ``"residual"`` sample (so the PCA start's pass also scores the cells)."""
+        cfg = self.cfg
+        return (cfg.decoder_subsample_by == "residual" and cfg.decoder_subsample is not None
+                and cfg.decoder_subsample < self.n_train)
+
     def _subsample_positions(self, n_fit: int, use_val: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Seeded positions, within this process's shards, of the training and validation samples the epochs
         see: ``n_fit`` training samples and the same share of the validation samples over all processes,
@@ -459,7 +465,7 @@ class DecoderOnlyPlan(TrainingPlan):
             return
         rows = [r for r in self._shard_rows() if r is not None]
         radius = float(getattr(self.module.prior, "softball_radius", 2.0))
-        if self.cfg.decoder_subsample_by == "residual":  # the sample's scores come from the same pass
+        if self._draws_residual_sample():  # the sample's scores come from the same pass
             starts, scores = pca_latents(self.matrix, self.train_idx, rows, self.train_table.dim, radius=radius,
                                          seed=self.cfg.seed, residuals=True)
             self._residual_scores = scores[0]
