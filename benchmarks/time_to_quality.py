@@ -193,19 +193,27 @@ def dgd_worker(adata, train_idx, scored, cfg: dict, args) -> dict:
     make_plan = model._make_plan
     model._make_plan = lambda **kw: plans.append(make_plan(**kw)) or plans[-1]
     snaps = Snapshots(model.module, args.grid, t0, latents=lambda: plans[-1].train_table.z)
-    model.train(device=args.device, progress=False, callbacks=[lambda row: snaps(row["epoch"])], **train_kwargs)
+    weights = {}  # a weighted decoder sample's weights, when the model's own refit uses them
+
+    def on_epoch(row):
+        snaps(row["epoch"])
+        plan = plans[-1]
+        weights.setdefault("w", plan._fit_weights if plan.cfg.refit_sample_weights else None)
+
+    model.train(device=args.device, progress=False, callbacks=[on_epoch], **train_kwargs)
     total = time.perf_counter() - t0
     rss = peak_rss_mb()
     final_state = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
     kw = {"p": 0.5, "seed": 10_000 + args.seed}
     curve = []
     for s in snaps.items:
-        # as if training stopped here: the end-of-training EM refit of the mixture on the training latents
-        # (its time is added; the polish of the training latents does not change held-out scores)
+        # as if training stopped here: the end-of-training EM refit of the mixture on the training latents,
+        # as the model's own (its time is added; the polish of the training latents does not change
+        # held-out scores)
         model.module.load_state_dict(s["state"])
         tic = time.perf_counter()
         if refit:
-            model.module.prior.fit_to(s["latents"], seed=args.seed)
+            model.module.prior.fit_to(s["latents"], seed=args.seed, sample_weight=weights.get("w"))
         refit_s = time.perf_counter() - tic
         curve.append({"epoch": s["epoch"], "time_s": s["time_s"] + refit_s, "refit_s": refit_s,
                       "nll": float(count_split_nll(split_model(model), scored, **kw).mean())})

@@ -265,7 +265,9 @@ def test_duplicated_training_cells_land_near_their_training_representation(train
 
 def test_held_out_inference_equals_adam_on_the_full_objective(trained, new_cells):
     """Held-out inference computes the likelihood's data-only terms once per batch: the latents must be
-    those of plain Adam on the whole objective (recomputed every step) from the same starts."""
+    those of plain Adam on the whole objective (recomputed every step) from the same starts. Every step
+    runs (``tol=0``): with the stopping rule a loss that differs in its last bit can stop a cell one step
+    sooner or later (seen on a fresh install: one cell 4e-3 apart), which says nothing about the terms."""
     import torch
 
     from dgdlens.data.loader import BatchLoader
@@ -278,7 +280,7 @@ def test_held_out_inference_equals_adam_on_the_full_objective(trained, new_cells
     x = np.asarray(x, dtype=np.float32)
     scale = x.sum(1)
     loader = BatchLoader(RowMatrix(x), None, scale, batch_size=64, shuffle=False, device="cpu")
-    z, loss = infer_latents(module, loader, trained.n_latent, n_steps=300, progress=False)
+    z, loss = infer_latents(module, loader, trained.n_latent, n_steps=300, tol=0.0, progress=False)
     xt, st_ = torch.tensor(x), torch.tensor(scale)
     with frozen(module), torch.no_grad():  # the same start: the best mixture mean by recon + prior
         cand = module.prior.mean.detach()
@@ -287,10 +289,10 @@ def test_held_out_inference_equals_adam_on_the_full_objective(trained, new_cells
         z0 = cand[scores.argmin(1)]
     with frozen(module):
         want = optimise_latents(lambda x_, z_, s_: module.recon_nll(x_, z_, s_) + module.prior_nll(z_), xt, st_,
-                                z0, 300, 1e-2, (0.5, 0.7), 1e-5, compact=True)
+                                z0, 300, 1e-2, (0.5, 0.7), 0.0, compact=True)
         with torch.no_grad():
             want_loss = module.recon_nll(xt, want, st_) + module.prior_nll(want)
-    np.testing.assert_allclose(z, want.numpy(), atol=2e-3)
+    np.testing.assert_allclose(z, want.numpy(), atol=1e-5)  # measured: identical
     np.testing.assert_allclose(loss, want_loss.numpy(), rtol=1e-5)
 
 

@@ -50,10 +50,15 @@ def _worker(data_path: str, out: str) -> None:
     shards = []
     gather = distributed.gather_rows
 
+    refits = []
+
     def recording_gather(local, n_total, sizes=None):  # see exactly which latents this rank owned and trained
         if sizes is None:  # a shard of a table (not the mixture refit's sample)
             shards.append(local.detach().cpu().numpy().copy())
-        return gather(local, n_total, sizes)
+        rows = gather(local, n_total, sizes)
+        if sizes is not None:  # the mixture refit's sample (with a weighted decoder sample: weights last)
+            refits.append(rows.detach().cpu().numpy().copy())
+        return rows
 
     distributed.gather_rows = recording_gather
     backed = ad.read_h5ad(data_path, backed="r")
@@ -73,6 +78,14 @@ def _worker(data_path: str, out: str) -> None:
     sub = DGD(backed, **MODEL)
     sub.train(max_epochs=EPOCHS, decoder_subsample=SUBSAMPLE, **SUB_BY, **TRAIN)
     np.save(out / f"sub_latent{rank}.npy", sub.get_latent_representation())
+    # the residual sample with a weighted refit: every rank's rows reach the refit with their weights
+    res = DGD(backed, **MODEL)
+    res.train(max_epochs=EPOCHS, decoder_subsample=SUBSAMPLE, decoder_subsample_by="residual",
+              refit_sample_weights=True, **TRAIN)
+    np.save(out / f"refit{rank}.npy", refits[-1])
+    prior = res.module.prior
+    np.savez(out / f"res_prior{rank}.npz", mean=prior.mean.detach().numpy(),
+             weights=prior.log_weights().exp().detach().numpy(), neglogvar=prior.neglogvar.detach().numpy())
 
     heldout = model.get_latent_representation(_new_cells(backed), n_steps=30, batch_size=30, progress=False)
     np.save(out / f"shard{rank}.npy", shards[0])
@@ -82,6 +95,7 @@ def _worker(data_path: str, out: str) -> None:
         json.dump({"owned": list(map(str, owned)), "history": model.history_.drop(columns="time").to_dict("list"),
                    "resumed": resumed.history_.drop(columns="time").to_dict("list"),
                    "sub": sub.history_.drop(columns="time").to_dict("list"),
+                   "res_n_train": int(len(res.train_idx)), "res_prior": prior.config(),
                    "world_size": distributed.world_size()}, fh)
 
 
@@ -132,6 +146,27 @@ def test_two_processes_train_a_subsample_and_embed_the_rest(run):
     noise = abs(other.history_["train_loss"].iloc[-1] - ref)
     assert abs(dist_loss - ref) <= max(3 * noise, 0.02 * ref), (dist_loss, ref, noise)
     assert ranks[0]["sub"]["train_loss"][-1] < ranks[0]["sub"]["train_loss"][0]
+
+
+def test_two_processes_refit_the_mixture_to_every_ranks_weighted_sample(run):
+    """The residual sample's Horvitz-Thompson weights reach the refit with their rows: the gathered weights
+    sum to the training cells of both ranks, and the mixture both ranks hold is the weighted fit of them."""
+    from dgdlens.nn.priors import make_prior
+
+    tmp, _, ranks = run
+    sample = np.load(tmp / "refit0.npy")
+    np.testing.assert_array_equal(np.load(tmp / "refit1.npy"), sample)
+    assert sample.shape == (SUBSAMPLE, MODEL["n_latent"] + 1)
+    z, w = sample[:, :-1], sample[:, -1]
+    assert w.sum() == pytest.approx(ranks[0]["res_n_train"], rel=1e-5)
+    assert w.min() == 1.0 and w.max() > 1.0  # the residual tenth kept for certain, the rest weighted up
+    expected = make_prior(ranks[0]["res_prior"], MODEL["n_latent"])
+    expected.fit_to(torch.from_numpy(z), seed=MODEL["seed"], sample_weight=w)
+    for r in range(2):
+        held = np.load(tmp / f"res_prior{r}.npz")
+        np.testing.assert_allclose(held["mean"], expected.mean.detach().numpy(), atol=1e-5)
+        np.testing.assert_allclose(held["weights"], expected.log_weights().exp().detach().numpy(), atol=1e-5)
+        np.testing.assert_allclose(held["neglogvar"], expected.neglogvar.detach().numpy(), atol=1e-4)
 
 
 def test_saved_model_loads_in_one_process_with_every_cell_once(run):

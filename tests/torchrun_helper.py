@@ -20,5 +20,18 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 300) 
            f"--master_port={free_port()}", script, *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stdout + proc.stderr:
+        # A process aborted by the C++ runtime with no exception of ours: seen rarely, in the SAE and the
+        # multimodal 2-process tests under a full test run on 2 cores (never alone, not in 12 runs four at
+        # a time), each time this message and nothing from Python. One fresh run; any other failure, or
+        # the same twice, fails.
+        sys.stderr.write(f"torchrun aborted ({TEARDOWN_ABORT!r}); running {script} once more\n")
+        cmd[cmd.index(next(a for a in cmd if a.startswith("--master_port=")))] = f"--master_port={free_port()}"
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+#: what the C++ runtime prints when it aborts a process (std::terminate outside any exception)
+TEARDOWN_ABORT = "terminate called without an active exception"

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .weighted_em import fit_weighted_mixture, weighted_em
+
 __all__ = [
     "GaussianMixture",
     "StandardNormal",
@@ -361,7 +363,8 @@ class GaussianMixture(nn.Module):
     # ------------------------------------------------------------------ re-initialisation
     @torch.no_grad()
     def fit_to(self, z: torch.Tensor, *, seed: int = 0, min_sd: float | None = None, n_init: int = 5,
-               max_samples: int | None = 100_000) -> None:
+               max_samples: int | None = 100_000, sample_weight: np.ndarray | torch.Tensor | None = None,
+               weighted_start: str = "kmeans") -> None:
         """Re-initialise means, precisions and weights by EM on the latents ``z`` (sklearn's
         ``GaussianMixture``, k-means start).
 
@@ -385,11 +388,22 @@ class GaussianMixture(nn.Module):
             Number of k-means starts; the best EM fit is kept.
         max_samples
             Most latents used (``None``: all).
+        sample_weight
+            One non-negative weight per latent (``None``: all equal): EM maximises the weighted likelihood
+            (:func:`~dgdlens.nn.fit_weighted_mixture`, sklearn's algorithm with weighted sums),
+            so a sample that kept some cells at a higher rate, weighted by inverse inclusion probability,
+            gives the mixture the whole data's proportions without duplicating or dropping cells.
+        weighted_start
+            With ``sample_weight``, where weighted EM starts: ``"kmeans"``, from weighted k-means (the best
+            of ``n_init``); ``"unweighted"``, from the unweighted fit's responsibilities, so the components
+            are placed as the sample shows the latents (over-represented cells included) and the weighted
+            EM then gives them the whole data's weights and shapes.
 
         Raises
         ------
         ValueError
-            If there are fewer latents than components.
+            If there are fewer latents than components, or weights that are negative, not finite, all zero
+            or not one per latent.
 
         Notes
         -----
@@ -399,20 +413,35 @@ class GaussianMixture(nn.Module):
         from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
         x = z.detach().double().cpu().numpy()
+        w = None
+        if sample_weight is not None:
+            w = np.asarray(sample_weight.detach().cpu() if torch.is_tensor(sample_weight) else sample_weight,
+                           dtype=np.float64).reshape(-1)
+            if len(w) != x.shape[0]:
+                raise ValueError(f"sample_weight has {len(w)} entries for {x.shape[0]} latents; give one per latent")
         if max_samples is not None and x.shape[0] > max_samples:
-            x = x[np.sort(np.random.default_rng(seed).choice(x.shape[0], max_samples, replace=False))]
+            keep = np.sort(np.random.default_rng(seed).choice(x.shape[0], max_samples, replace=False))
+            x, w = x[keep], (None if w is None else w[keep])  # uniform thinning keeps the weights' ratios
         k = self.n_components
         if x.shape[0] < k:
             raise ValueError(f"Cannot fit {k} mixture components to {x.shape[0]} latents.")
         kind = {"diagonal": "diag", "isotropic": "spherical", "fixed": "spherical"}[self.covariance]
-        gm = SkGaussianMixture(k, covariance_type=kind, random_state=seed, reg_covar=1e-6, max_iter=200,
-                               n_init=n_init)
-        gm.fit(x)
-        self.mean.copy_(torch.as_tensor(gm.means_, dtype=self.mean.dtype))
-        self.weight_logits.copy_(torch.as_tensor(np.log(np.maximum(gm.weights_, 1e-12)), dtype=self.mean.dtype))
+        if weighted_start not in {"kmeans", "unweighted"}:
+            raise ValueError(f"weighted_start must be 'kmeans' or 'unweighted', got {weighted_start!r}")
+        if w is None or weighted_start == "unweighted":
+            gm = SkGaussianMixture(k, covariance_type=kind, random_state=seed, reg_covar=1e-6, max_iter=200,
+                                   n_init=n_init).fit(x)
+            weights, means, covariances = gm.weights_, gm.means_, gm.covariances_
+        if w is not None:
+            fit = (fit_weighted_mixture(x, w, k, kind, seed=seed, n_init=n_init, reg_covar=1e-6, max_iter=200)
+                   if weighted_start == "kmeans" else
+                   weighted_em(x, w, gm.predict_proba(x), kind, reg_covar=1e-6, max_iter=200))
+            weights, means, covariances = fit.weights, fit.means, fit.covariances
+        self.mean.copy_(torch.as_tensor(means, dtype=self.mean.dtype))
+        self.weight_logits.copy_(torch.as_tensor(np.log(np.maximum(weights, 1e-12)), dtype=self.mean.dtype))
         if self.covariance != "fixed":
             floor = (self.sd_init / 10.0 if min_sd is None else min_sd) ** 2
-            var = np.maximum(np.asarray(gm.covariances_, dtype=np.float64), floor).reshape(k, -1)
+            var = np.maximum(np.asarray(covariances, dtype=np.float64), floor).reshape(k, -1)
             self.neglogvar.copy_(torch.as_tensor(-np.log(var), dtype=self.neglogvar.dtype).expand_as(self.neglogvar))
 
     # ------------------------------------------------------------------ clustering
