@@ -68,6 +68,12 @@ def load(args):
     return adata[train_idx].copy(), adata[held_idx].copy(), groups
 
 
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def refit(prior, z, w, method: str, seed: int) -> None:
     import torch
 
@@ -146,9 +152,7 @@ def main() -> None:
            "epochs": len(model.history_), "sample": len(z), "certain": int((w == 1).sum()), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{args.source}_{args.cells}_seed{args.seed}.json"
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(out, indent=1))
     names = list(groups)
     lines = [f"# Mixture refit of a weighted sample ({args.source}, {args.cells:,} cells, seed {args.seed}; "
              f"{out['epochs']} epochs, {train_s:.0f} s)", "",
@@ -162,7 +166,7 @@ def main() -> None:
             cells.append(f"{v.mean():.2f} ({v.min():.2f}-{v.max():.2f})")
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {np.mean([r['refit_s'] for r in mine]):.1f} |")
     md = "\n".join(lines) + "\n"
-    (RESULTS / f"{args.source}_{args.cells}_seed{args.seed}.md").write_text(md)
+    write_atomically(path.with_suffix(".md"), md)
     print(md)
 
 

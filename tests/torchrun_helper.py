@@ -16,19 +16,21 @@ def free_port() -> int:
 
 def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``script args`` on ``nproc`` local processes; fail the test with the output when it fails."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", script, *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def launch() -> subprocess.CompletedProcess:  # a fresh port every time
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", script, *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    proc = launch()
     if proc.returncode != 0 and TEARDOWN_ABORT in proc.stdout + proc.stderr:
         # A process aborted by the C++ runtime with no exception of ours: seen rarely, in the SAE and the
         # multimodal 2-process tests under a full test run on 2 cores (never alone, not in 12 runs four at
         # a time), each time this message and nothing from Python. One fresh run; any other failure, or
         # the same twice, fails.
         sys.stderr.write(f"torchrun aborted ({TEARDOWN_ABORT!r}); running {script} once more\n")
-        cmd[cmd.index(next(a for a in cmd if a.startswith("--master_port=")))] = f"--master_port={free_port()}"
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = launch()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
